@@ -1,0 +1,3 @@
+"""genaccel: fast, honest sampling for LlamaGen-class autoregressive image generators."""
+
+__version__ = "0.1.0"

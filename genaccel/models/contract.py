@@ -1,0 +1,96 @@
+"""The sampler contract: the only model surface a genaccel sampler may use.
+
+A sampler is to an AR model what a diffusers scheduler is to a UNet: it never reaches into layers.
+Any model implementing :class:`ARModel` (LlamaGen GPT today; NAR, Token-Shuffle and 1D-token models next)
+works with every sampler whose needs it meets.
+
+Sequence layout. Cache slot ``s`` holds the class token(s) for ``s < cls_token_num`` and image token
+``s - cls_token_num`` (raster order) otherwise. By default the RoPE position of a fed token equals its slot;
+samplers that place tokens elsewhere (tree drafts, neighbour decoding) pass ``rope_positions``.
+
+Batch layout with classifier-free guidance. Rows are ``[cond_0..cond_{B-1}; uncond_0..uncond_{B-1}]``:
+the first half carries the requested labels, the second the null class ``num_classes``; both halves
+always receive the same image tokens (:func:`cfg_labels`, :func:`combine_cfg`).
+
+Calls.
+1. ``setup_cache(batch_size, max_seq_len=None, dtype=None, device=None)`` allocates static K/V buffers once.
+2. ``prefill(labels)`` writes the class slots and returns logits/hidden for them; it resets every row's
+   valid length to 0 first, so one cache serves many images.
+3. ``forward_tokens(tokens (B, L), positions (L,) or (B, L), mask=None, rope_positions=None)`` writes the
+   tokens' K/V at ``positions`` and returns :class:`ModelOutput` with ``logits`` (B, L, V) float32 and
+   ``hidden`` (B, L, D), the final-normed hidden state fed to the LM head (what EAGLE-style drafters read).
+   ``mask`` is a boolean (B or 1, L, max_seq_len) tensor, True = may attend, over cache slots; by default
+   a token sees every slot <= its own that is valid or written in this call.
+4. ``rollback(length)`` marks only slots < length valid (int, or a (B,) tensor for per-row lengths). No
+   copying: stale K/V beyond the valid length are hidden by the default mask and overwritten later.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass
+class ModelOutput:
+    """Logits (float32) and final hidden states for every fed position."""
+
+    logits: torch.Tensor
+    hidden: torch.Tensor
+
+
+@runtime_checkable
+class ARModel(Protocol):
+    """Structural type every sampler relies on (see module docstring)."""
+
+    vocab_size: int
+    num_classes: int
+    null_class: int
+    cls_token_num: int
+    grid_size: int
+    num_image_tokens: int
+    hidden_dim: int
+
+    def setup_cache(
+        self, batch_size: int, max_seq_len: Optional[int] = None, dtype=None, device=None
+    ) -> None: ...
+
+    def prefill(self, labels: torch.Tensor) -> ModelOutput: ...
+
+    def forward_tokens(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+        rope_positions: Optional[torch.Tensor] = None,
+    ) -> ModelOutput: ...
+
+    def rollback(self, length) -> None: ...
+
+
+def cfg_labels(labels: torch.Tensor, null_class: int, use_cfg: bool) -> torch.Tensor:
+    """Batch labels as [cond; uncond] when CFG is on, else unchanged."""
+    if not use_cfg:
+        return labels
+    return torch.cat([labels, torch.full_like(labels, null_class)])
+
+
+def combine_cfg(logits: torch.Tensor, scale: float, use_cfg: bool) -> torch.Tensor:
+    """LlamaGen's guidance ``uncond + scale * (cond - uncond)`` over the [cond; uncond] halves."""
+    if not use_cfg:
+        return logits
+    cond, uncond = logits.chunk(2, dim=0)
+    return uncond + scale * (cond - uncond)
+
+
+def check_labels(labels: torch.Tensor, num_classes: int) -> None:
+    """One clear error for class ids a user may get wrong."""
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"class labels must be an integer tensor, got {labels.dtype}")
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if bad.numel():
+        raise ValueError(
+            f"class id {int(bad[0])} out of range: this model has {num_classes} classes (valid ids 0..{num_classes - 1})"
+        )

@@ -1,0 +1,409 @@
+"""LlamaGen class-conditional GPT (c2i), state-dict compatible with FoundationVision/LlamaGen.
+
+One file, one model, in the spirit of gpt-fast's ``model.py``: a ``ModelArgs`` dataclass, named presets,
+a static pre-allocated KV cache, and a forward that needs nothing but tokens and cache positions.
+
+Faithfulness notes (see shared/reference/parallel.md §1.1):
+- 2-D RoPE: the first half of each head's rotation pairs carries ROW frequencies, the second half COLUMN
+  frequencies; pairs are adjacent elements; class-token slots get (cos, sin) = (0, 0), which ZEROES their q/k
+  (this is what the official checkpoints were trained with, LlamaGen issue #54).
+- RMSNorm is computed in float32 and cast back; the output head returns float32 logits.
+- FFN hidden size = find_multiple(int(2 * 4 * dim / 3 [* ffn_dim_multiplier]), multiple_of).
+
+The sampler contract methods (``setup_cache``, ``prefill``, ``forward_tokens``, ``rollback``) are documented
+in :mod:`genaccel.models.contract`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from genaccel.models.contract import ModelOutput
+
+
+def find_multiple(n: int, k: int) -> int:
+    return n if n % k == 0 else n + k - (n % k)
+
+
+@dataclass
+class ModelArgs:
+    """Every field of the official ``ModelArgs`` that affects weights or numerics."""
+
+    dim: int = 4096
+    n_layer: int = 32
+    n_head: int = 32
+    n_kv_head: Optional[int] = None
+    multiple_of: int = 256
+    ffn_dim_multiplier: Optional[float] = None
+    rope_base: float = 10000
+    norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    token_dropout_p: float = 0.1
+    attn_dropout_p: float = 0.0
+    resid_dropout_p: float = 0.1
+    ffn_dropout_p: float = 0.1
+    drop_path_rate: float = 0.0
+    num_classes: int = 1000
+    class_dropout_prob: float = 0.1
+    model_type: str = "c2i"
+    vocab_size: int = 16384
+    cls_token_num: int = 1
+    block_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.model_type != "c2i":
+            raise ValueError(f"model_type={self.model_type!r} is not supported; only class-conditional 'c2i' is.")
+        if self.dim % self.n_head:
+            raise ValueError(f"dim={self.dim} must be divisible by n_head={self.n_head}.")
+        grid = math.isqrt(self.block_size)
+        if grid * grid != self.block_size:
+            raise ValueError(f"block_size={self.block_size} must be a square (16x16=256, 24x24=576 tokens).")
+        if (self.dim // self.n_head) % 4:
+            raise ValueError("head_dim must be divisible by 4 for 2-D RoPE (row and column halves of pairs).")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_head
+
+    @property
+    def grid_size(self) -> int:
+        return math.isqrt(self.block_size)
+
+    @property
+    def ffn_hidden(self) -> int:
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return find_multiple(hidden, self.multiple_of)
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "ModelArgs":
+        if name not in GPT_PRESETS:
+            raise ValueError(f"unknown GPT preset {name!r}; available: {', '.join(GPT_PRESETS)}")
+        return cls(**{**GPT_PRESETS[name], **overrides})
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+# Official c2i configurations (LlamaGen autoregressive/models/gpt.py, GPT_models).
+GPT_PRESETS: dict[str, dict] = {
+    "GPT-B": dict(n_layer=12, n_head=12, dim=768),
+    "GPT-L": dict(n_layer=24, n_head=16, dim=1024),
+    "GPT-XL": dict(n_layer=36, n_head=20, dim=1280),
+    "GPT-XXL": dict(n_layer=48, n_head=24, dim=1536),
+    "GPT-XXXL": dict(n_layer=48, n_head=40, dim=2560),
+    "GPT-3B": dict(n_layer=24, n_head=32, dim=3200),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return out.type_as(x) * self.weight
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        hidden = args.ffn_hidden
+        self.w1 = nn.Linear(args.dim, hidden, bias=False)
+        self.w3 = nn.Linear(args.dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, args.dim, bias=False)
+        self.ffn_dropout = nn.Dropout(args.ffn_dropout_p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class KVCache(nn.Module):
+    """Static K/V buffers of shape (batch, kv_heads, max_len, head_dim), written at given slots.
+
+    ``positions`` is (L,) for slots shared by every row, or (B, L) for per-row slots (ragged batches).
+    """
+
+    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        if positions.dim() == 1:
+            self.k_cache.index_copy_(2, positions, k.to(self.k_cache.dtype))
+            self.v_cache.index_copy_(2, positions, v.to(self.v_cache.dtype))
+        else:
+            idx = positions[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+            self.k_cache.scatter_(2, idx, k.to(self.k_cache.dtype))
+            self.v_cache.scatter_(2, idx, v.to(self.v_cache.dtype))
+        return self.k_cache, self.v_cache
+
+
+def precompute_freqs_cis_2d(grid_size: int, head_dim: int, base: float = 10000, cls_token_num: int = 1) -> torch.Tensor:
+    """(cls_token_num + grid_size**2, head_dim // 2, 2) table of (cos, sin); class slots are all zero."""
+    half = head_dim // 2
+    freqs = 1.0 / (base ** (torch.arange(0, half, 2)[: half // 2].float() / half))
+    t = torch.arange(grid_size, dtype=torch.float32)
+    angles = torch.outer(t, freqs)  # (grid, head_dim // 4)
+    grid = torch.cat(
+        [angles[:, None, :].expand(-1, grid_size, -1), angles[None, :, :].expand(grid_size, -1, -1)], dim=-1
+    )  # (row, col, head_dim // 2): row frequencies first, column frequencies second
+    table = torch.stack([torch.cos(grid), torch.sin(grid)], dim=-1).flatten(0, 1)
+    return torch.cat([torch.zeros(cls_token_num, half, 2), table])
+
+
+def apply_rotary_emb(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs of x (B, L, H, D) by freqs (B or 1, L, D/2, 2), in float32."""
+    xs = x.float().reshape(*x.shape[:-1], -1, 2)
+    f = freqs[:, :, None]  # broadcast over heads
+    out = torch.stack(
+        [xs[..., 0] * f[..., 0] - xs[..., 1] * f[..., 1], xs[..., 1] * f[..., 0] + xs[..., 0] * f[..., 1]], dim=-1
+    )
+    return out.flatten(3).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = args.n_head, args.n_kv_head, args.head_dim
+        self.wqkv = nn.Linear(args.dim, (args.n_head + 2 * args.n_kv_head) * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.dim, args.dim, bias=False)
+        self.attn_dropout_p = args.attn_dropout_p
+        self.resid_dropout = nn.Dropout(args.resid_dropout_p)
+        self.kv_cache: Optional[KVCache] = None
+
+    def forward(self, x, freqs, positions=None, mask=None, kv_len=None):
+        B, L, _ = x.shape
+        q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        q, k, v = self.wqkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
+        q = apply_rotary_emb(q.view(B, L, self.n_head, self.head_dim), freqs).transpose(1, 2)
+        k = apply_rotary_emb(k.view(B, L, self.n_kv_head, self.head_dim), freqs).transpose(1, 2)
+        v = v.view(B, L, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.kv_cache is not None and positions is not None:
+            k, v = self.kv_cache.update(positions, k, v)
+            k, v = k[:, :, :kv_len], v[:, :, :kv_len]
+        if self.n_kv_head != self.n_head:
+            rep = self.n_head // self.n_kv_head
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        dropout = self.attn_dropout_p if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout)
+        return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, L, -1)))
+
+
+class DropPath(nn.Module):
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, drop_path: float):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x, freqs, positions=None, mask=None, kv_len=None):
+        h = x + self.drop_path(self.attention(self.attention_norm(x), freqs, positions, mask, kv_len))
+        return h + self.drop_path(self.feed_forward(self.ffn_norm(h)))
+
+
+class LabelEmbedder(nn.Module):
+    """Class embedding table; row ``num_classes`` is the null (unconditional) class used by CFG."""
+
+    def __init__(self, num_classes: int, dim: int, dropout_prob: float):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), dim)
+        self.num_classes = num_classes
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        return self.embedding_table(labels).unsqueeze(1)
+
+
+class LlamaGenGPT(nn.Module):
+    """LlamaGen c2i transformer implementing the genaccel sampler contract."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.cls_embedding = LabelEmbedder(args.num_classes, args.dim, args.class_dropout_prob)
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.tok_dropout = nn.Dropout(args.token_dropout_p)
+        dpr = torch.linspace(0, args.drop_path_rate, args.n_layer).tolist()
+        self.layers = nn.ModuleList(TransformerBlock(args, dpr[i]) for i in range(args.n_layer))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        # A plain attribute (not a buffer), as in the official code, so state dicts carry no RoPE table.
+        self.freqs_cis = precompute_freqs_cis_2d(args.grid_size, args.head_dim, args.rope_base, args.cls_token_num)
+        self.max_batch_size = -1
+        self.max_seq_len = -1
+        self.valid_len: Optional[torch.Tensor] = None
+
+    # ----------------------------------------------------------------- contract attributes
+    @property
+    def vocab_size(self) -> int:
+        return self.args.vocab_size
+
+    @property
+    def num_classes(self) -> int:
+        return self.args.num_classes
+
+    @property
+    def null_class(self) -> int:
+        return self.args.num_classes
+
+    @property
+    def cls_token_num(self) -> int:
+        return self.args.cls_token_num
+
+    @property
+    def grid_size(self) -> int:
+        return self.args.grid_size
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.args.block_size
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.args.dim
+
+    def init_weights(self, generator: Optional[torch.Generator] = None) -> None:
+        """Official initialisation: N(0, initializer_range) for linears/embeddings, zero output head."""
+        std = self.args.initializer_range
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, 0.0, std, generator=generator)
+        nn.init.zeros_(self.output.weight)
+
+    # ----------------------------------------------------------------- training / reference path
+    def teacher_forced(self, labels: torch.Tensor, tokens: torch.Tensor) -> ModelOutput:
+        """Logits predicting every token of ``tokens`` (B, N) from [class, tokens[:, :-1]], no cache.
+
+        Same computation as the official training forward (is_causal attention, logits from slot
+        cls_token_num - 1 on), so logits[:, i] is the distribution of tokens[:, i].
+        """
+        cond = self.cls_embedding(labels)[:, : self.cls_token_num]
+        h = torch.cat([cond, self.tok_embeddings(tokens[:, :-1])], dim=1)
+        h = self.tok_dropout(h)
+        freqs = self.freqs_cis[: h.shape[1]].to(h.device)[None]
+        for layer in self.layers:
+            h = layer(h, freqs)
+        h = self.norm(h)[:, self.cls_token_num - 1 :]
+        return ModelOutput(logits=self.output(h).float(), hidden=h)
+
+    # ----------------------------------------------------------------- sampler contract
+    def setup_cache(self, batch_size: int, max_seq_len: Optional[int] = None, dtype=None, device=None) -> None:
+        """Allocate static K/V buffers for ``batch_size`` rows (both CFG halves count) and reset lengths."""
+        max_seq_len = max_seq_len or self.cls_token_num + self.num_image_tokens
+        max_seq_len = find_multiple(max_seq_len, 8)
+        param = self.output.weight
+        dtype = dtype or param.dtype
+        device = device or param.device
+        if (batch_size, max_seq_len) != (self.max_batch_size, self.max_seq_len) or self.layers[0].attention.kv_cache is None or self.layers[0].attention.kv_cache.k_cache.dtype != dtype or self.layers[0].attention.kv_cache.k_cache.device != torch.device(device):
+            for layer in self.layers:
+                layer.attention.kv_cache = KVCache(
+                    batch_size, self.args.n_kv_head, max_seq_len, self.args.head_dim, dtype, device
+                )
+        self.max_batch_size, self.max_seq_len = batch_size, max_seq_len
+        self.valid_len = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    def _require_cache(self, batch: int) -> None:
+        if self.valid_len is None or self.layers[0].attention.kv_cache is None:
+            raise RuntimeError("call model.setup_cache(batch_size, ...) before prefill/forward_tokens")
+        if batch != self.max_batch_size:
+            raise ValueError(f"batch {batch} != cache batch {self.max_batch_size}; call setup_cache again")
+
+    def prefill(self, labels: torch.Tensor) -> ModelOutput:
+        """Write the class token(s) of ``labels`` (B,) at slots 0..cls_token_num-1; resets the cache length."""
+        self._require_cache(labels.shape[0])
+        if labels.min() < 0 or labels.max() > self.null_class:
+            raise ValueError(f"class labels must lie in [0, {self.num_classes}] ({self.num_classes} = null class)")
+        self.valid_len.zero_()
+        cond = self.cls_embedding(labels)[:, : self.cls_token_num]
+        positions = torch.arange(self.cls_token_num, device=labels.device)
+        return self._forward_embeddings(cond, positions, None, None)
+
+    def forward_tokens(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+        rope_positions: Optional[torch.Tensor] = None,
+    ) -> ModelOutput:
+        """Feed image tokens (B, L) into cache slots ``positions`` ((L,) or (B, L)); see contract docs."""
+        self._require_cache(tokens.shape[0])
+        return self._forward_embeddings(self.tok_embeddings(tokens), positions, mask, rope_positions)
+
+    def rollback(self, length) -> None:
+        """Declare only slots < length valid (int or per-row (B,) tensor); nothing is copied."""
+        if self.valid_len is None:
+            raise RuntimeError("call model.setup_cache before rollback")
+        if isinstance(length, torch.Tensor):
+            self.valid_len.copy_(torch.minimum(self.valid_len, length.to(self.valid_len)))
+        else:
+            self.valid_len.clamp_(max=int(length))
+
+    def default_mask(self, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """Causal-by-slot mask that also hides slots beyond the valid length not written in this call."""
+        B = self.max_batch_size
+        pos = positions if positions.dim() == 2 else positions[None].expand(B, -1)
+        slots = torch.arange(kv_len, device=pos.device)
+        valid = slots[None, :] < self.valid_len[:, None]  # (B, kv_len)
+        written = torch.zeros(B, kv_len, dtype=torch.bool, device=pos.device).scatter_(1, pos, True)
+        visible = valid | written
+        causal = slots[None, None, :] <= pos[:, :, None]  # (B, L, kv_len)
+        return causal & visible[:, None, :]
+
+    def _forward_embeddings(self, h, positions, mask, rope_positions) -> ModelOutput:
+        B, L, _ = h.shape
+        positions = positions.to(h.device)
+        if positions.shape[-1] != L:
+            raise ValueError(f"positions has {positions.shape[-1]} entries for {L} tokens")
+        max_pos = int(positions.max())
+        if max_pos >= self.max_seq_len or int(positions.min()) < 0:
+            raise ValueError(f"cache slot {max_pos} out of range [0, {self.max_seq_len})")
+        kv_len = max(int(self.valid_len.max()), max_pos + 1)
+        if mask is None:
+            mask = self.default_mask(positions, kv_len)
+        else:
+            mask = mask[..., :kv_len]
+        rope = positions if rope_positions is None else rope_positions.to(h.device)
+        freqs = self.freqs_cis.to(h.device)[rope]
+        freqs = freqs if freqs.dim() == 4 else freqs[None]
+        mask4 = mask[:, None] if mask.dim() == 3 else mask
+        for layer in self.layers:
+            h = layer(h, freqs, positions, mask4, kv_len)
+        h = self.norm(h)
+        written_end = positions.max(dim=-1).values + 1
+        self.valid_len.copy_(torch.maximum(self.valid_len, written_end.expand_as(self.valid_len)))
+        return ModelOutput(logits=self.output(h).float(), hidden=h)
+
+
+def build_gpt(name: Optional[str] = None, **overrides) -> LlamaGenGPT:
+    """Build a GPT from a preset name and/or explicit ModelArgs fields."""
+    args = ModelArgs.from_name(name, **overrides) if name else ModelArgs(**overrides)
+    return LlamaGenGPT(args)
