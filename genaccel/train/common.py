@@ -1,0 +1,71 @@
+"""Shared pieces of the training recipes: config files, resumable checkpoints, logging."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from genaccel.utils.io import save_torch
+
+
+def parse_config(argv: list[str] | None, defaults: dict[str, Any], prog: str) -> dict[str, Any]:
+    """Defaults < --config YAML < ``--set key=value`` overrides (values parsed as YAML)."""
+    p = argparse.ArgumentParser(prog=prog)
+    p.add_argument("--config", type=str, default=None, help="YAML file with recipe fields")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one field")
+    a = p.parse_args(argv)
+    cfg = dict(defaults)
+    if a.config:
+        path = Path(a.config)
+        if not path.is_file():
+            raise SystemExit(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        unknown = set(loaded) - set(defaults)
+        if unknown:
+            raise SystemExit(f"unknown fields in {path}: {sorted(unknown)}; known: {sorted(defaults)}")
+        cfg.update(loaded)
+    for item in a.set:
+        key, _, value = item.partition("=")
+        if key not in defaults:
+            raise SystemExit(f"unknown field {key!r}; known: {sorted(defaults)}")
+        cfg[key] = yaml.safe_load(value)
+    return cfg
+
+
+def make_logger(out_dir: Path, name: str) -> logging.Logger:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = logging.getLogger(f"genaccel.train.{name}")
+    log.setLevel(logging.INFO)
+    log.handlers.clear()
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    for h in (logging.FileHandler(out_dir / "train.log"), logging.StreamHandler(sys.stderr)):
+        h.setFormatter(fmt)
+        log.addHandler(h)
+    return log
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int, cfg: dict, **extra) -> None:
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "steps": step, "args": cfg, **extra}
+    save_torch(state, path)
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[int, dict]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    return int(state["steps"]), state
+
+
+def cosine_lr(step: int, total: int, base: float, warmup: int, floor: float = 0.1) -> float:
+    import math
+
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
