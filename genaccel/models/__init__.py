@@ -1,1 +1,155 @@
-"""genaccel.models."""
+"""Models that implement the sampler contract, and strict loaders for their checkpoints."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from genaccel.models.contract import ARModel, ModelOutput
+from genaccel.models.llamagen import GPT_PRESETS, LlamaGenGPT, ModelArgs, build_gpt, find_multiple
+from genaccel.models.loading import CheckpointError, config_from_metadata, load_strict, read_state_dict
+from genaccel.tokenizers.vq import VQ_PRESETS, VQArgs, VQModel
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+BUNDLED = {
+    "gpt": ASSETS / "llamagen_tiny_gpt.safetensors",
+    "vq": ASSETS / "llamagen_tiny_vq.safetensors",
+    "classifier": ASSETS / "crop_classifier.safetensors",
+}
+
+
+def _gpt_shape_facts(sd: dict) -> dict:
+    try:
+        dim = sd["tok_embeddings.weight"].shape[1]
+        n_layer = len({k.split(".")[1] for k in sd if k.startswith("layers.") and k.endswith("attention_norm.weight")})
+        return dict(
+            dim=dim, n_layer=n_layer, vocab_size=sd["tok_embeddings.weight"].shape[0],
+            cls_rows=sd["cls_embedding.embedding_table.weight"].shape[0],
+            ffn_hidden=sd["layers.0.feed_forward.w1.weight"].shape[0] if n_layer else None,
+        )
+    except KeyError as e:
+        raise CheckpointError(
+            f"not a LlamaGen c2i GPT checkpoint: key {e.args[0]!r} is missing "
+            "(expected tok_embeddings.weight, cls_embedding.embedding_table.weight, layers.{i}.*)"
+        ) from None
+
+
+def suggest_gpt_preset(sd: dict) -> Optional[str]:
+    """Name the preset whose (dim, n_layer) match the checkpoint, with the vocab/classes it needs."""
+    try:
+        f = _gpt_shape_facts(sd)
+    except CheckpointError:
+        return None
+    for name, p in GPT_PRESETS.items():
+        if p["dim"] == f["dim"] and p["n_layer"] == f["n_layer"]:
+            return (f"the checkpoint fits preset {name} (--gpt-model {name}) with vocab_size={f['vocab_size']}, "
+                    f"num_classes={f['cls_rows'] - 1}")
+    return (f"no preset fits (dim={f['dim']}, n_layer={f['n_layer']}); pass the custom config fields "
+            "(dim, n_layer, n_head, vocab_size, num_classes, ...) explicitly")
+
+
+def gpt_args_for_checkpoint(sd: dict, gpt_model: Optional[str], block_size: int, **overrides) -> ModelArgs:
+    """Preset (or explicit) config, with vocabulary and class count read from the checkpoint's shapes."""
+    f = _gpt_shape_facts(sd)
+    fields = dict(vocab_size=f["vocab_size"], num_classes=f["cls_rows"] - 1, block_size=block_size)
+    fields.update(overrides)
+    if gpt_model:
+        return ModelArgs.from_name(gpt_model, **fields)
+    for name, p in GPT_PRESETS.items():
+        if p["dim"] == f["dim"] and p["n_layer"] == f["n_layer"]:
+            return ModelArgs.from_name(name, **fields)
+    fields.setdefault("dim", f["dim"])
+    fields.setdefault("n_layer", f["n_layer"])
+    fields.setdefault("n_head", max(1, f["dim"] // 64))
+    if "multiple_of" not in fields and f["ffn_hidden"]:
+        hidden = int(2 * 4 * f["dim"] / 3)
+        fields["multiple_of"] = next(m for m in (256, 128, 64, 32, 16, 8, 1) if find_multiple(hidden, m) == f["ffn_hidden"]) \
+            if any(find_multiple(hidden, m) == f["ffn_hidden"] for m in (256, 128, 64, 32, 16, 8, 1)) else 256
+    return ModelArgs(**fields)
+
+
+def load_gpt(
+    path: str | os.PathLike,
+    gpt_model: Optional[str] = None,
+    image_size: int = 256,
+    downsample: int = 16,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    prefer: Optional[str] = None,
+    **overrides,
+) -> LlamaGenGPT:
+    """Load a LlamaGen c2i GPT strictly. Config from safetensors metadata if present, else preset + shapes.
+
+    ``image_size // downsample`` fixes the token grid (LlamaGen pitfall: a 384 checkpoint run at 256 gives a
+    silently wrong RoPE grid, so the grid is always explicit here).
+    """
+    sd, meta = read_state_dict(path, prefer=prefer)
+    config = config_from_metadata(meta)
+    if config:
+        args = ModelArgs(**{**config, **overrides})
+    else:
+        if image_size % downsample:
+            raise ValueError(f"image_size {image_size} is not a multiple of the VQ downsample {downsample}")
+        args = gpt_args_for_checkpoint(sd, gpt_model, (image_size // downsample) ** 2, **overrides)
+    model = LlamaGenGPT(args)
+    load_strict(model, sd, str(path), suggest_gpt_preset)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def suggest_vq_preset(sd: dict) -> Optional[str]:
+    levels = len({k.split(".")[2] for k in sd if k.startswith("encoder.conv_blocks.")})
+    for name, p in VQ_PRESETS.items():
+        if len(p["encoder_ch_mult"]) == levels:
+            return f"the checkpoint has {levels} encoder levels, like preset {name}"
+    return f"the checkpoint has {levels} encoder levels; pass encoder_ch_mult/decoder_ch_mult of that length"
+
+
+def load_vq(
+    path: str | os.PathLike, vq_model: str = "VQ-16", device: str | torch.device = "cpu", **overrides
+) -> VQModel:
+    """Load a LlamaGen VQ tokenizer strictly (codebook size/dim and ``ch`` read from the weights)."""
+    sd, meta = read_state_dict(path)
+    config = config_from_metadata(meta)
+    if config:
+        args = VQArgs(**{**config, **overrides})
+    else:
+        try:
+            fields = dict(
+                codebook_size=sd["quantize.embedding.weight"].shape[0],
+                codebook_embed_dim=sd["quantize.embedding.weight"].shape[1],
+                ch=sd["encoder.conv_in.weight"].shape[0],
+                z_channels=sd["encoder.conv_out.weight"].shape[0],
+            )
+        except KeyError as e:
+            raise CheckpointError(f"not a LlamaGen VQ checkpoint: key {e.args[0]!r} is missing") from None
+        args = VQArgs.from_name(vq_model, **{**fields, **overrides})
+    model = VQModel(args)
+    load_strict(model, sd, str(path), suggest_vq_preset)
+    return model.to(device).eval()
+
+
+def require_bundled(kind: str) -> Path:
+    path = BUNDLED[kind]
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"bundled {kind} weights are missing ({path}); pass --ckpt/--vq-ckpt, or regenerate them with the "
+            "recipe in docs/models.md"
+        )
+    return path
+
+
+def grid_from_tokens(num_tokens: int) -> int:
+    g = math.isqrt(num_tokens)
+    if g * g != num_tokens:
+        raise ValueError(f"{num_tokens} tokens are not a square grid")
+    return g
+
+
+__all__ = [
+    "ARModel", "BUNDLED", "CheckpointError", "GPT_PRESETS", "LlamaGenGPT", "ModelArgs", "ModelOutput",
+    "VQArgs", "VQModel", "build_gpt", "load_gpt", "load_vq", "require_bundled", "suggest_gpt_preset",
+]

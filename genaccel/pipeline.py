@@ -1,0 +1,92 @@
+"""A pipeline wires a GPT, a VQ decoder and a sampler together (diffusers-style), nothing more."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from genaccel.models import BUNDLED, LlamaGenGPT, VQModel, load_gpt, load_vq, require_bundled
+from genaccel.samplers import Sampler, SamplerStats
+
+MODELS = ("llamagen",)
+
+
+@dataclass
+class ImagePipeline:
+    gpt: LlamaGenGPT
+    vq: VQModel
+    name: str = "llamagen"
+    info: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return self.gpt.num_classes
+
+    @property
+    def image_size(self) -> int:
+        return self.gpt.grid_size * self.vq.downsample
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, N) -> uint8 images (B, H, W, 3), LlamaGen's ``clamp(127.5 x + 128)`` mapping."""
+        images = self.vq.decode(tokens.to(next(self.vq.parameters()).device), grid=(self.gpt.grid_size,) * 2)
+        return torch.clamp(127.5 * images.float() + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+    def generate_batches(
+        self,
+        labels: torch.Tensor,
+        sampler: Sampler,
+        batch_size: int,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, SamplerStats]]:
+        """Yield (labels, uint8 images, stats) per batch; batch i draws from a generator seeded ``seed + i``."""
+        device = next(self.gpt.parameters()).device
+        chunks = labels.split(batch_size)
+        for i, chunk in enumerate(tqdm(chunks, desc=f"sampling ({sampler.name})", disable=not progress)):
+            gen = torch.Generator(device=device).manual_seed(seed + i)
+            out = sampler.generate(self.gpt, chunk.to(device), gen)
+            yield chunk, self.decode(out.tokens), out.stats
+
+
+def load_model(
+    name: str = "llamagen",
+    ckpt: Optional[str | os.PathLike] = None,
+    vq_ckpt: Optional[str | os.PathLike] = None,
+    gpt_model: Optional[str] = None,
+    image_size: Optional[int] = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> ImagePipeline:
+    """Build a pipeline; without checkpoints it loads the bundled model trained in this repo."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(MODELS)}")
+    vq_path = vq_ckpt or require_bundled("vq")
+    vq = load_vq(vq_path, device=device)
+    gpt_path = ckpt or require_bundled("gpt")
+    size = image_size or (256 if ckpt else 64)
+    gpt = load_gpt(gpt_path, gpt_model=gpt_model, image_size=size, downsample=vq.downsample, device=device, dtype=dtype)
+    expected = gpt.grid_size * vq.downsample
+    if image_size and image_size != expected:
+        raise ValueError(f"image_size {image_size} does not match the GPT grid ({gpt.grid_size}x{gpt.grid_size} -> {expected})")
+    if gpt.vocab_size != vq.args.codebook_size:
+        raise ValueError(f"GPT vocab_size {gpt.vocab_size} != VQ codebook_size {vq.args.codebook_size}: mismatched pair")
+    bundled = ckpt is None
+    return ImagePipeline(gpt=gpt, vq=vq, name=name, info={"gpt": str(gpt_path), "vq": str(vq_path), "bundled": bundled})
+
+
+def labels_for(num_classes: int, classes: Optional[list[int]], num_images: int) -> torch.Tensor:
+    """Requested classes cycled to ``num_images`` (class-balanced), or all classes in order."""
+    classes = list(range(num_classes)) if not classes else classes
+    for c in classes:
+        if not 0 <= c < num_classes:
+            raise ValueError(f"class id {c} out of range: this model has {num_classes} classes (0..{num_classes - 1})")
+    return torch.tensor(np.resize(np.array(classes), num_images), dtype=torch.long)
+
+
+__all__ = ["BUNDLED", "ImagePipeline", "MODELS", "labels_for", "load_model"]

@@ -1,0 +1,182 @@
+"""What every sampler shares: options, logits processing, guidance, outputs and statistics.
+
+A sampler owns one decoding algorithm and its options; it talks to a model only through the
+sampler contract (:mod:`genaccel.models.contract`). ``generate(model, labels, generator)`` returns a
+:class:`SampleOutput` with raster-order tokens and :class:`SamplerStats`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Optional
+
+import torch
+import torch.nn.functional as F
+
+from genaccel.models.contract import ARModel, cfg_labels, check_labels, combine_cfg
+
+
+@dataclass
+class SamplerStats:
+    """Per-call numbers. ``nfe`` counts target-model forwards (prefill included); CFG halves share one."""
+
+    nfe: int = 0
+    tokens: int = 0  # image tokens produced per image
+    images: int = 0
+    wall_time_s: float = 0.0
+    draft_forwards: int = 0
+    draft_time_s: float = 0.0
+    target_time_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.tokens / max(self.nfe, 1)
+
+    @property
+    def step_compression(self) -> float:
+        """Tokens per image divided by target forwards: AR is 1.0 by definition."""
+        return self.tokens_per_forward
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["tokens_per_forward"] = self.tokens_per_forward
+        d["step_compression"] = self.step_compression
+        return d
+
+
+@dataclass
+class SampleOutput:
+    tokens: torch.Tensor  # (B, num_image_tokens), raster order
+    stats: SamplerStats
+
+
+@dataclass
+class SamplingOptions:
+    """Options common to all samplers (LlamaGen names and defaults of ``sample_c2i.py``)."""
+
+    cfg_scale: float = 4.0
+    cfg_interval: int = -1
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def validate(self) -> None:
+        if self.cfg_scale < 0:
+            raise ValueError(f"cfg_scale must be >= 0 (1.0 disables guidance), got {self.cfg_scale}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = no top-k filter), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must lie in (0, 1] (1.0 = no nucleus filter), got {self.top_p}")
+
+    @property
+    def use_cfg(self) -> bool:
+        return self.cfg_scale != 1.0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Mask logits (…, V) to -inf outside the top-k and the nucleus (HF rule: keep the first token past p)."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cum > top_p
+        remove[..., 1:] = remove[..., :-1].clone()
+        remove[..., 0] = False
+        logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+    return logits
+
+
+def logits_to_probs(logits: torch.Tensor, opts: SamplingOptions) -> torch.Tensor:
+    """Temperature, then top-k/top-p, then softmax; greedy (temperature 0) gives a one-hot at the argmax."""
+    if opts.greedy:
+        return F.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
+    logits = filter_top_k_top_p(logits / max(opts.temperature, 1e-5), opts.top_k, opts.top_p)
+    return logits.softmax(-1)
+
+
+def guidance_active(token_index: torch.Tensor | int, cfg_interval: int):
+    """LlamaGen's ``cfg_interval``: guidance for tokens 0..cfg_interval+1, conditional logits after."""
+    if cfg_interval < 0:
+        return True if isinstance(token_index, int) else torch.ones_like(token_index, dtype=torch.bool)
+    return token_index <= cfg_interval + 1
+
+
+def guided_logits(logits: torch.Tensor, opts: SamplingOptions, token_index: torch.Tensor | int) -> torch.Tensor:
+    """Combine [cond; uncond] logits (2B, L, V) into (B, L, V) for tokens at ``token_index`` (int or (L,))."""
+    if not opts.use_cfg:
+        return logits
+    cond, _ = logits.chunk(2, dim=0)
+    guided = combine_cfg(logits, opts.cfg_scale, True)
+    active = guidance_active(token_index, opts.cfg_interval)
+    if isinstance(active, bool):
+        return guided if active else cond
+    return torch.where(active.view(1, -1, 1), guided, cond)
+
+
+def target_probs(logits: torch.Tensor, opts: SamplingOptions, token_index) -> torch.Tensor:
+    """The distribution a sampler must reproduce: guided logits -> temperature -> top-k/p -> softmax."""
+    return logits_to_probs(guided_logits(logits, opts, token_index), opts)
+
+
+def draw(probs: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """One token per row of probs (…, V)."""
+    flat = probs.reshape(-1, probs.shape[-1])
+    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+
+
+class Sampler:
+    """Base class: subclasses set ``name``, an options dataclass, and implement ``_generate``."""
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type] = SamplingOptions
+
+    def __init__(self, **options: Any):
+        known = set(self.Options.__dataclass_fields__)
+        unknown = set(options) - known
+        if unknown:
+            raise ValueError(f"sampler {self.name!r} got unknown option(s) {sorted(unknown)}; known: {sorted(known)}")
+        self.options = self.Options(**options)
+        self.options.validate()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.options})"
+
+    @torch.no_grad()
+    def generate(
+        self, model: ARModel, labels: torch.Tensor, generator: Optional[torch.Generator] = None
+    ) -> SampleOutput:
+        """Sample one image's tokens per label (B,) with ``model``; labels must be valid class ids."""
+        labels = torch.as_tensor(labels, device=_device_of(model))
+        check_labels(labels, model.num_classes)
+        stats = SamplerStats(images=labels.shape[0], tokens=model.num_image_tokens)
+        start = time.perf_counter()
+        tokens = self._generate(model, labels, generator, stats)
+        stats.wall_time_s = time.perf_counter() - start
+        return SampleOutput(tokens=tokens, stats=stats)
+
+    def _generate(self, model, labels, generator, stats) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # helpers shared by all samplers
+    def batch_labels(self, model: ARModel, labels: torch.Tensor) -> torch.Tensor:
+        return cfg_labels(labels, model.null_class, self.options.use_cfg)
+
+    def duplicate_for_cfg(self, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.cat([tokens, tokens]) if self.options.use_cfg else tokens
+
+
+def _device_of(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
