@@ -157,14 +157,15 @@ class KVCache(nn.Module):
 def precompute_freqs_cis_2d(grid_size: int, head_dim: int, base: float = 10000, cls_token_num: int = 1) -> torch.Tensor:
     """(cls_token_num + grid_size**2, head_dim // 2, 2) table of (cos, sin); class slots are all zero."""
     half = head_dim // 2
-    freqs = 1.0 / (base ** (torch.arange(0, half, 2)[: half // 2].float() / half))
-    t = torch.arange(grid_size, dtype=torch.float32)
+    cpu = torch.device("cpu")  # explicit, so building a model under `with torch.device("meta")` works
+    freqs = 1.0 / (base ** (torch.arange(0, half, 2, device=cpu)[: half // 2].float() / half))
+    t = torch.arange(grid_size, dtype=torch.float32, device=cpu)
     angles = torch.outer(t, freqs)  # (grid, head_dim // 4)
     grid = torch.cat(
         [angles[:, None, :].expand(-1, grid_size, -1), angles[None, :, :].expand(grid_size, -1, -1)], dim=-1
     )  # (row, col, head_dim // 2): row frequencies first, column frequencies second
     table = torch.stack([torch.cos(grid), torch.sin(grid)], dim=-1).flatten(0, 1)
-    return torch.cat([torch.zeros(cls_token_num, half, 2), table])
+    return torch.cat([torch.zeros(cls_token_num, half, 2, device=cpu), table])
 
 
 def apply_rotary_emb(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -252,7 +253,7 @@ class LlamaGenGPT(nn.Module):
         self.cls_embedding = LabelEmbedder(args.num_classes, args.dim, args.class_dropout_prob)
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.tok_dropout = nn.Dropout(args.token_dropout_p)
-        dpr = torch.linspace(0, args.drop_path_rate, args.n_layer).tolist()
+        dpr = [args.drop_path_rate * i / max(1, args.n_layer - 1) for i in range(args.n_layer)]
         self.layers = nn.ModuleList(TransformerBlock(args, dpr[i]) for i in range(args.n_layer))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)

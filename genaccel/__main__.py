@@ -1,0 +1,5 @@
+import sys
+
+from genaccel.cli import main
+
+sys.exit(main())

@@ -1,0 +1,144 @@
+"""GPT recipe: LlamaGen c2i architecture trained on VQ tokens of the bundled crops (LlamaGen train_c2i).
+
+Sequence = [class, z_0 .. z_254], targets z_0 .. z_255, plain cross-entropy; labels replaced by the null
+class with probability ``class_dropout_prob`` so classifier-free guidance works; AdamW with betas
+(0.9, 0.95) and grad clip 1.0 as upstream. Tokens of augmented training crops are computed once with the
+trained VQ and cached next to the checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from genaccel.data.skimage_crops import NUM_CLASSES, make_crops
+from genaccel.models import load_vq
+from genaccel.models.llamagen import LlamaGenGPT, ModelArgs
+from genaccel.train.common import cosine_lr, load_checkpoint, make_logger, parse_config, save_checkpoint
+from genaccel.utils.io import save_json, save_safetensors, save_torch
+
+DEFAULTS = dict(
+    out_dir="checkpoints/gpt", vq_path="checkpoints/vq/vq.safetensors", seed=0, steps=1500, batch_size=32,
+    lr=1e-3, warmup=100, weight_decay=0.05, threads=2, bf16=True, train_per_class=1024, heldout_per_class=64,
+    dim=256, n_layer=6, n_head=4, multiple_of=256, class_dropout_prob=0.1, token_dropout_p=0.0,
+    resid_dropout_p=0.0, ffn_dropout_p=0.0, ckpt_every=100, log_every=50, max_minutes=50.0,
+)
+
+
+def model_args(cfg: dict, vocab_size: int, block_size: int) -> ModelArgs:
+    return ModelArgs(
+        dim=cfg["dim"], n_layer=cfg["n_layer"], n_head=cfg["n_head"], multiple_of=cfg["multiple_of"],
+        vocab_size=vocab_size, num_classes=NUM_CLASSES, block_size=block_size,
+        class_dropout_prob=cfg["class_dropout_prob"], token_dropout_p=cfg["token_dropout_p"],
+        resid_dropout_p=cfg["resid_dropout_p"], ffn_dropout_p=cfg["ffn_dropout_p"],
+    )
+
+
+@torch.no_grad()
+def tokenize_crops(vq_path: str, split: str, per_class: int, seed: int) -> dict:
+    vq = load_vq(vq_path)
+    images, labels = make_crops(split, per_class, seed=seed)
+    tokens = torch.cat([vq.encode(chunk) for chunk in tqdm(images.split(256), desc=f"tokenize {split}")])
+    return {"tokens": tokens, "labels": labels, "vocab_size": vq.args.codebook_size}
+
+
+def cached_tokens(out: Path, cfg: dict, split: str, per_class: int) -> dict:
+    path = out / f"tokens_{split}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=True)
+    data = tokenize_crops(cfg["vq_path"], split, per_class, cfg["seed"])
+    save_torch(data, path)
+    return data
+
+
+def drop_labels(labels: torch.Tensor, p: float, null: int, gen: torch.Generator) -> torch.Tensor:
+    drop = torch.rand(labels.shape, generator=gen) < p
+    return torch.where(drop, torch.full_like(labels, null), labels)
+
+
+def autocast(enabled: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def heldout_nll(model: LlamaGenGPT, data: dict) -> float:
+    """Mean per-token NLL (nats) of held-out crops' tokens, conditional on their class, in fp32."""
+    model.eval()
+    total, count = 0.0, 0
+    for toks, labs in zip(data["tokens"].split(128), data["labels"].split(128)):
+        logits = model.teacher_forced(labs, toks).logits
+        total += F.cross_entropy(logits.flatten(0, 1), toks.flatten(), reduction="sum").item()
+        count += toks.numel()
+    model.train()
+    return total / count
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_config(argv, DEFAULTS, "python -m genaccel.train gpt")
+    out = Path(cfg["out_dir"])
+    log = make_logger(out, "gpt")
+    torch.manual_seed(cfg["seed"])
+    torch.set_num_threads(cfg["threads"])
+    train = cached_tokens(out, cfg, "train", cfg["train_per_class"])
+    heldout = cached_tokens(out, cfg, "heldout", cfg["heldout_per_class"])
+    args = model_args(cfg, train["vocab_size"], train["tokens"].shape[1])
+    model = LlamaGenGPT(args)
+    model.init_weights(torch.Generator().manual_seed(cfg["seed"]))
+    log.info(f"GPT params: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M, train seqs {len(train['tokens'])}")
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg["lr"], betas=(0.9, 0.95),
+    )
+    step, ckpt = 0, out / "last.pt"
+    if ckpt.exists():
+        step, _ = load_checkpoint(ckpt, model, opt)
+        log.info(f"resumed from {ckpt} at step {step}")
+    gen = torch.Generator().manual_seed(cfg["seed"] * 7919 + step)
+    model.train()
+    start = time.time()
+    bar = tqdm(total=cfg["steps"], initial=step, desc="gpt", dynamic_ncols=True)
+    while step < cfg["steps"]:
+        lr = cosine_lr(step, cfg["steps"], cfg["lr"], cfg["warmup"])
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = torch.randint(0, len(train["tokens"]), (cfg["batch_size"],), generator=gen)
+        toks = train["tokens"][idx]
+        labs = drop_labels(train["labels"][idx], cfg["class_dropout_prob"], args.num_classes, gen)
+        with autocast(cfg["bf16"]):
+            logits = model.teacher_forced(labs, toks).logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), toks.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step % cfg["log_every"] == 0:
+            log.info(f"step {step} loss {loss.item():.4f} lr {lr:.2e} min {(time.time() - start) / 60:.1f}")
+        if step % cfg["ckpt_every"] == 0 or step == cfg["steps"]:
+            save_checkpoint(ckpt, model, opt, step, cfg)
+        if (time.time() - start) / 60 > cfg["max_minutes"]:
+            log.info(f"time budget of {cfg['max_minutes']} min reached at step {step}; stopping early")
+            save_checkpoint(ckpt, model, opt, step, cfg)
+            break
+    bar.close()
+    metrics = {"heldout_nll_nats": heldout_nll(model, heldout), "steps": step,
+               "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "minutes": (time.time() - start) / 60}
+    log.info(f"final {json.dumps(metrics)}")
+    config = {k: getattr(args, k) for k in ModelArgs.field_names()}
+    save_safetensors(model.state_dict(), out / "gpt.safetensors", metadata={"config": json.dumps(config)})
+    save_json({"config": config, "metrics": metrics, "recipe": cfg}, out / "gpt_metrics.json")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
