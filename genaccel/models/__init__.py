@@ -52,6 +52,15 @@ def suggest_gpt_preset(sd: dict) -> Optional[str]:
             "(dim, n_layer, n_head, vocab_size, num_classes, ...) explicitly")
 
 
+def _multiple_of_for(dim: int, hidden: int) -> int:
+    """The largest power-of-two ``multiple_of`` that turns the default FFN width into ``hidden``."""
+    base = int(2 * 4 * dim / 3)
+    for m in (256, 128, 64, 32, 16, 8, 4, 2, 1):
+        if find_multiple(base, m) == hidden:
+            return m
+    return 256
+
+
 def gpt_args_for_checkpoint(sd: dict, gpt_model: Optional[str], block_size: int, **overrides) -> ModelArgs:
     """Preset (or explicit) config, with vocabulary and class count read from the checkpoint's shapes."""
     f = _gpt_shape_facts(sd)
@@ -66,9 +75,7 @@ def gpt_args_for_checkpoint(sd: dict, gpt_model: Optional[str], block_size: int,
     fields.setdefault("n_layer", f["n_layer"])
     fields.setdefault("n_head", max(1, f["dim"] // 64))
     if "multiple_of" not in fields and f["ffn_hidden"]:
-        hidden = int(2 * 4 * f["dim"] / 3)
-        fields["multiple_of"] = next(m for m in (256, 128, 64, 32, 16, 8, 1) if find_multiple(hidden, m) == f["ffn_hidden"]) \
-            if any(find_multiple(hidden, m) == f["ffn_hidden"] for m in (256, 128, 64, 32, 16, 8, 1)) else 256
+        fields["multiple_of"] = _multiple_of_for(f["dim"], f["ffn_hidden"])
     return ModelArgs(**fields)
 
 
@@ -108,24 +115,34 @@ def suggest_vq_preset(sd: dict) -> Optional[str]:
     return f"the checkpoint has {levels} encoder levels; pass encoder_ch_mult/decoder_ch_mult of that length"
 
 
+def infer_vq_fields(sd: dict) -> dict:
+    """Codebook size/dim, ``ch``, z_channels, channel multipliers and res-block count from VQ weight shapes."""
+    try:
+        ch = sd["encoder.conv_in.weight"].shape[0]
+        levels = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.conv_blocks.")})
+        mult = [sd[f"encoder.conv_blocks.{i}.res.0.conv1.weight"].shape[0] // ch for i in levels]
+        n_res = len({k.split(".")[4] for k in sd if k.startswith("encoder.conv_blocks.0.res.")})
+        return dict(
+            codebook_size=sd["quantize.embedding.weight"].shape[0],
+            codebook_embed_dim=sd["quantize.embedding.weight"].shape[1],
+            ch=ch, z_channels=sd["encoder.conv_out.weight"].shape[0],
+            encoder_ch_mult=mult, decoder_ch_mult=list(mult), num_res_blocks=n_res,
+        )
+    except KeyError as e:
+        raise CheckpointError(f"not a LlamaGen VQ checkpoint: key {e.args[0]!r} is missing") from None
+
+
 def load_vq(
     path: str | os.PathLike, vq_model: str = "VQ-16", device: str | torch.device = "cpu", **overrides
 ) -> VQModel:
-    """Load a LlamaGen VQ tokenizer strictly (codebook size/dim and ``ch`` read from the weights)."""
+    """Load a LlamaGen VQ tokenizer strictly; without stored config the architecture is read from the
+    weight shapes (``vq_model`` names the preset used for anything shapes cannot tell)."""
     sd, meta = read_state_dict(path)
     config = config_from_metadata(meta)
     if config:
         args = VQArgs(**{**config, **overrides})
     else:
-        try:
-            fields = dict(
-                codebook_size=sd["quantize.embedding.weight"].shape[0],
-                codebook_embed_dim=sd["quantize.embedding.weight"].shape[1],
-                ch=sd["encoder.conv_in.weight"].shape[0],
-                z_channels=sd["encoder.conv_out.weight"].shape[0],
-            )
-        except KeyError as e:
-            raise CheckpointError(f"not a LlamaGen VQ checkpoint: key {e.args[0]!r} is missing") from None
+        fields = infer_vq_fields(sd)
         args = VQArgs.from_name(vq_model, **{**fields, **overrides})
     model = VQModel(args)
     load_strict(model, sd, str(path), suggest_vq_preset)
