@@ -21,7 +21,7 @@ def resolve_budget(keep: Keep, n_tokens: int) -> int:
     """Tokens to keep out of `n_tokens`: an int is a count per image (capped at n), a float a ratio (rounded)."""
     validate_keep(keep)
     if isinstance(keep, float):
-        return min(n_tokens, int(round(keep * n_tokens)))
+        return min(n_tokens, round(keep * n_tokens))
     return min(n_tokens, keep)
 
 
@@ -37,4 +37,4 @@ def reserve_count(budget: int, reserve: float) -> int:
     """Part of `budget` given to uniform coverage before the strategy chooses (robustness, see docs/pruning.md)."""
     if not 0.0 <= reserve <= 1.0:
         raise ValueError(f"reserve must be a fraction in [0, 1]; got {reserve}")
-    return int(round(reserve * budget))
+    return round(reserve * budget)

@@ -1,0 +1,266 @@
+"""Where each supported Hugging Face VLM keeps its pieces, and where its visual tokens sit in the sequence.
+
+An adapter answers model-specific questions only (which module is the LLM, which token id marks an image,
+how many tokens each image expands to, which vision-tower patch each LLM token came from); everything else in
+the pruning module is model-agnostic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ImageLayout:
+    """One image's (or video's) run of placeholder tokens and the vision-tower patch behind each token.
+
+    `source` indexes the flattened captured vision rows ([rows * tokens]); -1 marks tokens that are not
+    patches (LLaVA-NeXT newline embeddings), which are always kept. `partition` / `base_crop` describe AnyRes
+    crops (0 = base image) for HiRED.
+    """
+
+    length: int
+    token_id: int
+    source: torch.Tensor | None = None
+    partition: torch.Tensor | None = None
+    base_crop: torch.Tensor | None = None
+
+    @property
+    def always_keep(self) -> torch.Tensor:
+        if self.source is None:
+            return torch.zeros(self.length, dtype=torch.bool)
+        return self.source < 0
+
+
+@dataclass
+class VisualSpan:
+    """The sequence columns one image occupies in one sample."""
+
+    sample: int
+    columns: torch.Tensor
+    layout: ImageLayout
+
+
+class VLMAdapter:
+    """Model-specific accessors; subclasses cover one transformers model family."""
+
+    model_types: tuple[str, ...] = ()
+    has_cls: bool = False
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.outer = model.model
+        self.text_model = self.outer.language_model
+        self.layers = self.text_model.layers
+        self.text_config = self.text_model.config
+
+    def vision_layers(self) -> nn.ModuleList | None:
+        """Vision encoder layers whose q/k projections can be captured (None: no [CLS] signal)."""
+        return None
+
+    def vision_heads(self) -> int:
+        return self.outer.config.vision_config.num_attention_heads
+
+    def vision_layer_index(self, call: dict[str, Any], which: str) -> int:
+        raise NotImplementedError
+
+    def layouts(self, call: dict[str, Any]) -> list[ImageLayout]:
+        """Layouts of every image in the call, in the order the model scatters them into the sequence."""
+        raise NotImplementedError
+
+    def decode_positions(
+        self, q_len: int, past: int, attention_mask: torch.Tensor | None, device: torch.device
+    ) -> torch.Tensor:
+        """Positions the unpatched model would compute for `q_len` new tokens after `past` (unpruned) ones.
+
+        Llama-style text models ignore the padding mask here and count columns.
+        """
+        return (torch.arange(q_len, device=device) + past)[None]
+
+
+def find_spans(input_ids: torch.Tensor, layouts: list[ImageLayout]) -> list[list[VisualSpan]]:
+    """Split each sample's placeholder tokens into per-image spans, consuming layouts in scatter order.
+
+    The models fill placeholders row-major over the batch (`masked_scatter`), so images are assigned to samples
+    in order; adjacent images with no separator are split by their known lengths.
+    """
+    spans: list[list[VisualSpan]] = [[] for _ in range(input_ids.shape[0])]
+    for token_id in sorted({layout.token_id for layout in layouts}):
+        queue = [layout for layout in layouts if layout.token_id == token_id]
+        positions = [(row == token_id).nonzero().squeeze(1) for row in input_ids]
+        total = sum(p.numel() for p in positions)
+        if total != sum(layout.length for layout in queue):
+            raise ValueError(
+                f"{total} placeholder tokens (id {token_id}) but the images expand to "
+                f"{sum(layout.length for layout in queue)}; check the processor output"
+            )
+        for sample, columns in enumerate(positions):
+            while columns.numel():
+                layout = queue.pop(0)
+                if layout.length > columns.numel():
+                    raise ValueError(f"an image of {layout.length} tokens is split across samples; check the batch")
+                spans[sample].append(VisualSpan(sample, columns[: layout.length], layout))
+                columns = columns[layout.length :]
+    for row in spans:
+        row.sort(key=lambda span: int(span.columns[0]))
+    return spans
+
+
+def clip_layer_index(feature_layer: int, num_layers: int) -> int:
+    """Encoder layer whose output is `hidden_states[feature_layer]` (index 0 is the embedding output)."""
+    index = feature_layer % (num_layers + 1) - 1
+    if index < 0:
+        raise ValueError(f"vision_feature_layer {feature_layer} selects the embeddings; no attention to score with")
+    return index
+
+
+class LlavaAdapter(VLMAdapter):
+    """LlavaForConditionalGeneration: CLIP-style tower with [CLS], 1 run of patch tokens per image."""
+
+    model_types = ("llava",)
+    has_cls = True
+
+    def vision_layers(self):
+        return self.outer.vision_tower.encoder.layers
+
+    def feature_choice(self, call: dict[str, Any]) -> tuple[int, str]:
+        config = self.outer.config
+        layer = call.get("vision_feature_layer")
+        layer = config.vision_feature_layer if layer is None else layer
+        strategy = call.get("vision_feature_select_strategy") or config.vision_feature_select_strategy
+        if not isinstance(layer, int):
+            raise TypeError(f"vision_feature_layer={layer!r}: [CLS]-attention strategies need a single layer")
+        return layer, strategy
+
+    def vision_layer_index(self, call, which):
+        if which == "shallow":
+            return 0
+        return clip_layer_index(self.feature_choice(call)[0], len(self.vision_layers()))
+
+    def patches_per_side(self) -> int:
+        vision = self.outer.config.vision_config
+        return vision.image_size // vision.patch_size
+
+    def layouts(self, call):
+        pixel_values = call.get("pixel_values")
+        if pixel_values is None:
+            return []
+        n_patches = self.patches_per_side() ** 2
+        first = 1 if self.feature_choice(call)[1] == "default" else 0
+        width = n_patches + 1
+        return [
+            ImageLayout(
+                length=width - first,
+                token_id=self.outer.config.image_token_id,
+                source=image * width + torch.arange(first, width),
+            )
+            for image in range(pixel_values.shape[0])
+        ]
+
+
+class LlavaNextAdapter(LlavaAdapter):
+    """LlavaNextForConditionalGeneration: AnyRes base + crops, unpadded, with newline tokens per row.
+
+    The token -> (crop, patch) map is obtained by running the model's own `pack_image_features` on index
+    tensors, so unpadding and newlines are reproduced exactly.
+    """
+
+    model_types = ("llava_next",)
+
+    def layouts(self, call):
+        from transformers.models.llava_next.modeling_llava_next import (
+            get_anyres_image_grid_shape,
+            image_size_to_num_patches,
+        )
+
+        pixel_values, image_sizes = call.get("pixel_values"), call.get("image_sizes")
+        if pixel_values is None:
+            return []
+        config = self.outer.config
+        side = self.patches_per_side()
+        first = 1 if self.feature_choice(call)[1] == "default" else 0
+        width = side * side + 1
+        feats, row0 = [], 0
+        for size in image_sizes:
+            n_rows = image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
+            grid_h, grid_w = get_anyres_image_grid_shape(
+                size, config.image_grid_pinpoints, config.vision_config.image_size
+            )
+            rows = torch.arange(n_rows, dtype=torch.float64)[:, None]
+            patch = torch.arange(first, width, dtype=torch.float64)[None]
+            source = (row0 + rows) * width + patch
+            partition = rows.expand_as(source)
+            cell = patch - first
+            crop = 1 + (cell // side * grid_h // side) * grid_w + (cell % side * grid_w // side)
+            base_crop = torch.where(rows == 0, crop, torch.full_like(source, -1.0))
+            feats.append(torch.stack([source, partition, base_crop], dim=-1))
+            row0 += n_rows
+        strategy = self.feature_choice(call)[1]
+        newline = torch.full((3,), -1.0, dtype=torch.float64)
+        packed, _ = self.outer.pack_image_features(feats, image_sizes, strategy, image_newline=newline)
+        return [
+            ImageLayout(
+                length=p.shape[0],
+                token_id=config.image_token_id,
+                source=p[:, 0].round().long(),
+                partition=p[:, 1].round().long(),
+                base_crop=p[:, 2].round().long(),
+            )
+            for p in packed
+        ]
+
+
+class Qwen2VLAdapter(VLMAdapter):
+    """Qwen2VLForConditionalGeneration: no [CLS]; images and videos sized by their (t, h, w) grids."""
+
+    model_types = ("qwen2_vl",)
+
+    def layouts(self, call):
+        config = self.outer.config
+        merge = config.vision_config.spatial_merge_size**2
+        grids = [
+            (call.get("image_grid_thw"), config.image_token_id),
+            (call.get("video_grid_thw"), config.video_token_id),
+        ]
+        return [
+            ImageLayout(length=int(thw.prod()) // merge, token_id=token_id)
+            for grid, token_id in grids
+            if grid is not None
+            for thw in grid
+        ]
+
+    def decode_positions(self, q_len, past, attention_mask, device):
+        """Qwen2-VL counts real tokens through the padding mask, then adds the cached M-RoPE offsets."""
+        if attention_mask is not None:
+            text = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)[:, -q_len:]
+        else:
+            text = (torch.arange(q_len, device=device) + past)[None]
+        deltas = self.outer.rope_deltas
+        positions = text[None].expand(3, -1, -1)
+        return positions if deltas is None else positions + deltas.to(device)
+
+
+ADAPTERS: dict[str, type[VLMAdapter]] = {
+    model_type: adapter
+    for adapter in (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter)
+    for model_type in adapter.model_types
+}
+SUPPORTED_CLASSES = (
+    "LlavaForConditionalGeneration",
+    "LlavaNextForConditionalGeneration",
+    "Qwen2VLForConditionalGeneration",
+)
+
+
+def adapter_for(model: nn.Module) -> VLMAdapter:
+    """The adapter for `model`, or an error naming the supported classes."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if type(model).__name__ not in SUPPORTED_CLASSES or model_type not in ADAPTERS:
+        raise TypeError(
+            f"visual-token pruning does not support {type(model).__name__}; supported: {', '.join(SUPPORTED_CLASSES)}"
+        )
+    return ADAPTERS[model_type](model)

@@ -1,0 +1,44 @@
+"""Per-call stability measures for "Less Is More — Until It Breaks" (arXiv 2601.12042, reference §5).
+
+Compression-aware attacks work because keep-set rankings are unstable under imperceptible perturbations. We
+report, per image, how much of the keep set survives a tiny jitter of the selection signals, and how far the
+weakest kept token is above the strongest dropped one. Neither is a defence; both tell a user when a call sits
+on a knife edge, and `reserve` (uniform coverage) bounds how much an attacker can steer the selection.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
+    """|a ∩ b| / |a ∪ b| of two index sets (1.0 when both are empty)."""
+    a_set, b_set = set(a.tolist()), set(b.tolist())
+    union = a_set | b_set
+    return 1.0 if not union else len(a_set & b_set) / len(union)
+
+
+def cutoff_margin(scores: torch.Tensor | None, kept: torch.Tensor, exclude: torch.Tensor) -> float:
+    """(weakest kept score - strongest dropped score) / score range; NaN when there is no ranking to cut.
+
+    `exclude` (the uniform reserve) is left out of the kept side: those tokens were not chosen by the score.
+    A margin near 0 means a small perturbation can swap tokens across the cut-off; < 0 means the rule is not a
+    plain top-k of these scores (e.g. diversity or per-partition budgets).
+    Infinite scores mark tokens taken unconditionally (e.g. DivPrune's first pick) and are ignored.
+    """
+    if scores is None:
+        return math.nan
+    scores = scores.float()
+    dropped = torch.ones_like(scores, dtype=torch.bool)
+    dropped[kept] = False
+    chosen = kept[~torch.isin(kept, exclude)]
+    chosen = chosen[torch.isfinite(scores[chosen])]
+    finite = scores[torch.isfinite(scores)]
+    if chosen.numel() == 0 or not bool(dropped.any()) or finite.numel() < 2:
+        return math.nan
+    spread = float(finite.max() - finite.min())
+    if spread == 0:
+        return math.nan
+    return float(scores[chosen].min() - scores[dropped].max()) / spread

@@ -1,0 +1,532 @@
+"""Hook a Hugging Face VLM so that prefill drops visual tokens, and decode stays consistent with it.
+
+Mechanism (reference §3.2-3.3): a forward pre-hook on decoder layer K (K = 0 for pre-LLM strategies) gathers
+the kept tokens of every sample, re-pads the batch on the left, gathers the rotary cos/sin tables (so kept
+tokens keep their ORIGINAL positions) and builds the compact attention mask for layers >= K; later layers get
+the same mask and tables. The KV cache of layers >= K then holds only kept tokens. In decode, `generate`
+still counts positions on the unpruned length (convention A), so only the mask of layers >= K is rebuilt from
+the stored compact prefix mask. Scores come from q/k projection outputs captured by forward hooks, never from
+`output_attentions`, so SDPA stays on.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.masking_utils import create_causal_mask
+
+from genaccel.pruning import signals as sig
+from genaccel.pruning.adapters import VisualSpan, adapter_for, find_spans
+from genaccel.pruning.budget import Keep, reserve_count, resolve_budget, uniform_indices, validate_keep
+from genaccel.pruning.compact import (
+    compact_hidden,
+    compact_padding_mask,
+    gather_plan,
+    gather_tokens,
+    write_overrides,
+)
+from genaccel.pruning.robustness import cutoff_margin, jaccard
+from genaccel.pruning.strategies import SpanSignals, Strategy
+
+MEDIA_INPUTS = ("pixel_values", "pixel_values_videos")
+VISION_SIGNALS = frozenset({"cls_attention", "cls_attention_shallow", "vision_keys", "partition", "base_crop"})
+LLM_SIGNALS = frozenset({"text_attention", "key_norms", "text_pivots"})
+
+
+@dataclass
+class SpanReport:
+    """One image in one prefill: how many tokens it had and kept, and how stable that choice was."""
+
+    sample: int
+    start: int
+    n_tokens: int
+    n_kept: int
+    margin: float
+    jitter_overlap: float | None = None
+
+
+@dataclass
+class PruneReport:
+    """One pruned prefill: kept sequence columns per sample (original indices), per-image stats, timings."""
+
+    strategy: str
+    layer: int
+    input_length: int
+    kept_length: int
+    keep_columns: list[torch.Tensor]
+    spans: list[SpanReport] = field(default_factory=list)
+    score_seconds: float = 0.0
+
+
+@dataclass
+class EncodingRecord:
+    """Inputs of one `get_*_features` call and the vision q/k captured while it ran."""
+
+    kwargs: dict[str, Any]
+    vision: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class CacheRecord:
+    """What decode needs to know about a pruned cache: layers >= `layer` hold `prefix_mask.shape[1]` slots
+    standing for the first `full_length` columns of the unpruned sequence."""
+
+    layer: int
+    full_length: int
+    prefix_mask: torch.Tensor
+
+    @property
+    def kept_length(self) -> int:
+        return self.prefix_mask.shape[1]
+
+
+@dataclass
+class LayerOverride:
+    """Inputs that replace the text model's own for decoder layers >= K during one forward."""
+
+    hidden: torch.Tensor | None
+    attention_mask: Any
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+class MethodWrap:
+    """Shadow `owner.name` with `wrapper(original, *args, **kwargs)` on the instance; `remove()` restores it."""
+
+    def __init__(self, owner: Any, name: str, wrapper):
+        self.owner, self.name = owner, name
+        original = getattr(owner, name)
+        setattr(owner, name, functools.wraps(original)(functools.partial(wrapper, original)))
+
+    def remove(self) -> None:
+        self.owner.__dict__.pop(self.name, None)
+
+
+class PruningSession:
+    """Pruning state for one model; see `genaccel.pruning.apply` for the public entry point."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        strategy: Strategy,
+        keep: Keep,
+        layer: int | None = None,
+        reserve: float = 0.0,
+        robustness: bool = False,
+        jitter: float = 1e-3,
+        seed: int = 0,
+    ):
+        validate_keep(keep)
+        reserve_count(0, reserve)
+        self.adapter = adapter_for(model)
+        self.strategy, self.keep, self.reserve = strategy, keep, reserve
+        self.robustness, self.jitter, self.seed = robustness, jitter, seed
+        self.layer = self._resolve_layer(layer)
+        self.requested = self._resolve_signals()
+        self._check_text_model()
+        self.reports: list[PruneReport] = []
+        self._handles: list[Any] = []
+        self._records: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._encodings: dict[int, tuple[weakref.ref, EncodingRecord]] = {}
+        self._active_encoding: EncodingRecord | None = None
+        self._reset_call()
+
+    # ----- configuration checks ---------------------------------------------------------------------------
+
+    def _resolve_layer(self, layer: int | None) -> int:
+        n_layers = len(self.adapter.layers)
+        if not self.strategy.in_llm:
+            if layer not in (None, 0):
+                raise ValueError(f"strategy {self.strategy.name!r} prunes before the LLM; layer must be None or 0")
+            return 0
+        layer = 2 if layer is None else layer
+        if not 1 <= layer < n_layers:
+            raise ValueError(f"strategy {self.strategy.name!r} needs 1 <= layer < {n_layers} (LLM layers); got {layer}")
+        return layer
+
+    def _resolve_signals(self) -> frozenset[str]:
+        available = set()
+        if self.adapter.has_cls:
+            available |= VISION_SIGNALS
+        if self.strategy.in_llm:
+            available |= LLM_SIGNALS
+        missing = self.strategy.needs - available
+        if missing:
+            raise ValueError(
+                f"strategy {self.strategy.name!r} needs {sorted(missing)}, which {type(self.adapter.model).__name__} "
+                "cannot provide (its vision tower has no [CLS] token); use divprune, mmr, fastv, dart, uniform, pool "
+                "or random"
+            )
+        return frozenset(self.strategy.needs | (self.strategy.wants & available))
+
+    def _check_text_model(self) -> None:
+        config = self.adapter.text_config
+        if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or []):
+            raise ValueError("pruning supports full-attention LLM layers only (sliding-window layers found)")
+
+    # ----- hook management --------------------------------------------------------------------------------
+
+    def attach(self) -> None:
+        """Register every hook; `detach` removes them all."""
+        adapter = self.adapter
+        self._hook(adapter.outer.register_forward_pre_hook(self._on_outer, with_kwargs=True))
+        self._hook(adapter.outer.register_forward_hook(lambda *_: self._reset_call()))
+        self._hook(adapter.text_model.register_forward_pre_hook(self._on_text_model, with_kwargs=True))
+        self._hook(adapter.text_model.register_forward_hook(lambda *_: self._reset_forward()))
+        for index in range(self.layer, len(adapter.layers)):
+            self._hook(adapter.layers[index].register_forward_pre_hook(self._layer_hook(index), with_kwargs=True))
+        for modality in ("image", "video"):
+            if hasattr(adapter.outer, f"get_{modality}_features"):
+                self._hook(MethodWrap(adapter.outer, f"get_{modality}_features", self._recording_encoder(modality)))
+        if self.strategy.in_llm:
+            attention = adapter.layers[self.layer - 1].self_attn
+            self._capture_llm(attention)
+        if self.requested & VISION_SIGNALS:
+            for which in ("deep", "shallow"):
+                attention = adapter.vision_layers()[adapter.vision_layer_index({}, which)].self_attn
+                self._capture_vision(attention, which)
+
+    def detach(self) -> None:
+        for handle in reversed(self._handles):
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, handle) -> None:
+        self._handles.append(handle)
+
+    def _capture_llm(self, attention: nn.Module) -> None:
+        """Keep the q/k projection outputs of decoder layer K-1 during prefill."""
+        for name in ("q", "k"):
+
+            def keep_output(module, args, output, slot=("llm", name)):
+                if self._call.get("prefill"):
+                    self._llm_captured[slot] = output
+
+            self._hook(getattr(attention, f"{name}_proj").register_forward_hook(keep_output))
+
+    def _capture_vision(self, attention: nn.Module, which: str) -> None:
+        """Keep the vision q/k projection outputs in the encoding being recorded."""
+        for name in ("q", "k"):
+
+            def keep_output(module, args, output, slot=(which, name)):
+                if self._active_encoding is not None:
+                    self._active_encoding.vision[slot] = output
+
+            self._hook(getattr(attention, f"{name}_proj").register_forward_hook(keep_output))
+
+    def _recording_encoder(self, modality: str):
+        """Wrap `get_<modality>_features` to record its layout inputs and the vision q/k it produces.
+
+        `generate` encodes images before the first forward and then drops `image_sizes` / grids from the
+        forward's kwargs, passing only the encoder outputs (again on every step when there is no cache), so the
+        record is kept per encoder-output object and found again from `mm_encoder_outputs`.
+        """
+
+        def wrapper(original, *args, **kwargs):
+            names = list(inspect.signature(original).parameters)
+            record = EncodingRecord({**dict(zip(names, args)), **kwargs})
+            self._active_encoding = record
+            try:
+                output = original(*args, **kwargs)
+            finally:
+                self._active_encoding = None
+            self._encodings = {key: value for key, value in self._encodings.items() if value[0]() is not None}
+            self._encodings[id(output)] = (weakref.ref(output), record)
+            self._call_encodings.append(record)
+            return output
+
+        return wrapper
+
+    def _records_for_call(self) -> list[EncodingRecord]:
+        """Encodings made inside this forward, or recorded for the encoder outputs it was given."""
+        records = list(self._call_encodings)
+        for output in (self._call.get("mm_encoder_outputs") or {}).values():
+            ref, record = self._encodings.get(id(output), (lambda: None, None))
+            if ref() is output:
+                records.append(record)
+        if not records:
+            raise ValueError(
+                "the images were encoded outside the pruning block; run the whole call inside `apply(...)`"
+            )
+        return records
+
+    def _reset_call(self) -> None:
+        """Forget everything about the last outer forward (encodings stay findable by their outputs)."""
+        self._call: dict[str, Any] = {}
+        self._call_encodings: list[EncodingRecord] = []
+        self._llm_captured: dict[tuple[str, str], torch.Tensor] = {}
+        self._vision_captured: dict[tuple[str, str], torch.Tensor] = {}
+        self._reset_forward()
+
+    def _reset_forward(self) -> None:
+        self._pending: list[list[VisualSpan]] | None = None
+        self._mask2d: torch.Tensor | None = None
+        self._override: LayerOverride | None = None
+
+    # ----- hooks ------------------------------------------------------------------------------------------
+
+    def _on_outer(self, module, args, kwargs):
+        """Remember the call's inputs; in decode, supply positions on the unpruned length if none were given."""
+        call = {key: value for key, value in kwargs.items() if value is not None}
+        if args:
+            call["input_ids"] = args[0]
+        cache = call.get("past_key_values")
+        call["prefill"] = cache is None or cache.get_seq_length() == 0
+        call["has_media"] = any(key in call for key in MEDIA_INPUTS) or bool(call.get("mm_encoder_outputs"))
+        if call["has_media"] and call.get("input_ids") is None:
+            raise ValueError("visual-token pruning needs input_ids (to find image placeholders), not inputs_embeds")
+        self._call = call
+        self._call_encodings = []
+        record = self._records.get(cache) if cache is not None else None
+        if record is not None and kwargs.get("position_ids") is None:
+            kwargs["position_ids"] = self._decode_positions(call, cache, record)
+        return args, kwargs
+
+    def _decode_positions(self, call: dict[str, Any], cache, record: CacheRecord) -> torch.Tensor:
+        """Positions the unpruned model would use: the cache stands for `full_length` prompt tokens."""
+        tokens = call.get("input_ids") if call.get("input_ids") is not None else call["inputs_embeds"]
+        offset = record.full_length - record.kept_length if record.layer == 0 else 0
+        past = cache.get_seq_length() + offset
+        return self.adapter.decode_positions(tokens.shape[1], past, call.get("attention_mask"), tokens.device)
+
+    def _on_text_model(self, module, args, kwargs):
+        """Stash the 2-D padding mask; in prefill, locate the visual spans to prune."""
+        self._reset_forward()
+        mask = kwargs.get("attention_mask")
+        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
+            raise ValueError(
+                "visual-token pruning needs a 2-D attention_mask (or none); got a prepared 4-D/dict mask, which "
+                "happens with static caches: use the default DynamicCache"
+            )
+        self._mask2d = mask
+        input_ids = self._call.get("input_ids")
+        embeds = kwargs.get("inputs_embeds")
+        if not self._call.get("prefill") or not self._call.get("has_media") or embeds.shape[1] != input_ids.shape[1]:
+            return args, kwargs
+        records = self._records_for_call()
+        recorded = {key: value for record in records for key, value in record.kwargs.items()}
+        for record in records:
+            self._vision_captured.update(record.vision)
+        spans = find_spans(input_ids, self.adapter.layouts({**recorded, **self._call}))
+        self._pending = spans if any(spans) else None
+        return args, kwargs
+
+    def _layer_hook(self, index: int):
+        def hook(module, args, kwargs):
+            if index == self.layer:
+                self._prepare_override(args, kwargs)
+            if self._override is None:
+                return args, kwargs
+            if index == self.layer and self._override.hidden is not None:
+                args, kwargs = self._replace_hidden(args, kwargs, self._override.hidden)
+            kwargs["attention_mask"] = self._override.attention_mask
+            if self._override.position_embeddings is not None:
+                kwargs["position_embeddings"] = self._override.position_embeddings
+            # Gapped position ids would look like packed sequences to FlashAttention; RoPE uses the gathered tables.
+            kwargs["position_ids"] = None
+            return args, kwargs
+
+        return hook
+
+    @staticmethod
+    def _hidden_of(args, kwargs) -> torch.Tensor:
+        return args[0] if args else kwargs["hidden_states"]
+
+    @staticmethod
+    def _replace_hidden(args, kwargs, hidden):
+        if args:
+            return (hidden, *args[1:]), kwargs
+        kwargs["hidden_states"] = hidden
+        return args, kwargs
+
+    def _prepare_override(self, args, kwargs) -> None:
+        """At layer K: prune (prefill) or rebuild the compact mask over the pruned cache (decode)."""
+        cache = kwargs.get("past_key_values")
+        hidden = self._hidden_of(args, kwargs)
+        if self._pending is not None:
+            self._override = self._prune(hidden, kwargs, cache)
+            self._pending = None
+        elif cache is not None and cache in self._records:
+            self._override = self._decode_override(hidden, cache, self._records[cache])
+
+    def _decode_override(self, hidden: torch.Tensor, cache, record: CacheRecord) -> LayerOverride:
+        """Mask for layers >= K over [compact prompt prefix, everything after the prompt]."""
+        q_len = hidden.shape[1]
+        tail = cache.get_seq_length(self.layer) - record.kept_length + q_len
+        mask = self._mask2d
+        if mask is None:
+            mask_tail = torch.ones(hidden.shape[0], tail, dtype=torch.long, device=hidden.device)
+        elif mask.shape[1] != record.full_length + tail:
+            raise ValueError(
+                f"attention_mask has {mask.shape[1]} columns but the pruned cache stands for "
+                f"{record.full_length + tail}; pass the mask of the full (unpruned) sequence"
+            )
+        else:
+            mask_tail = mask[:, record.full_length :].long()
+        compact = torch.cat([record.prefix_mask.to(hidden.device), mask_tail], dim=1)
+        return LayerOverride(hidden=None, attention_mask=self._causal_mask(hidden, compact, cache))
+
+    def _causal_mask(self, hidden: torch.Tensor, mask2d: torch.Tensor, cache) -> Any:
+        """The text model's own mask builder, sized against layer K's (compact) cache."""
+        return create_causal_mask(
+            config=self.adapter.text_config,
+            inputs_embeds=hidden,
+            attention_mask=mask2d,
+            past_key_values=cache,
+            position_ids=None,
+            layer_idx=self.layer,
+        )
+
+    # ----- prefill pruning --------------------------------------------------------------------------------
+
+    def _prune(self, hidden: torch.Tensor, kwargs: dict[str, Any], cache) -> LayerOverride:
+        start = time.perf_counter()
+        spans, mask2d = self._pending, self._mask2d
+        batch, length = hidden.shape[:2]
+        cos, sin = kwargs["position_embeddings"]
+        context = self._sample_context(hidden, cos, sin, mask2d)
+        keep_columns, overrides, span_reports = [], [], []
+        for sample in range(batch):
+            dropped = torch.zeros(length, dtype=torch.bool)
+            for ordinal, span in enumerate(spans[sample]):
+                kept, merged, report = self._select_span(span, hidden, context, ordinal)
+                dropped[span.columns] = True
+                dropped[kept] = False
+                overrides.extend(merged)
+                span_reports.append(report)
+            keep_columns.append((~dropped).nonzero().squeeze(1))
+        index, valid = gather_plan(keep_columns, hidden.device)
+        compact = compact_hidden(write_overrides(hidden, overrides), index, valid)
+        mask_c = compact_padding_mask(mask2d, index, valid)
+        tables = (gather_tokens(cos, index), gather_tokens(sin, index))
+        if cache is not None:
+            self._records[cache] = CacheRecord(self.layer, length, mask_c)
+        self.reports.append(
+            PruneReport(
+                strategy=self.strategy.name,
+                layer=self.layer,
+                input_length=length,
+                kept_length=compact.shape[1],
+                keep_columns=keep_columns,
+                spans=span_reports,
+                score_seconds=time.perf_counter() - start,
+            )
+        )
+        return LayerOverride(
+            hidden=compact, attention_mask=self._causal_mask(compact, mask_c, cache), position_embeddings=tables
+        )
+
+    def _sample_context(self, hidden, cos, sin, mask2d) -> dict[str, torch.Tensor]:
+        """Batch-level signals, computed once per prefill and sliced per image."""
+        context: dict[str, torch.Tensor] = {}
+        if self.requested & VISION_SIGNALS:
+            context.update(self._vision_context())
+        if self.requested & LLM_SIGNALS:
+            context.update(self._llm_context(hidden, cos, sin, mask2d))
+        return context
+
+    def _vision_context(self) -> dict[str, torch.Tensor]:
+        layer, _ = self.adapter.feature_choice(self._call)
+        if layer != self.adapter.feature_choice({})[0]:
+            raise ValueError(
+                "a per-call vision_feature_layer differs from the config; [CLS] strategies use the config's"
+            )
+        heads = self.adapter.vision_heads()
+        scale = self.adapter.vision_layers()[0].self_attn.scale
+        context = {}
+        for which, name in (("deep", "cls_attention"), ("shallow", "cls_attention_shallow")):
+            rows = sig.cls_attention(
+                self._vision_captured[(which, "q")], self._vision_captured[(which, "k")], heads, scale
+            )
+            context[name] = rows.mean(dim=1).flatten()
+        context["vision_keys"] = sig.head_mean_keys(self._vision_captured[("deep", "k")], heads).flatten(0, 1)
+        return context
+
+    def _llm_context(self, hidden, cos, sin, mask2d) -> dict[str, torch.Tensor]:
+        attention = self.adapter.layers[self.layer - 1].self_attn
+        config = self.adapter.text_config
+        batch, length = hidden.shape[:2]
+        device = hidden.device
+        valid = torch.ones(batch, length, dtype=torch.bool, device=device) if mask2d is None else mask2d.bool()
+        last = (torch.arange(length, device=device)[None] * valid).argmax(dim=1)
+        queries, keys = self._llm_captured[("llm", "q")], self._llm_captured[("llm", "k")]
+        cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
+        return {
+            "text_attention": sig.last_query_attention(
+                queries,
+                keys,
+                cos,
+                sin,
+                last,
+                valid,
+                config.num_attention_heads,
+                config.num_key_value_heads,
+                attention.scaling,
+            ),
+            "key_norms": sig.rotated_key_l1(keys, cos, sin, config.num_key_value_heads),
+            "valid": valid,
+        }
+
+    def _generator(self, ordinal: int, stream: int = 0) -> torch.Generator:
+        """Per-image random stream, independent of batch composition (a sample prunes the same alone or batched)."""
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + ordinal) * 2 + stream)
+
+    def _select_span(self, span: VisualSpan, hidden, context, ordinal: int):
+        """Run the strategy on one image; return kept columns, merged states, and the span report."""
+        layout = span.layout
+        prunable = (~layout.always_keep).nonzero().squeeze(1)
+        signals = self._span_signals(span, prunable, hidden, context)
+        budget = resolve_budget(self.keep, prunable.numel())
+        reserved = uniform_indices(prunable.numel(), reserve_count(budget, self.reserve))
+        selection = self.strategy.select(signals, budget, reserved, self._generator(ordinal))
+        overlap = None
+        if self.robustness:
+            jittered = signals.jittered(self.jitter, self._generator(ordinal, stream=1))
+            overlap = jaccard(
+                selection.keep, self.strategy.select(jittered, budget, reserved, self._generator(ordinal)).keep
+            )
+        kept_columns = span.columns[prunable[selection.keep]]
+        merged = [] if selection.embeds is None else [(span.sample, kept_columns, selection.embeds)]
+        always = span.columns[layout.always_keep]
+        report = SpanReport(
+            sample=span.sample,
+            start=int(span.columns[0]),
+            n_tokens=layout.length,
+            n_kept=kept_columns.numel() + always.numel(),
+            margin=cutoff_margin(selection.scores, selection.keep, reserved),
+            jitter_overlap=overlap,
+        )
+        return torch.cat([kept_columns, always]), merged, report
+
+    def _span_signals(self, span: VisualSpan, prunable, hidden, context) -> SpanSignals:
+        """Slice this image's signals; strategies run on CPU float32 (N is a few hundred to a few thousand)."""
+        columns = span.columns[prunable]
+        layout = span.layout
+        fields: dict[str, Any] = {"embeds": hidden[span.sample, columns.to(hidden.device)].detach().float().cpu()}
+        if self.requested & VISION_SIGNALS:
+            source = layout.source[prunable]
+            for name in ("cls_attention", "cls_attention_shallow", "vision_keys"):
+                fields[name] = context[name][source.to(context[name].device)].cpu()
+            fields["partition"] = None if layout.partition is None else layout.partition[prunable]
+            fields["base_crop"] = None if layout.base_crop is None else layout.base_crop[prunable]
+        if self.requested & LLM_SIGNALS:
+            fields["text_attention"] = context["text_attention"][span.sample, columns].cpu()
+            fields["key_norms"] = context["key_norms"][span.sample, columns].cpu()
+            fields["text_pivots"] = self._text_pivots(span.sample, hidden, context)
+        return SpanSignals(**fields)
+
+    def _text_pivots(self, sample: int, hidden, context) -> torch.Tensor:
+        """Hidden states of the sample's text tokens with the largest key norms (DART's text pivots)."""
+        text = context["valid"][sample].cpu().clone()
+        for span in self._pending[sample]:
+            text[span.columns] = False
+        columns = text.nonzero().squeeze(1)
+        count = min(getattr(self.strategy, "pivot_text", 4), columns.numel())
+        top = columns[torch.topk(context["key_norms"][sample].cpu()[columns], count).indices]
+        return hidden[sample, top].detach().float().cpu()

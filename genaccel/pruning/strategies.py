@@ -1,0 +1,460 @@
+"""Selection rules: given one image's signals and a budget, which visual tokens stay.
+
+Each strategy is a small object whose `select` is a pure function of tensors, so it can be tested against a
+direct reference computation without a model. Rules follow /work/shared/reference/pruning.md §2; where we
+deviate (e.g. merging in LLM-input space), the docstring says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from genaccel.pruning.budget import uniform_indices
+
+
+@dataclass
+class SpanSignals:
+    """Everything a strategy may look at for one image's prunable tokens (N of them, in sequence order).
+
+    `embeds` are the LLM-side states at the pruning point (LLM input embeddings, or the hidden states entering
+    layer K for in-LLM strategies). The optional fields are filled only when a strategy asks for them.
+    """
+
+    embeds: torch.Tensor
+    cls_attention: torch.Tensor | None = None  # [N] [CLS] attention in the vision tower (deep layer)
+    cls_attention_shallow: torch.Tensor | None = None  # [N] same at the shallow layer (HiRED budgets)
+    vision_keys: torch.Tensor | None = None  # [N, dh] head-mean vision keys (VisionZip merge metric)
+    text_attention: torch.Tensor | None = None  # [N] last text token's attention at LLM layer K-1 (FastV)
+    key_norms: torch.Tensor | None = None  # [N] L1 norm of post-RoPE keys at layer K-1 (DART pivots)
+    text_pivots: torch.Tensor | None = None  # [P, D] hidden states of the text pivot tokens (DART)
+    partition: torch.Tensor | None = None  # [N] AnyRes partition id: 0 = base image, 1.. = crops (HiRED)
+    base_crop: torch.Tensor | None = None  # [N] for base-image tokens, the crop covering them, else -1
+
+    @property
+    def n_tokens(self) -> int:
+        return self.embeds.shape[0]
+
+    def jittered(self, relative: float, generator: torch.Generator) -> SpanSignals:
+        """A copy with Gaussian noise of `relative` x std added to every float signal (robustness probe, §5)."""
+
+        def perturb(value):
+            if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.numel() < 2:
+                return value
+            noise = torch.randn(value.shape, generator=generator, dtype=torch.float32).to(value)
+            return value + relative * value.float().std().to(value) * noise
+
+        return dataclasses.replace(self, **{f.name: perturb(getattr(self, f.name)) for f in dataclasses.fields(self)})
+
+
+@dataclass
+class Selection:
+    """A strategy's answer: sorted kept indices, the ranking scores (higher = kept first), merged embeddings."""
+
+    keep: torch.Tensor
+    scores: torch.Tensor | None = None
+    embeds: torch.Tensor | None = None  # [len(keep), D] replacement states for the kept tokens (merging)
+
+
+class Strategy:
+    """Base class. `needs`: signals that must exist; `wants`: used when the model can provide them."""
+
+    name: ClassVar[str] = ""
+    needs: ClassVar[frozenset[str]] = frozenset()
+    wants: ClassVar[frozenset[str]] = frozenset()
+    in_llm: ClassVar[bool] = False  # selects inside the LLM at decoder layer K from LLM attention
+
+    def select(
+        self, signals: SpanSignals, budget: int, preselected: torch.Tensor, generator: torch.Generator
+    ) -> Selection:
+        raise NotImplementedError
+
+
+def candidates(n_tokens: int, preselected: torch.Tensor) -> torch.Tensor:
+    """Indices not already kept by the reserve, ascending."""
+    free = torch.ones(n_tokens, dtype=torch.bool)
+    free[preselected] = False
+    return free.nonzero().squeeze(1)
+
+
+def merge_kept(preselected: torch.Tensor, picks: torch.Tensor) -> torch.Tensor:
+    """Sorted union of reserve and strategy picks (spatial/sequence order is kept, as every method does)."""
+    return torch.cat([preselected, picks]).unique(sorted=True)
+
+
+def top_scores(scores: torch.Tensor, budget: int, preselected: torch.Tensor) -> torch.Tensor:
+    """Keep the reserve plus the highest-scoring remaining tokens, up to `budget` in total."""
+    pool = candidates(scores.shape[0], preselected)
+    count = max(0, min(budget - preselected.numel(), pool.numel()))
+    order = torch.topk(scores[pool].float(), count).indices
+    return merge_kept(preselected, pool[order])
+
+
+def cosine_matrix(x: torch.Tensor) -> torch.Tensor:
+    """Pairwise cosine similarity of rows, computed in float32."""
+    x = F.normalize(x.float(), dim=-1)
+    return x @ x.T
+
+
+def min_max(x: torch.Tensor) -> torch.Tensor:
+    """Rescale to [0, 1] (constant input -> zeros)."""
+    x = x.float()
+    span = x.max() - x.min()
+    return (x - x.min()) / span if span > 0 else torch.zeros_like(x)
+
+
+def require(signals: SpanSignals, field: str, strategy: str) -> torch.Tensor:
+    """Fetch a needed signal or explain which model support is missing."""
+    value = getattr(signals, field)
+    if value is None:
+        raise ValueError(f"strategy {strategy!r} needs the {field!r} signal, which this model/session did not provide")
+    return value
+
+
+class KeepAll(Strategy):
+    """Keep every token: the baseline that must reproduce the unpatched model exactly."""
+
+    name = "keep-all"
+
+    def select(self, signals, budget, preselected, generator):
+        return Selection(keep=torch.arange(signals.n_tokens))
+
+
+class RandomPrune(Strategy):
+    """Uniformly random subset (seeded); a strong baseline per reference §2.15."""
+
+    name = "random"
+
+    def select(self, signals, budget, preselected, generator):
+        pool = candidates(signals.n_tokens, preselected)
+        count = max(0, min(budget - preselected.numel(), pool.numel()))
+        picks = pool[torch.randperm(pool.numel(), generator=generator)[:count]]
+        return Selection(keep=merge_kept(preselected, picks))
+
+
+class UniformPrune(Strategy):
+    """Evenly strided tokens in sequence order (spatial downsampling baseline)."""
+
+    name = "uniform"
+
+    def select(self, signals, budget, preselected, generator):
+        pool = candidates(signals.n_tokens, preselected)
+        picks = pool[uniform_indices(pool.numel(), budget - preselected.numel())]
+        return Selection(keep=merge_kept(preselected, picks))
+
+
+def assign_to_nearest(keep: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """For every token, the position in `keep` of the closest kept index in sequence order (ties -> earlier)."""
+    distance = (torch.arange(n_tokens)[:, None] - keep[None]).abs()
+    return distance.argmin(dim=1)
+
+
+def group_means(values: torch.Tensor, groups: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Mean of `values` rows per group id (every group is non-empty by construction)."""
+    sums = torch.zeros(n_groups, values.shape[1], dtype=torch.float32).index_add_(0, groups, values.float())
+    counts = torch.bincount(groups, minlength=n_groups).clamp_min(1)
+    return (sums / counts[:, None]).to(values.dtype)
+
+
+class PoolPrune(Strategy):
+    """Uniform anchors, each replaced by the mean of the tokens nearest to it in sequence order (1-D pooling)."""
+
+    name = "pool"
+
+    def select(self, signals, budget, preselected, generator):
+        keep = UniformPrune().select(signals, budget, preselected, generator).keep
+        if keep.numel() == 0:
+            return Selection(keep=keep)
+        groups = assign_to_nearest(keep, signals.n_tokens)
+        return Selection(keep=keep, embeds=group_means(signals.embeds, groups, keep.numel()))
+
+
+class FasterVLM(Strategy):
+    """Top tokens by [CLS] attention in the vision tower (FasterVLM, reference §2.4)."""
+
+    name = "fastervlm"
+    needs = frozenset({"cls_attention"})
+
+    def select(self, signals, budget, preselected, generator):
+        scores = require(signals, "cls_attention", self.name)
+        return Selection(keep=top_scores(scores, budget, preselected), scores=scores)
+
+
+class VisionZip(Strategy):
+    """Dominant tokens by [CLS] attention plus contextual tokens merged by key similarity (reference §2.3).
+
+    `contextual` is the share of the budget spent on merged tokens (README default 10 of 64). Targets are
+    strided over the non-dominant tokens; every other non-dominant token joins its most similar target
+    (cosine of head-mean vision keys). Deviation: the merged state is the mean of target and members in
+    LLM-input space, placed at the target's slot and position (VisionZip merges pre-projector features and
+    appends them after the dominant tokens).
+    """
+
+    name = "visionzip"
+    needs = frozenset({"cls_attention"})
+    wants = frozenset({"vision_keys"})
+
+    def __init__(self, contextual: float = 10 / 64):
+        if not 0.0 <= contextual <= 1.0:
+            raise ValueError(f"visionzip contextual share must be in [0, 1]; got {contextual}")
+        self.contextual = contextual
+
+    def select(self, signals, budget, preselected, generator):
+        scores = require(signals, "cls_attention", self.name)
+        n_context = min(round(self.contextual * budget), max(0, budget - preselected.numel()))
+        dominant = top_scores(scores, budget - n_context, preselected)
+        rest = candidates(signals.n_tokens, dominant)
+        n_context = min(n_context, rest.numel())
+        if n_context == 0:
+            return Selection(keep=dominant, scores=scores)
+        step = max(1, rest.numel() // n_context)
+        targets = rest[::step][:n_context]
+        metric = signals.vision_keys if signals.vision_keys is not None else signals.embeds
+        members = candidates(signals.n_tokens, torch.cat([dominant, targets]))
+        owner = targets[cosine_matrix(metric)[members][:, targets].argmax(dim=1)]
+        keep = merge_kept(dominant, targets)
+        slot_of = torch.full((signals.n_tokens,), -1, dtype=torch.long)
+        slot_of[keep] = torch.arange(keep.numel())
+        rows = torch.cat([keep, members])
+        groups = torch.cat([torch.arange(keep.numel()), slot_of[owner]])
+        return Selection(keep=keep, scores=scores, embeds=group_means(signals.embeds[rows], groups, keep.numel()))
+
+
+def largest_remainder(total: int, weights: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:
+    """Split `total` integer units proportionally to `weights` without exceeding `capacity` per bucket."""
+    weights = weights.double()
+    if weights.sum() <= 0:
+        weights = capacity.double()
+    share = torch.zeros_like(weights) if weights.sum() <= 0 else total * weights / weights.sum()
+    alloc = torch.minimum(share.floor().long(), capacity)
+    while alloc.sum() < min(total, int(capacity.sum())):
+        room = alloc < capacity
+        gap = torch.where(room, share - alloc.double(), torch.full_like(share, -math.inf))
+        alloc[int(gap.argmax())] += 1
+    return alloc
+
+
+class HiRED(Strategy):
+    """Budget per AnyRes partition from shallow [CLS] attention, top-k per partition by deep (reference §2.6).
+
+    `alpha` of the budget goes to the base (full) image; the rest is split over crops in proportion to how many
+    of the base image's top (1 - alpha) * n_base shallow-attention tokens fall inside each crop's region
+    (2-D regions, not HiRED's row-major chunks). Without partitions (LLaVA-1.5) it is top-k by deep attention.
+    """
+
+    name = "hired"
+    needs = frozenset({"cls_attention"})
+    wants = frozenset({"cls_attention_shallow", "partition", "base_crop"})
+
+    def __init__(self, alpha: float = 0.5):
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"hired alpha must be in [0, 1]; got {alpha}")
+        self.alpha = alpha
+
+    def partition_budgets(self, signals: SpanSignals, budget: int, capacity: torch.Tensor) -> torch.Tensor:
+        """Tokens per partition [base, crop 1, ...], each at most its free `capacity`."""
+        base = signals.partition == 0
+        n_base = int(base.sum())
+        base_budget = min(int(budget * self.alpha), int(capacity[0]))
+        shallow = signals.cls_attention_shallow if signals.cls_attention_shallow is not None else signals.cls_attention
+        votes = signals.base_crop[base][torch.topk(shallow[base].float(), int((1 - self.alpha) * n_base)).indices]
+        weights = torch.bincount(votes[votes > 0], minlength=capacity.numel())[1:]
+        crop_budgets = largest_remainder(budget - base_budget, weights, capacity[1:])
+        return torch.cat([torch.tensor([base_budget]), crop_budgets])
+
+    def select(self, signals, budget, preselected, generator):
+        scores = require(signals, "cls_attention", self.name)
+        if signals.partition is None or signals.base_crop is None or not bool((signals.partition > 0).any()):
+            return Selection(keep=top_scores(scores, budget, preselected), scores=scores)
+        free = torch.ones(signals.n_tokens, dtype=torch.bool)
+        free[preselected] = False
+        n_parts = int(signals.partition.max()) + 1
+        capacity = torch.bincount(signals.partition[free & (signals.partition >= 0)], minlength=n_parts)
+        budgets = self.partition_budgets(signals, max(0, budget - preselected.numel()), capacity)
+        picks = [top_in_partition(scores, free & (signals.partition == p), int(b)) for p, b in enumerate(budgets)]
+        keep = merge_kept(preselected, torch.cat(picks))
+        # Top up globally when a partition had fewer free tokens than its share.
+        return Selection(keep=top_scores(scores, budget, keep), scores=scores)
+
+
+def top_in_partition(scores: torch.Tensor, members: torch.Tensor, count: int) -> torch.Tensor:
+    """The `count` highest-scoring indices among the boolean `members`."""
+    index = members.nonzero().squeeze(1)
+    return index[torch.topk(scores[index].float(), min(count, index.numel())).indices]
+
+
+class FastV(Strategy):
+    """Top tokens by the last text token's head-mean attention at LLM layer K-1; pruned from layer K on (§2.1)."""
+
+    name = "fastv"
+    needs = frozenset({"text_attention"})
+    in_llm = True
+
+    def select(self, signals, budget, preselected, generator):
+        scores = require(signals, "text_attention", self.name)
+        return Selection(keep=top_scores(scores, budget, preselected), scores=scores)
+
+
+def farthest_point(distance: torch.Tensor, count: int, preselected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy max-min diversity: repeatedly add the token farthest from the kept set.
+
+    Without a reserve the first pick is the token with the largest nearest-neighbour distance (DivPrune).
+    Returns (picks in pick order, gain of each pick = the criterion value when it was picked).
+    """
+    n = distance.shape[0]
+    chosen = torch.zeros(n, dtype=torch.bool)
+    chosen[preselected] = True
+    if preselected.numel() > 0:
+        nearest = distance[preselected].min(dim=0).values
+    else:
+        nearest = distance.masked_fill(torch.eye(n, dtype=torch.bool), math.inf).min(dim=0).values
+    picks, gains = [], []
+    for step in range(count):
+        criterion = nearest.masked_fill(chosen, -math.inf)
+        pick = int(criterion.argmax())
+        picks.append(pick)
+        gains.append(float(criterion[pick]))
+        chosen[pick] = True
+        first_of_empty_set = step == 0 and preselected.numel() == 0
+        nearest = distance[pick].clone() if first_of_empty_set else torch.minimum(nearest, distance[pick])
+    return torch.tensor(picks, dtype=torch.long), torch.tensor(gains)
+
+
+def final_scores(n_tokens: int, picks: torch.Tensor, gains: torch.Tensor, leftover: torch.Tensor) -> torch.Tensor:
+    """Per-token ranking values for the margin report: gain at pick time for kept, last criterion for dropped."""
+    scores = leftover.float().clone()
+    scores[picks] = gains.float()
+    return scores
+
+
+class DivPrune(Strategy):
+    """Max-min diversity of LLM input embeddings, distance 1 - cosine (reference §2.7)."""
+
+    name = "divprune"
+
+    def select(self, signals, budget, preselected, generator):
+        distance = 1.0 - cosine_matrix(signals.embeds)
+        count = max(0, min(budget - preselected.numel(), signals.n_tokens - preselected.numel()))
+        picks, gains = farthest_point(distance, count, preselected)
+        keep = merge_kept(preselected, picks)
+        leftover = distance[keep].min(dim=0).values if keep.numel() else torch.zeros(signals.n_tokens)
+        scores = final_scores(signals.n_tokens, picks, gains, leftover)
+        if preselected.numel() == 0 and picks.numel():
+            scores[picks[0]] = math.inf  # the seed pick follows a different rule; keep it out of the margin
+        return Selection(keep=keep, scores=scores)
+
+
+def embedding_distinctiveness(embeds: torch.Tensor) -> torch.Tensor:
+    """Training-free importance without [CLS]: how far a token is from the image's mean embedding (1 - cos)."""
+    mean = embeds.float().mean(dim=0, keepdim=True)
+    return 1.0 - F.cosine_similarity(embeds.float(), mean, dim=-1)
+
+
+class MMR(Strategy):
+    """IDPruner-style maximal marginal relevance: lam * importance - (1 - lam) * max similarity to kept (§2.9).
+
+    Importance is training-free: min-max [CLS] attention when the vision tower has a [CLS] token, otherwise
+    embedding distinctiveness. Similarity is cosine of LLM input embeddings. One pick per step (parallel_k=1).
+    """
+
+    name = "mmr"
+    wants = frozenset({"cls_attention"})
+
+    def __init__(self, lam: float = 0.5):
+        if not 0.0 <= lam <= 1.0:
+            raise ValueError(f"mmr lam must be in [0, 1]; got {lam}")
+        self.lam = lam
+
+    def select(self, signals, budget, preselected, generator):
+        raw = signals.cls_attention if signals.cls_attention is not None else embedding_distinctiveness(signals.embeds)
+        importance = min_max(raw)
+        similarity = cosine_matrix(signals.embeds)
+        max_sim = torch.full((signals.n_tokens,), -2.0)
+        if preselected.numel():
+            max_sim = torch.maximum(max_sim, similarity[preselected].max(dim=0).values)
+        chosen = torch.zeros(signals.n_tokens, dtype=torch.bool)
+        chosen[preselected] = True
+        count = max(0, min(budget - preselected.numel(), signals.n_tokens - preselected.numel()))
+        picks, gains = [], []
+        for _ in range(count):
+            value = (self.lam * importance - (1 - self.lam) * max_sim).masked_fill(chosen, -math.inf)
+            pick = int(value.argmax())
+            picks.append(pick)
+            gains.append(float(value[pick]))
+            chosen[pick] = True
+            max_sim = torch.maximum(max_sim, similarity[pick])
+        picks_t = torch.tensor(picks, dtype=torch.long)
+        leftover = self.lam * importance - (1 - self.lam) * max_sim
+        return Selection(
+            keep=merge_kept(preselected, picks_t),
+            scores=final_scores(signals.n_tokens, picks_t, torch.tensor(gains), leftover),
+        )
+
+
+class DART(Strategy):
+    """Duplication-aware pruning: keep pivots, then per pivot its least similar visual tokens (reference §2.12).
+
+    Image pivots are the `pivot_image` tokens with the largest post-RoPE key L1 norm at layer K-1; text pivots
+    are chosen the same way among the sample's text tokens. Each pivot adds ceil(remaining / n_pivots) not yet
+    kept tokens with the lowest cosine similarity of layer-K hidden states to it, until the budget is full.
+    """
+
+    name = "dart"
+    needs = frozenset({"key_norms"})
+    wants = frozenset({"text_pivots"})
+    in_llm = True
+
+    def __init__(self, pivot_image: int = 4, pivot_text: int = 4):
+        if pivot_image < 0 or pivot_text < 0:
+            raise ValueError(f"dart pivot counts must be >= 0; got {pivot_image}, {pivot_text}")
+        self.pivot_image, self.pivot_text = pivot_image, pivot_text
+
+    def select(self, signals, budget, preselected, generator):
+        norms = require(signals, "key_norms", self.name)
+        n_image_pivots = min(self.pivot_image, max(0, budget - preselected.numel()))
+        keep = top_scores(norms, preselected.numel() + n_image_pivots, preselected)
+        text = signals.text_pivots if signals.text_pivots is not None else signals.embeds[:0]
+        pivots = torch.cat([signals.embeds[keep[~torch.isin(keep, preselected)]], text])
+        similarity = F.normalize(pivots.float(), dim=-1) @ F.normalize(signals.embeds.float(), dim=-1).T
+        kept = torch.zeros(signals.n_tokens, dtype=torch.bool)
+        kept[keep] = True
+        quota = math.ceil(max(0, budget - int(kept.sum())) / max(1, pivots.shape[0]))
+        for row in similarity:
+            room = min(quota, budget - int(kept.sum()))
+            if room <= 0:
+                break
+            kept[row.masked_fill(kept, math.inf).argsort()[:room]] = True
+        duplication = similarity.max(dim=0).values if pivots.shape[0] else torch.zeros(signals.n_tokens)
+        return Selection(keep=kept.nonzero().squeeze(1), scores=-duplication)
+
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    cls.name: cls
+    for cls in (KeepAll, RandomPrune, UniformPrune, PoolPrune, FastV, VisionZip, FasterVLM, HiRED, DivPrune, MMR, DART)
+}
+ALIASES = {"keep_all": "keep-all", "none": "keep-all", "idpruner": "mmr"}
+
+
+def available_strategies() -> list[str]:
+    """Names accepted by `build_strategy` / `apply`."""
+    return sorted(STRATEGIES)
+
+
+def build_strategy(strategy: str | Strategy, **options) -> Strategy:
+    """Instantiate a strategy by name with its options; an unknown name lists the available ones."""
+    if isinstance(strategy, Strategy):
+        if options:
+            raise TypeError(f"options {sorted(options)} given with an already built strategy {strategy.name!r}")
+        return strategy
+    key = ALIASES.get(strategy.lower(), strategy.lower()) if isinstance(strategy, str) else None
+    if key not in STRATEGIES:
+        raise ValueError(f"unknown pruning strategy {strategy!r}; available: {', '.join(available_strategies())}")
+    try:
+        return STRATEGIES[key](**options)
+    except TypeError as error:
+        raise TypeError(f"bad options {sorted(options)} for strategy {key!r}: {error}") from None
