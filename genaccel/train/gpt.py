@@ -24,8 +24,8 @@ from genaccel.train.common import cosine_lr, load_checkpoint, make_logger, parse
 from genaccel.utils.io import save_json, save_safetensors, save_torch
 
 DEFAULTS = dict(
-    out_dir="checkpoints/gpt", vq_path="checkpoints/vq/vq.safetensors", seed=0, steps=1500, batch_size=32,
-    lr=1e-3, warmup=100, weight_decay=0.05, threads=2, bf16=True, train_per_class=1024, heldout_per_class=64,
+    out_dir="checkpoints/gpt", vq_path="checkpoints/vq/vq.safetensors", seed=0, steps=1200, batch_size=32,
+    lr=1.5e-3, warmup=80, weight_decay=0.05, threads=2, bf16=False, train_per_class=1024, heldout_per_class=64,
     dim=256, n_layer=6, n_head=4, multiple_of=256, class_dropout_prob=0.1, token_dropout_p=0.0,
     resid_dropout_p=0.0, ffn_dropout_p=0.0, ckpt_every=100, log_every=50, max_minutes=50.0,
 )
