@@ -13,6 +13,10 @@ from genaccel.samplers.base import Sampler, SampleOutput, SamplerStats, Sampling
 
 SAMPLERS: dict[str, str] = {
     "ar": "genaccel.samplers.ar:ARSampler",
+    "sjd": "genaccel.samplers.sjd:SJDSampler",
+    "gsd": "genaccel.samplers.gsd:GSDSampler",
+    "lantern": "genaccel.samplers.lantern:LanternSampler",
+    "sd": "genaccel.samplers.sd:SDSampler",
 }
 
 

@@ -10,7 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from genaccel.samplers.acceptance import (
-    ExactRule, GroupedRule, LanternRule, gsd_group, lantern_neighbours, lantern_relax, residual_distribution,
+    ExactRule,
+    GroupedRule,
+    LanternRule,
+    gsd_group,
+    lantern_neighbours,
+    lantern_relax,
+    residual_distribution,
 )
 from genaccel.samplers.speculative import Draft, verify_window
 

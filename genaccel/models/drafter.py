@@ -1,0 +1,138 @@
+"""EAGLE-style drafter head for LlamaGen (EAGLE-1 / LANTERN ``cnets_llamagen.Model``).
+
+Entry i reads the target's hidden state H_i (the final-normed feature that predicts image token i) and
+the embedding of token t_i, fuses them with ``fc(concat(emb(t_i), H_i))``, runs ONE LlamaGen decoder
+layer with the target's 2-D RoPE at token i's slot, and predicts H_{i+1}; the frozen target LM head
+turns that into draft logits for token i+1. Drafting k tokens = one call over the newly committed
+entries + (k - 1) single-entry calls on its own predictions, with a small static KV cache.
+
+The token embedding and LM head are frozen copies of the target's, stored in the drafter file so the
+sampler needs nothing from the target beyond the sampler contract (hidden states).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from genaccel.models.llamagen import KVCache, ModelArgs, TransformerBlock, precompute_freqs_cis_2d
+from genaccel.models.loading import config_from_metadata, load_strict, read_state_dict
+
+BUNDLED_DRAFTER = Path(__file__).resolve().parent.parent / "assets" / "llamagen_tiny_drafter.safetensors"
+
+
+@dataclass
+class DrafterArgs:
+    """Shape of the drafter; ``dim``/``vocab_size``/``grid_size``/``cls_token_num`` must match the target."""
+
+    dim: int
+    n_head: int
+    vocab_size: int
+    grid_size: int
+    cls_token_num: int = 1
+    multiple_of: int = 32
+    norm_eps: float = 1e-5
+    rope_base: float = 10000
+
+    def layer_args(self) -> ModelArgs:
+        return ModelArgs(
+            dim=self.dim, n_layer=1, n_head=self.n_head, multiple_of=self.multiple_of, norm_eps=self.norm_eps,
+            rope_base=self.rope_base, vocab_size=self.vocab_size, block_size=self.grid_size**2,
+            cls_token_num=self.cls_token_num, token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0,
+        )
+
+
+@dataclass
+class DrafterOutput:
+    hidden: torch.Tensor  # (R, L, D) predicted next target hidden states
+    logits: torch.Tensor  # (R, L, V) float32 draft logits for the token after each entry
+
+
+class EagleDrafter(nn.Module):
+    """One decoder layer over [token embedding; target hidden state], frozen target embedding and LM head."""
+
+    def __init__(self, args: DrafterArgs):
+        super().__init__()
+        self.args = args
+        layer_args = args.layer_args()
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.fc = nn.Linear(2 * args.dim, args.dim, bias=True)
+        self.layer = TransformerBlock(layer_args, 0.0)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.freqs_cis = precompute_freqs_cis_2d(args.grid_size, layer_args.head_dim, args.rope_base, args.cls_token_num)
+        for frozen in (self.tok_embeddings, self.output):
+            frozen.weight.requires_grad_(False)
+
+    @classmethod
+    def from_target(cls, target, n_head: int | None = None) -> EagleDrafter:
+        """A fresh drafter for a LlamaGen GPT, with its embedding and LM head copied (frozen) from it."""
+        a = target.args
+        drafter = cls(DrafterArgs(dim=a.dim, n_head=n_head or a.n_head, vocab_size=a.vocab_size,
+                                  grid_size=a.grid_size, cls_token_num=a.cls_token_num, multiple_of=a.multiple_of,
+                                  norm_eps=a.norm_eps, rope_base=a.rope_base))
+        drafter.tok_embeddings.weight.data.copy_(target.tok_embeddings.weight.data)
+        drafter.output.weight.data.copy_(target.output.weight.data)
+        return drafter
+
+    def check_target(self, model) -> None:
+        """One clear error when the drafter was trained for a different target shape."""
+        a = self.args
+        want = {"vocab_size": a.vocab_size, "hidden_dim": a.dim, "grid_size": a.grid_size, "cls_token_num": a.cls_token_num}
+        got = {k: getattr(model, k) for k in want}
+        if want != got:
+            raise ValueError(f"drafter was trained for a target with {want}, but this model has {got}; "
+                             "train a drafter for it (python -m genaccel.train drafter) or pass --drafter")
+
+    # ------------------------------------------------------------------ training path (no cache)
+    def forward(self, tokens: torch.Tensor, hidden: torch.Tensor) -> DrafterOutput:
+        """Teacher-forced entries 0..L-1 (tokens t_i, hidden H_i), causal; predicts H_{i+1} for every i."""
+        L = tokens.shape[1]
+        x = self.fc(torch.cat([self.tok_embeddings(tokens), hidden.to(self.fc.weight.dtype)], dim=-1))
+        freqs = self.freqs_cis[self.args.cls_token_num : self.args.cls_token_num + L].to(x.device)[None]
+        h = self.layer(x, freqs)
+        return DrafterOutput(hidden=h, logits=self.output(h).float())
+
+    # ------------------------------------------------------------------ decoding path (static cache)
+    def setup_cache(self, rows: int, max_len: int) -> None:
+        p = self.fc.weight
+        la = self.layer.attention
+        cache = la.kv_cache
+        if cache is None or cache.k_cache.shape[0] != rows or cache.k_cache.shape[2] < max_len:
+            la.kv_cache = KVCache(rows, la.n_kv_head, max_len, la.head_dim, p.dtype, p.device)
+
+    def step(self, tokens: torch.Tensor, hidden: torch.Tensor, start: int) -> DrafterOutput:
+        """Entries ``start..start+L-1`` (token index i) written at cache slots i; slots >= start are discarded first."""
+        L = tokens.shape[1]
+        device = tokens.device
+        idx = torch.arange(start, start + L, device=device)
+        x = self.fc(torch.cat([self.tok_embeddings(tokens), hidden.to(self.fc.weight.dtype)], dim=-1))
+        freqs = self.freqs_cis.to(device)[idx + self.args.cls_token_num][None]
+        kv_len = start + L
+        mask = torch.arange(kv_len, device=device)[None, :] <= idx[:, None]  # causal over a contiguous prefix
+        h = self.layer(x, freqs, idx, mask[None, None], kv_len)
+        return DrafterOutput(hidden=h, logits=self.output(h).float())
+
+
+def drafter_metadata(args: DrafterArgs, **extra: str) -> dict[str, str]:
+    return {"config": json.dumps(asdict(args)), **extra}
+
+
+def load_drafter(path: str | os.PathLike = "", device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32) -> EagleDrafter:
+    """Load a drafter checkpoint strictly (config from safetensors metadata); '' = the bundled one."""
+    path = Path(path or BUNDLED_DRAFTER)
+    sd, meta = read_state_dict(path)
+    config = config_from_metadata(meta)
+    if not config:
+        raise ValueError(f"{path} has no drafter config in its metadata (key 'config'); export it with genaccel.train.drafter")
+    model = EagleDrafter(DrafterArgs(**config))
+    load_strict(model, sd, str(path))
+    return model.to(device=device, dtype=dtype).eval()
+
+
+__all__ = ["BUNDLED_DRAFTER", "DrafterArgs", "DrafterOutput", "EagleDrafter", "drafter_metadata", "load_drafter"]

@@ -1,0 +1,332 @@
+"""One verification core for every speculative sampler (SJD, GSD, LANTERN, SD).
+
+A speculative sampler is a draft source plus an acceptance rule around :func:`verify_window`:
+
+1. the draft source proposes ``L - 1`` tokens for the next positions with their draft distributions q;
+2. one target forward over ``[last committed token, drafts]`` (both CFG halves, same tokens) gives the
+   target distributions p at L positions (CFG -> temperature -> top-k/top-p -> softmax, exactly as AR);
+3. :func:`verify_window` accepts a prefix of the drafts per row, samples one residual (or bonus) token,
+   and every row commits the batch minimum of its accepted lengths;
+4. the KV cache is rolled back to the committed length (valid-length reset; nothing is copied).
+
+Batching: rows advance by the batch minimum. Whether a row's token at position j is committed depends
+only on that row's own acceptance decisions before j and on the other rows' (independent) decisions,
+never on the token at j itself, so each committed token is still distributed as p given its prefix:
+truncating at this stopping time keeps exact rules exact (docs/speculative.md).
+Draft sources (:mod:`genaccel.samplers.drafting`) and rules (:mod:`genaccel.samplers.acceptance`)
+are pluggable; ``sjd``, ``gsd``, ``lantern`` and ``sd`` only choose a pair.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from genaccel.models.contract import ARModel
+from genaccel.samplers.acceptance import AcceptanceRule, ExactRule, residual_distribution
+from genaccel.samplers.base import Sampler, SamplerStats, SamplingOptions, draw, target_probs
+
+INIT_SCHEMES = ("random", "repeat_horizon")
+
+
+# ----------------------------------------------------------------------------- options
+@dataclass
+class JacobiOptions(SamplingOptions):
+    """Options of the training-free Jacobi draft window (SJD, GSD)."""
+
+    window: int = 16
+    init: str = "random"
+
+    def validate(self) -> None:
+        super().validate()
+        if not 1 <= self.window <= 1024:
+            raise ValueError(f"window must lie in [1, 1024] tokens per target forward (SJD default 16), got {self.window}")
+        if self.init not in INIT_SCHEMES:
+            raise ValueError(f"init must be one of {INIT_SCHEMES}, got {self.init!r}")
+
+
+@dataclass
+class DrafterOptions(SamplingOptions):
+    """Options of a trained draft source: an EAGLE-style drafter head, or a smaller draft model."""
+
+    drafter: str = ""
+    draft_len: int = 4
+
+    def validate(self) -> None:
+        super().validate()
+        if not 1 <= self.draft_len <= 64:
+            raise ValueError(f"draft_len must lie in [1, 64] drafted tokens per target forward, got {self.draft_len}")
+        check_path_option("drafter", self.drafter)
+
+
+def check_path_option(name: str, value: str) -> None:
+    """Empty = bundled default; otherwise the file must exist."""
+    if value and not Path(value).is_file():
+        raise ValueError(f"{name} file not found: {value!r} (give an existing path, or leave it empty for the bundled one)")
+
+
+def check_lantern(lantern_k: int, lantern_delta: float) -> None:
+    if lantern_k < 1:
+        raise ValueError(f"lantern_k must be >= 1 latent neighbours, got {lantern_k}")
+    if lantern_delta < 0 or not math.isfinite(lantern_delta):
+        raise ValueError(
+            f"lantern_delta must be finite and >= 0 (0 = off, <= 1: total-variation bound, > 1: LANTERN++ lambda), "
+            f"got {lantern_delta}"
+        )
+
+
+def check_group(group_size: int, prob_threshold: float, embed_threshold: float) -> None:
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1 token (1 = exact test), got {group_size}")
+    if not 0 < prob_threshold <= 1:
+        raise ValueError(f"prob_threshold must lie in (0, 1], got {prob_threshold}")
+    if not embed_threshold > 0:
+        raise ValueError(f"embed_threshold must be > 0 (squared codebook distance; inf = no filter), got {embed_threshold}")
+
+
+def sampler_cli_options() -> list[tuple[str, dict]]:
+    """argparse ``(flag, kwargs)`` pairs for every speculative option; ``dest`` = the Options field name.
+
+    Defaults are None so that only flags the user gave are passed on (``build_sampler`` rejects options
+    the chosen sampler does not have, naming the ones it does).
+    """
+    def opt(flag: str, type_: type, help_: str, **kw: Any) -> tuple[str, dict]:
+        return flag, dict(type=type_, dest=flag[2:].replace("-", "_"), default=None, help=help_, **kw)
+
+    return [
+        opt("--window", int, "sjd/gsd: Jacobi window, tokens verified per target forward (default 16)"),
+        opt("--init", str, "sjd/gsd: initialisation of new draft slots", choices=INIT_SCHEMES),
+        opt("--group-size", int, "gsd: tokens around the draft in probability rank that may form its group (25)"),
+        opt("--prob-threshold", float, "gsd: group members need |p(t) - p(x)| below this (0.15)"),
+        opt("--embed-threshold", float, "gsd: group members need squared codebook distance below this (0.5; inf = off)"),
+        opt("--lantern-k", int, "lantern (gsd): latent neighbours considered per draft token"),
+        opt("--lantern-delta", float, "lantern (gsd): moved mass bound; <= 1 TV bound, > 1 LANTERN++ lambda, 0 = off"),
+        opt("--codebook", str, "lantern/gsd: VQ checkpoint whose codebook defines neighbours (default: bundled VQ)"),
+        opt("--drafter", str, "lantern/sd: EAGLE-style drafter checkpoint (default: bundled drafter)"),
+        opt("--draft-len", int, "lantern/sd: tokens drafted per target forward (4)"),
+        opt("--draft-model", str, "sd: smaller GPT checkpoint used as the draft model instead of the drafter head"),
+    ]
+
+
+# ----------------------------------------------------------------------------- state passed to draft sources
+@dataclass
+class DecodeState:
+    """What a draft source may read: the committed tokens of every row and where decoding stands."""
+
+    model: ARModel
+    options: SamplingOptions
+    batch_labels: torch.Tensor  # (R,) rows = [cond; uncond] with CFG
+    tokens: torch.Tensor  # (B, N) committed tokens in [:, :n]
+    n: int
+    generator: torch.Generator | None
+    stats: SamplerStats
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.shape[1]
+
+    def duplicate(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Same tokens in both CFG halves."""
+        return torch.cat([tokens, tokens]) if self.batch_labels.shape[0] != self.tokens.shape[0] else tokens
+
+
+@dataclass
+class Draft:
+    """Draft tokens (B, K) for positions n..n+K-1 and the distributions (B, K, V) they were drawn from."""
+
+    tokens: torch.Tensor
+    q: torch.Tensor
+
+
+@dataclass
+class Verification:
+    """Outcome of one window: per-row accepted length a in [1, L] and the tokens each row would commit.
+
+    ``tokens[:, :a]`` = accepted drafts followed by the residual (or bonus) sample at ``a - 1``.
+    """
+
+    accepted: torch.Tensor  # (B,)
+    tokens: torch.Tensor  # (B, L)
+
+
+@dataclass
+class StepOutcome:
+    """Everything a draft source may learn from one target step."""
+
+    verification: Verification
+    probs: torch.Tensor  # (B, L, V) target distributions at positions n_old..n_old+L-1
+    hidden: torch.Tensor  # (R, L, D) target hidden states (feature predicting each of those positions)
+    advance: int  # tokens committed by every row (batch minimum)
+
+
+class DraftSource(Protocol):
+    """Pluggable drafts: ``start`` after prefill, ``propose`` before every target step, ``observe`` after it."""
+
+    window: int  # the most tokens one target forward verifies (drafts + 1)
+
+    def start(self, state: DecodeState, hidden: torch.Tensor) -> None: ...
+
+    def propose(self, state: DecodeState, num: int) -> Draft: ...
+
+    def observe(self, state: DecodeState, outcome: StepOutcome) -> None: ...
+
+
+# ----------------------------------------------------------------------------- the verify core
+def verify_window(
+    p: torch.Tensor, draft: Draft, rule: AcceptanceRule, generator: torch.Generator | None
+) -> Verification:
+    """Accept a prefix of ``draft`` per row against target distributions ``p`` (B, L, V), L = drafts + 1.
+
+    Draft i (for the position of p[:, i]) is accepted with probability ``min(1, rule.ratio)``; the first
+    rejected position gets a sample from ``norm((rule.target - q)+)``; if every draft is accepted the
+    bonus token comes from ``p[:, -1]``. With :class:`ExactRule` each emitted token is distributed
+    exactly as p given its prefix (Leviathan et al. 2023, Chen et al. 2023).
+    """
+    B, L, _ = p.shape
+    K = L - 1
+    rows = torch.arange(B, device=p.device)
+    if K == 0:
+        return Verification(accepted=torch.ones(B, dtype=torch.long, device=p.device), tokens=draw(p, generator))
+    x = draft.tokens
+    target = rule.target(p[:, :K], x)
+    ratio = rule.ratio(target, draft.q, x)
+    u = torch.rand(B, K, generator=generator, device=p.device)
+    run = (u < ratio).long().cumprod(-1).sum(-1)  # leading accepted drafts, 0..K
+    last_dist = torch.cat([residual_distribution(target, draft.q), p[:, K:]], dim=1)[rows, run]
+    tokens = torch.cat([x, x.new_zeros(B, 1)], dim=1)
+    tokens[rows, run] = draw(last_dist, generator)
+    return Verification(accepted=run + 1, tokens=tokens)
+
+
+def one_hot_q(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Draft distributions of deterministic drafts (q = 1 at the token)."""
+    return torch.nn.functional.one_hot(tokens, vocab_size).float()
+
+
+class SpeculativeSampler(Sampler):
+    """The shared decode loop; subclasses pick :meth:`draft_source` and :meth:`acceptance_rule`."""
+
+    Options = SamplingOptions
+
+    def draft_source(self, model: ARModel) -> DraftSource:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def acceptance_rule(self, model: ARModel) -> AcceptanceRule:
+        return ExactRule()
+
+    def _generate(self, model, labels, generator, stats: SamplerStats) -> torch.Tensor:
+        opts = self.options
+        B, N, T = labels.shape[0], model.num_image_tokens, model.cls_token_num
+        device = labels.device
+        batch_labels = self.batch_labels(model, labels)
+        source, rule = self.draft_source(model), self.acceptance_rule(model)
+        model.setup_cache(batch_labels.shape[0], T + N)
+        hist_rows = [0] * (source.window + 1)
+        hist_advance = [0] * (source.window + 1)
+
+        tic = time.perf_counter()
+        out = model.prefill(batch_labels)
+        stats.target_time_s += time.perf_counter() - tic
+        stats.nfe += 1
+        tokens = torch.empty(B, N, dtype=torch.long, device=device)
+        tokens[:, 0] = draw(target_probs(out.logits[:, -1:], opts, 0), generator)[:, 0]
+        state = DecodeState(model, opts, batch_labels, tokens, 1, generator, stats)
+        source.start(state, out.hidden[:, -1:])
+
+        while state.n < N:
+            n = state.n
+            L = min(source.window, N - n)
+            tic = time.perf_counter()
+            draft = source.propose(state, L - 1)
+            stats.draft_time_s += time.perf_counter() - tic
+
+            fed = torch.cat([tokens[:, n - 1 : n], draft.tokens], dim=1)
+            tic = time.perf_counter()
+            out = model.forward_tokens(state.duplicate(fed), torch.arange(T + n - 1, T + n - 1 + L, device=device))
+            stats.target_time_s += time.perf_counter() - tic
+            stats.nfe += 1
+
+            p = target_probs(out.logits, opts, torch.arange(n, n + L, device=device))
+            verification = verify_window(p, draft, rule, generator)
+            m = int(verification.accepted.min())
+            tokens[:, n : n + m] = verification.tokens[:, :m]
+            state.n = n + m
+            model.rollback(T + state.n - 1)
+            source.observe(state, StepOutcome(verification, p, out.hidden, m))
+            for a in verification.accepted.tolist():
+                hist_rows[a] += 1
+            hist_advance[m] += 1
+
+        steps = sum(hist_advance)
+        accepted_total = sum(a * c for a, c in enumerate(hist_rows))
+        stats.extra.update(
+            accepted_length_hist={a: c for a, c in enumerate(hist_rows) if c},
+            advance_hist={a: c for a, c in enumerate(hist_advance) if c},
+            mean_accepted_length=accepted_total / max(1, sum(hist_rows)),
+            verify_steps=steps,
+            window=source.window,
+            rule=rule.name,
+            draft_source=type(source).__name__,
+        )
+        return tokens
+
+
+# ----------------------------------------------------------------------------- codebook for LANTERN / GSD
+class CodebookMixin:
+    """Lazily loaded VQ codebook (V, d), l2-normalised as the quantizer uses it; cached per sampler."""
+
+    _codebook: torch.Tensor | None = None
+
+    def set_codebook(self, codebook: torch.Tensor) -> None:
+        """Use these code vectors (V, d) instead of loading a VQ checkpoint (tests, custom tokenizers)."""
+        self._codebook = codebook.detach().float()
+        self._neighbours = {}
+
+    def codebook_for(self, model: ARModel) -> torch.Tensor:
+        if self._codebook is None:
+            self.set_codebook(load_codebook(getattr(self.options, "codebook", "")))
+        if self._codebook.shape[0] != model.vocab_size:
+            raise ValueError(
+                f"codebook has {self._codebook.shape[0]} codes but the model has vocab_size {model.vocab_size}; "
+                "pass --codebook with the VQ checkpoint this GPT was trained on"
+            )
+        return self._codebook
+
+    def neighbours_for(self, model: ARModel, k: int) -> torch.Tensor:
+        from genaccel.samplers.acceptance import lantern_neighbours
+
+        codebook = self.codebook_for(model)
+        if k not in self._neighbours:
+            self._neighbours[k] = lantern_neighbours(codebook, k)
+        return self._neighbours[k]
+
+
+def load_codebook(path: str = "") -> torch.Tensor:
+    """Code vectors of a VQ checkpoint (default: the bundled VQ), normalised if the quantizer normalises."""
+    from genaccel.models import BUNDLED
+    from genaccel.models.loading import config_from_metadata, read_state_dict
+
+    path = path or str(BUNDLED["vq"])
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"LANTERN/GSD need a VQ codebook and {path} does not exist; pass --codebook PATH to the VQ checkpoint"
+        )
+    sd, meta = read_state_dict(path)
+    if "quantize.embedding.weight" not in sd:
+        raise ValueError(f"{path} holds no VQ codebook (key 'quantize.embedding.weight'); pass a VQ checkpoint")
+    codebook = sd["quantize.embedding.weight"].float()
+    config = config_from_metadata(meta) or {}
+    if config.get("codebook_l2_norm", True):
+        codebook = torch.nn.functional.normalize(codebook, dim=-1)
+    return codebook
+
+
+__all__ = [
+    "CodebookMixin", "DecodeState", "Draft", "DraftSource", "DrafterOptions", "JacobiOptions", "SpeculativeSampler",
+    "StepOutcome", "Verification", "load_codebook", "one_hot_q", "sampler_cli_options", "verify_window",
+]

@@ -1,0 +1,203 @@
+"""The verify core: exactness, greedy equivalence with AR, batching, rollback, stats and options."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import exact_joint, sequence_index, tiny_gpt
+from scipy.stats import chisquare
+
+from genaccel.models.drafter import EagleDrafter
+from genaccel.samplers import build_sampler
+from genaccel.samplers.acceptance import ExactRule
+from genaccel.samplers.base import SamplingOptions
+from genaccel.samplers.sd import SDSampler
+from genaccel.samplers.sjd import SJDSampler
+from genaccel.samplers.speculative import sampler_cli_options
+
+
+def random_drafter(target, seed: int = 1) -> EagleDrafter:
+    torch.manual_seed(seed)
+    return EagleDrafter.from_target(target).eval()
+
+
+def make_sampler(kind: str, target, **options):
+    """Samplers under test, with their draft parts built from tiny random models."""
+    if kind == "sd-model":
+        s = SDSampler(**options)
+        s.set_draft_model(tiny_gpt(vocab=target.vocab_size, block=target.num_image_tokens, seed=7, dim=32, n_layer=1))
+        return s
+    if kind == "sd-head":
+        s = SDSampler(**options)
+        s.set_drafter(random_drafter(target))
+        return s
+    if kind in ("lantern", "gsd"):
+        s = build_sampler(kind, **{"lantern_k": 8, **options})
+        s.set_codebook(torch.nn.functional.normalize(torch.randn(target.vocab_size, 4, generator=torch.Generator().manual_seed(3)), dim=-1))
+        if kind == "lantern":
+            s.set_drafter(random_drafter(target))
+        return s
+    return build_sampler(kind, **options)
+
+
+def chi_square_pvalue(samples: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson test of sample counts against exact probabilities, pooling bins expected below 5."""
+    counts = np.bincount(samples.numpy(), minlength=probs.numel()).astype(float)
+    expected = probs.numpy() * counts.sum()
+    big = expected >= 5
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum())
+    keep = exp > 0
+    return float(chisquare(obs[keep], exp[keep] * obs[keep].sum() / exp[keep].sum()).pvalue)
+
+
+def sample_many(sampler, model, label: int, total: int, batch: int, seed: int) -> torch.Tensor:
+    out = []
+    for i in range(total // batch):
+        gen = torch.Generator().manual_seed(seed + i)
+        out.append(sampler.generate(model, torch.full((batch,), label), gen).tokens)
+    return sequence_index(torch.cat(out), model.vocab_size)
+
+
+EXACT_CASES = [
+    ("sjd", {"window": 3}),
+    ("sjd", {"window": 4, "init": "repeat_horizon", "top_k": 3}),
+    ("sd-model", {"draft_len": 2, "top_p": 0.8}),
+    ("sd-head", {"draft_len": 3, "cfg_interval": 1}),
+]
+
+
+@pytest.mark.parametrize("kind,options", EXACT_CASES)
+def test_exact_samplers_preserve_the_target_distribution(kind, options):
+    model = tiny_gpt(vocab=4, block=4, seed=11, head_std=0.05)
+    sampler = make_sampler(kind, model, cfg_scale=1.5, **options)
+    probs = exact_joint(model, 1, sampler.options)
+    samples = sample_many(sampler, model, 1, total=6000, batch=1000, seed=100)
+    assert chi_square_pvalue(samples, probs) > 1e-3
+
+
+class AcceptAll(ExactRule):
+    """A broken rule (always accepts): the distribution test must catch it."""
+
+    name: str = "accept-all"
+
+    def ratio(self, target, q, x):
+        return torch.ones_like(x, dtype=torch.float32)
+
+
+def test_distribution_test_detects_a_broken_rule():
+    model = tiny_gpt(vocab=4, block=4, seed=11, head_std=0.05)
+    sampler = SJDSampler(cfg_scale=1.5, window=3)
+    sampler.acceptance_rule = lambda m: AcceptAll()
+    probs = exact_joint(model, 1, sampler.options)
+    assert chi_square_pvalue(sample_many(sampler, model, 1, 6000, 1000, 100), probs) < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["sjd", "sd-model", "sd-head"])
+@pytest.mark.parametrize("labels", [[0], [0, 1, 2, 3]])
+def test_fp32_greedy_equals_ar_token_for_token(kind, labels):
+    model = tiny_gpt(block=64, seed=2)
+    labels = torch.tensor(labels)
+    ar = build_sampler("ar", temperature=0.0).generate(model, labels).tokens
+    out = make_sampler(kind, model, temperature=0.0).generate(model, labels)
+    assert torch.equal(out.tokens, ar)
+
+
+def test_greedy_drafts_from_the_target_itself_are_all_accepted():
+    model = tiny_gpt(block=64, seed=2)
+    sampler = SDSampler(temperature=0.0, draft_len=4)
+    sampler.set_draft_model(tiny_gpt(block=64, seed=2))
+    out = sampler.generate(model, torch.tensor([0, 1]))
+    assert out.stats.extra["advance_hist"] == {5: 12, 3: 1}  # 1 + 12 * 5 + 3 = 64 tokens
+    assert out.stats.nfe == 14
+
+
+def test_sjd_saves_target_forwards_on_one_row():
+    model = tiny_gpt(block=64, seed=2)
+    out = build_sampler("sjd", temperature=0.0).generate(model, torch.tensor([0]))
+    assert out.stats.nfe < 64
+
+
+@pytest.mark.parametrize("kind", ["sjd", "gsd", "lantern", "sd-model", "sd-head"])
+def test_greedy_batch_of_four_equals_four_single_runs(kind):
+    model = tiny_gpt(block=64, seed=3)
+    labels = torch.tensor([3, 0, 2, 1])
+    sampler = make_sampler(kind, model, temperature=0.0)
+    batched = sampler.generate(model, labels).tokens
+    singles = torch.cat([sampler.generate(model, labels[i : i + 1]).tokens for i in range(4)])
+    assert torch.equal(batched, singles)
+
+
+class PoisonedRollback:
+    """Wraps a GPT so every rollback overwrites the discarded cache slots with large garbage."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def rollback(self, length) -> None:
+        self.model.rollback(length)
+        for layer in self.model.layers:
+            cache = layer.attention.kv_cache
+            for buf in (cache.k_cache, cache.v_cache):
+                buf[:, :, int(length):] = 1e4 * torch.randn_like(buf[:, :, int(length):])
+
+
+@pytest.mark.parametrize("kind", ["sjd", "sd-model"])
+def test_rollback_leaves_no_stale_cache_influence(kind):
+    model = tiny_gpt(block=64, seed=4)
+    labels = torch.tensor([1, 2])
+    ar = build_sampler("ar", temperature=0.0).generate(model, labels).tokens
+    sampler = make_sampler(kind, model, temperature=0.0)
+    if kind == "sd-model":
+        sampler.set_draft_model(PoisonedRollback(sampler._draft_model))
+    out = sampler.generate(PoisonedRollback(model), labels)
+    assert torch.equal(out.tokens, ar)
+
+
+def test_stats_report_nfe_compression_and_histograms():
+    model = tiny_gpt(block=64, seed=5)
+    out = build_sampler("sjd", temperature=0.0, window=8).generate(model, torch.tensor([0]))
+    s = out.stats
+    hist = s.extra["accepted_length_hist"]
+    assert sum(hist.values()) == s.nfe - 1  # one verify step per target forward after prefill
+    assert sum(a * c for a, c in s.extra["advance_hist"].items()) == 64 - 1  # token 0 comes from prefill
+    assert s.step_compression == pytest.approx(64 / s.nfe)
+    assert s.step_compression > 1.0
+    assert max(hist) <= 8
+    assert s.target_time_s > 0 and s.draft_time_s >= 0 and s.wall_time_s >= s.target_time_s
+
+
+@pytest.mark.parametrize("name,options,needle", [
+    ("sjd", {"window": 0}, "window"),
+    ("sjd", {"init": "diagonal"}, "init"),
+    ("sjd", {"group_size": 5}, "unknown option"),
+    ("gsd", {"group_size": 0}, "group_size"),
+    ("gsd", {"prob_threshold": 1.5}, "prob_threshold"),
+    ("lantern", {"lantern_delta": -1.0}, "lantern_delta"),
+    ("lantern", {"drafter": "/nonexistent.safetensors"}, "drafter file not found"),
+    ("sd", {"draft_len": 0}, "draft_len"),
+])
+def test_bad_options_give_one_clear_error(name, options, needle):
+    with pytest.raises(ValueError, match=needle):
+        build_sampler(name, **options)
+
+
+def test_cli_option_dests_are_options_fields():
+    fields = set()
+    for name in ("sjd", "gsd", "lantern", "sd"):
+        fields |= set(build_sampler(name).Options.__dataclass_fields__)
+    dests = {kw["dest"] for _, kw in sampler_cli_options()}
+    assert dests <= fields
+    assert dests.isdisjoint(SamplingOptions.__dataclass_fields__)
+
+
+def test_codebook_size_mismatch_is_reported():
+    model = tiny_gpt(block=16)
+    sampler = build_sampler("gsd")
+    sampler.set_codebook(torch.randn(7, 4))
+    with pytest.raises(ValueError, match="vocab_size 32"):
+        sampler.generate(model, torch.tensor([0]))
