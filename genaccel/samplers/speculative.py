@@ -113,6 +113,26 @@ def sampler_cli_options() -> list[tuple[str, dict]]:
     ]
 
 
+def load_sampler_config(path: str | Path, **overrides: Any) -> Sampler:
+    """Build the sampler a ``configs/samplers/*.yaml`` file describes (key ``sampler`` + its options).
+
+    ``overrides`` (e.g. command-line flags that were given) win over the file; unknown or out-of-range
+    options raise the sampler's one clear error.
+    """
+    import yaml
+
+    from genaccel.samplers import build_sampler
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"sampler config not found: {path} (see configs/samplers/)")
+    config = yaml.safe_load(path.read_text()) or {}
+    if "sampler" not in config:
+        raise ValueError(f"{path} must name its sampler with a 'sampler:' key (e.g. sampler: gsd)")
+    name = config.pop("sampler")
+    return build_sampler(name, **{**config, **{k: v for k, v in overrides.items() if v is not None}})
+
+
 # ----------------------------------------------------------------------------- state passed to draft sources
 @dataclass
 class DecodeState:
@@ -328,5 +348,5 @@ def load_codebook(path: str = "") -> torch.Tensor:
 
 __all__ = [
     "CodebookMixin", "DecodeState", "Draft", "DraftSource", "DrafterOptions", "JacobiOptions", "SpeculativeSampler",
-    "StepOutcome", "Verification", "load_codebook", "one_hot_q", "sampler_cli_options", "verify_window",
+    "StepOutcome", "Verification", "load_codebook", "load_sampler_config", "one_hot_q", "sampler_cli_options", "verify_window",
 ]

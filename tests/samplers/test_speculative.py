@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +16,7 @@ from genaccel.samplers.acceptance import ExactRule
 from genaccel.samplers.base import SamplingOptions
 from genaccel.samplers.sd import SDSampler
 from genaccel.samplers.sjd import SJDSampler
-from genaccel.samplers.speculative import sampler_cli_options
+from genaccel.samplers.speculative import load_sampler_config, sampler_cli_options
 
 
 def random_drafter(target, seed: int = 1) -> EagleDrafter:
@@ -193,6 +195,15 @@ def test_cli_option_dests_are_options_fields():
     dests = {kw["dest"] for _, kw in sampler_cli_options()}
     assert dests <= fields
     assert dests.isdisjoint(SamplingOptions.__dataclass_fields__)
+
+
+@pytest.mark.parametrize("name", ["ar", "sjd", "gsd", "lantern", "sd"])
+def test_sampler_configs_hold_the_defaults(name):
+    sampler = load_sampler_config(Path(__file__).parents[2] / "configs" / "samplers" / f"{name}.yaml")
+    assert sampler.name == name
+    assert sampler.options == build_sampler(name).options
+    assert load_sampler_config(Path(__file__).parents[2] / "configs" / "samplers" / f"{name}.yaml",
+                               cfg_scale=2.0, temperature=None).options.cfg_scale == 2.0
 
 
 def test_codebook_size_mismatch_is_reported():

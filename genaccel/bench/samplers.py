@@ -1,0 +1,255 @@
+"""Speed vs quality of the samplers on the bundled model: ``python -m genaccel.bench samplers``.
+
+For every sampler, in one process (so ratios are measured in one run):
+* latency at batch 1: median wall time per image over ``--latency-images`` runs after one warm-up;
+  NFE and step compression per image from the same runs;
+* throughput at batch ``--batch-size``: images/s over ``--num-images`` images, which are also scored:
+  FD-domain against held-out crops and class accuracy, both with the bundled crop classifier
+  (:mod:`genaccel.eval.fd`).
+Writes a table between ``<!-- BEGIN samplers -->`` / ``<!-- END samplers -->`` in docs/benchmarks.md,
+a speed-vs-quality PNG and a JSON with every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from genaccel.pipeline import labels_for, load_model
+from genaccel.samplers import available_samplers, build_sampler
+
+BEGIN, END = "<!-- BEGIN samplers -->", "<!-- END samplers -->"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m genaccel.bench samplers", description=__doc__.splitlines()[0])
+    p.add_argument("--samplers", default="ar,sjd,gsd,lantern,sd", help="comma list; 'ar' is the reference")
+    p.add_argument("--num-images", type=int, default=64, help="images per sampler for throughput and quality")
+    p.add_argument("--batch-size", type=int, default=8, help="batch size of the throughput run")
+    p.add_argument("--latency-images", type=int, default=8, help="batch-1 runs for the latency median")
+    p.add_argument("--cfg-scale", type=float, default=4.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--set", action="append", default=[], metavar="SAMPLER.OPTION=VALUE",
+                   help="sampler option, e.g. gsd.group_size=25 (value parsed as YAML)")
+    p.add_argument("--ckpt", default=None, help="GPT checkpoint (default: bundled)")
+    p.add_argument("--vq-ckpt", default=None, help="VQ checkpoint (default: bundled)")
+    p.add_argument("--reference-per-class", type=int, default=64, help="held-out crops per class for FD-domain")
+    p.add_argument("--doc", default="docs/benchmarks.md", help="markdown file to update ('' = none)")
+    p.add_argument("--png", default="docs/samplers_speed_quality.png")
+    p.add_argument("--json", default="runs/bench_samplers.json")
+    return p.parse_args(argv)
+
+
+def sampler_options(sets: list[str], names: list[str], cfg_scale: float) -> dict[str, dict[str, Any]]:
+    """Per-sampler options: cfg_scale for all, then ``--set name.option=value`` overrides."""
+    options: dict[str, dict[str, Any]] = {n: {"cfg_scale": cfg_scale} for n in names}
+    for item in sets:
+        key, _, value = item.partition("=")
+        name, _, field = key.partition(".")
+        if name not in options or not field:
+            raise SystemExit(f"--set {item!r}: expected SAMPLER.OPTION=VALUE with SAMPLER in {names}")
+        options[name][field] = yaml.safe_load(value)
+    return options
+
+
+def measure_latency(pipe, sampler, labels: torch.Tensor, seed: int) -> dict:
+    """Median batch-1 wall time after one warm-up image, with per-image NFE and step compression."""
+    sampler.generate(pipe.gpt, labels[:1], torch.Generator().manual_seed(seed - 1))
+    times, nfes, hists, drafts, targets = [], [], [], [], []
+    for i, label in enumerate(labels):
+        out = sampler.generate(pipe.gpt, label[None], torch.Generator().manual_seed(seed + i))
+        times.append(out.stats.wall_time_s)
+        nfes.append(out.stats.nfe)
+        drafts.append(out.stats.draft_time_s)
+        targets.append(out.stats.target_time_s)
+        hists.append(out.stats.extra.get("accepted_length_hist", {}))
+    tokens = pipe.gpt.num_image_tokens
+    accepted = sum_hists(hists)
+    return {
+        "latency_s": statistics.median(times), "nfe": statistics.mean(nfes),
+        "step_compression": tokens / statistics.mean(nfes), "draft_time_s": statistics.mean(drafts),
+        "target_time_s": statistics.mean(targets), "wall_time_s": statistics.mean(times),
+        "accepted_length_hist": accepted,
+        "mean_accepted_length": sum(a * c for a, c in accepted.items()) / max(1, sum(accepted.values())),
+    }
+
+
+def sum_hists(hists: list[dict]) -> dict[int, int]:
+    total: dict[int, int] = {}
+    for h in hists:
+        for a, c in h.items():
+            total[int(a)] = total.get(int(a), 0) + c
+    return dict(sorted(total.items()))
+
+
+def measure_throughput(pipe, sampler, labels: torch.Tensor, batch_size: int, seed: int) -> tuple[dict, torch.Tensor]:
+    """Images/s over all labels at ``batch_size`` (sampling only, decode excluded) and the decoded images."""
+    images, wall, nfe_batches = [], 0.0, []
+    for i, chunk in enumerate(labels.split(batch_size)):
+        out = sampler.generate(pipe.gpt, chunk, torch.Generator().manual_seed(seed + 1000 + i))
+        wall += out.stats.wall_time_s
+        nfe_batches.append(out.stats.nfe)
+        images.append(pipe.decode(out.tokens))
+    tokens = pipe.gpt.num_image_tokens
+    return {
+        "images_per_s": labels.numel() / wall, "nfe_per_batch": statistics.mean(nfe_batches),
+        "step_compression_batch": tokens / statistics.mean(nfe_batches),
+    }, torch.cat(images)
+
+
+def score(images: torch.Tensor, labels: torch.Tensor, reference, extractor) -> dict:
+    from genaccel.eval.fd import class_accuracy, fd_from_stats, feature_stats
+
+    feats = extractor.features(images)
+    return {"fd_domain": fd_from_stats(feature_stats(feats), reference),
+            "class_accuracy": class_accuracy(images, labels, extractor)}
+
+
+def environment(threads: int) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = "?"
+    return {"torch": torch.__version__, "python": platform.python_version(), "cpu": cpu, "threads": threads,
+            "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit}
+
+
+def markdown(results: dict, command: str, env: dict, png: str) -> str:
+    ar = results.get("ar")
+    rows = [
+        ("| sampler | NFE/image (b=1) | step compression (b=1) | latency b=1 (s, median) | latency speed-up vs ar "
+        "| wall speed-up / step compression | images/s (b=8) | step compression (b=8) | FD-domain | FD-domain / ar "
+        "| class accuracy | mean accepted length | drafter time share |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        speed = ar["latency_s"] / r["latency_s"] if ar else float("nan")
+        fd_ratio = r["fd_domain"] / ar["fd_domain"] if ar else float("nan")
+        share = r["draft_time_s"] / max(r["wall_time_s"], 1e-9)
+        rows.append(
+            f"| {name} | {r['nfe']:.1f} | {r['step_compression']:.2f}x | {r['latency_s']:.3f} | {speed:.2f}x "
+            f"| {speed / r['step_compression']:.2f} | {r['images_per_s']:.2f} | {r['step_compression_batch']:.2f}x "
+            f"| {r['fd_domain']:.2f} | {fd_ratio:.2f} | {r['class_accuracy']:.3f} | {r['mean_accepted_length']:.2f} "
+            f"| {share:.0%} |"
+        )
+    opts = "; ".join(f"{n}: {json.dumps(r['options'], sort_keys=True)}" for n, r in results.items())
+    return "\n".join([
+        BEGIN,
+        "## Samplers: speed vs quality (bundled model)",
+        "",
+        f"Command: `{command}`",
+        "",
+        (f"Environment: {env['cpu']}, {env['threads']} threads, torch {env['torch']}, python {env['python']}, "
+        f"commit {env['commit']}, {env['date_utc']}. CPU shared with other jobs: absolute times are noisy; every "
+        "ratio comes from this one run."),
+        "",
+        *rows,
+        "",
+        ("NFE = target forwards per image (prefill included, one CFG batch-2 forward = 1). Step compression = "
+        "256 tokens / NFE. Latency: median wall time of batch-1 images after one warm-up. FD-domain and class "
+        f"accuracy: the batch-8 images vs held-out crops, bundled crop classifier. Options: {opts}."),
+        "",
+        f"![speed vs quality]({Path(png).name})",
+        END,
+    ])
+
+
+def update_doc(doc: Path, section: str) -> None:
+    """Replace the text between the markers (append them if absent); nothing else in the file changes."""
+    text = doc.read_text() if doc.is_file() else ""
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        tail = rest.split(END, 1)[1]
+        text = head + section + tail
+    else:
+        text = text.rstrip("\n") + ("\n\n" if text else "") + section + "\n"
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(text)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ar = results["ar"]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for name, r in results.items():
+        x, y = ar["latency_s"] / r["latency_s"], r["fd_domain"]
+        ax.scatter([x], [y])
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5))
+    ax.axhline(1.15 * ar["fd_domain"], ls="--", lw=0.8, color="gray", label="1.15 x AR FD-domain")
+    ax.set_xlabel("latency speed-up vs ar (batch 1)")
+    ax.set_ylabel("FD-domain (lower is better)")
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    a = parse_args(argv)
+    torch.set_num_threads(a.threads)
+    names = [n.strip() for n in a.samplers.split(",") if n.strip()]
+    unknown = [n for n in names if n not in available_samplers()]
+    if unknown:
+        raise SystemExit(f"unknown sampler(s) {unknown}; available: {available_samplers()}")
+    if "ar" not in names:
+        names = ["ar", *names]
+    options = sampler_options(a.set, names, a.cfg_scale)
+    samplers = {n: build_sampler(n, **options[n]) for n in names}
+
+    from genaccel.eval.fd import reference_domain_stats
+    from genaccel.eval.feature_extractor import load_feature_extractor
+
+    pipe = load_model("llamagen", ckpt=a.ckpt, vq_ckpt=a.vq_ckpt)
+    extractor = load_feature_extractor()
+    reference = reference_domain_stats(a.reference_per_class, extractor=extractor)
+    labels = labels_for(pipe.num_classes, None, a.num_images)
+    latency_labels = labels_for(pipe.num_classes, None, a.latency_images)
+    results = {}
+    for name, sampler in samplers.items():
+        r = {"options": {k: v for k, v in vars(sampler.options).items()}}
+        r.update(measure_latency(pipe, sampler, latency_labels, a.seed))
+        thr, images = measure_throughput(pipe, sampler, labels, a.batch_size, a.seed)
+        r.update(thr)
+        r.update(score(images, labels, reference, extractor))
+        results[name] = r
+        print(f"{name}: " + ", ".join(f"{k}={v:.3f}" for k, v in r.items() if isinstance(v, float)), flush=True)
+
+    command = "python -m genaccel.bench samplers " + " ".join(shlex.quote(x) for x in argv)
+    env = environment(a.threads)
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps({"command": command, "env": env, "results": results}, indent=2, default=str))
+    if a.png:
+        plot(results, Path(a.png))
+    if a.doc:
+        update_doc(Path(a.doc), markdown(results, command, env, a.png))
+    return results
+
+
+if __name__ == "__main__":
+    main()

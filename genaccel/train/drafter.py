@@ -1,0 +1,157 @@
+"""EAGLE-style drafter recipe (LANTERN ``entrypoints/train_drafter``) for the bundled GPT.
+
+Data: token sequences of the bundled crops (VQ codes of real images, as LANTERN does for LlamaGen)
+plus the target's own CFG samples (self-distillation, as LANTERN's Lumina-mGPT drafter), so the
+drafter sees the distribution it drafts at inference. The frozen target runs teacher-forced on each
+batch to give hidden states H_i and logits; labels are swapped for the null class with
+``null_label_prob`` because the drafter also drafts the unconditional CFG half.
+
+Loss: SmoothL1(drafter(t_i, H_i + noise), H_{i+1}) + ``ce_weight`` * CE(softmax(target logits), drafter
+logits). AdamW (0.9, 0.95), warmup + cosine, grad clip by value. Resumable from ``out_dir/last.pt``;
+stops at ``max_minutes`` (data preparation included) and exports the safetensors asset.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from genaccel.models import load_gpt
+from genaccel.models.drafter import EagleDrafter, drafter_metadata
+from genaccel.samplers import build_sampler
+from genaccel.train.common import cosine_lr, load_checkpoint, make_logger, parse_config, save_checkpoint
+from genaccel.utils.io import save_json, save_safetensors, save_torch
+
+DEFAULTS = {
+    "out_dir": "checkpoints/drafter", "gpt_path": "genaccel/assets/llamagen_tiny_gpt.safetensors",
+    "vq_path": "genaccel/assets/llamagen_tiny_vq.safetensors", "tokens_path": "checkpoints/gpt/tokens_train.pt",
+    "real_per_class": 256, "self_distill_images": 768, "self_distill_cfg": 4.0, "seed": 0, "steps": 3000, "batch_size": 16, "lr": 1e-3,
+    "warmup": 100, "weight_decay": 0.0, "null_label_prob": 0.3, "noise": 0.2, "ce_weight": 0.1, "grad_clip": 0.5, "threads": 2,
+    "eval_sequences": 64, "ckpt_every": 200, "log_every": 50, "max_minutes": 30.0,
+    "export_path": "genaccel/assets/llamagen_tiny_drafter.safetensors",
+}
+
+
+def real_sequences(cfg: dict, out: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """VQ codes of training crops: the GPT recipe's cached tokens if present, else tokenised here (cached)."""
+    cached = Path(cfg["tokens_path"])
+    if not cached.is_file():
+        cached = out / "tokens_train.pt"
+        if not cached.is_file():
+            from genaccel.train.gpt import tokenize_crops
+
+            save_torch(tokenize_crops(cfg["vq_path"], "train", cfg["real_per_class"], cfg["seed"]), cached)
+    data = torch.load(cached, weights_only=True)
+    return data["tokens"].long(), data["labels"].long()
+
+
+@torch.no_grad()
+def self_distilled_sequences(target, cfg: dict, out: Path, log) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target's own AR samples at the benchmark guidance scale, class-balanced, cached in out_dir."""
+    path = out / "self_distill.pt"
+    if path.is_file():
+        data = torch.load(path, weights_only=True)
+        return data["tokens"], data["labels"]
+    count = cfg["self_distill_images"]
+    labels = torch.arange(count) % target.num_classes
+    sampler = build_sampler("ar", cfg_scale=cfg["self_distill_cfg"])
+    tokens = []
+    for i, chunk in enumerate(labels.split(64)):
+        tokens.append(sampler.generate(target, chunk, torch.Generator().manual_seed(cfg["seed"] * 1000 + i)).tokens)
+        log.info(f"self-distillation: {sum(t.shape[0] for t in tokens)}/{count} samples")
+    data = {"tokens": torch.cat(tokens), "labels": labels}
+    save_torch(data, path)
+    return data["tokens"], data["labels"]
+
+
+def drafter_loss(drafter: EagleDrafter, target, tokens: torch.Tensor, labels: torch.Tensor, noise: float,
+                 ce_weight: float, gen: torch.Generator | None) -> tuple[torch.Tensor, dict]:
+    """Teacher-forced EAGLE loss on one batch; also returns the drafter's expected acceptance (sum min(p, q))."""
+    with torch.no_grad():
+        ref = target.teacher_forced(labels, tokens)
+    hidden, next_hidden = ref.hidden[:, :-1], ref.hidden[:, 1:]
+    if noise > 0:
+        rms = hidden.pow(2).mean(-1, keepdim=True).sqrt()
+        hidden = hidden + noise * rms * (2 * torch.rand(hidden.shape, generator=gen) - 1)
+    out = drafter(tokens[:, :-1], hidden)
+    p = ref.logits[:, 1:].softmax(-1)
+    reg = F.smooth_l1_loss(out.hidden, next_hidden)
+    ce = -(p * out.logits.log_softmax(-1)).sum(-1).mean()
+    with torch.no_grad():
+        accept = torch.minimum(p, out.logits.softmax(-1)).sum(-1).mean()
+        top1 = (out.logits.argmax(-1) == ref.logits[:, 1:].argmax(-1)).float().mean()
+    return reg + ce_weight * ce, {"smooth_l1": reg.item(), "ce": ce.item(), "accept": accept.item(), "top1": top1.item()}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_config(argv, DEFAULTS, "python -m genaccel.train drafter")
+    start = time.time()
+    out = Path(cfg["out_dir"])
+    log = make_logger(out, "drafter")
+    torch.manual_seed(cfg["seed"])
+    torch.set_num_threads(cfg["threads"])
+    target = load_gpt(cfg["gpt_path"])
+    for p in target.parameters():
+        p.requires_grad_(False)
+
+    real_tokens, real_labels = real_sequences(cfg, out)
+    distilled_tokens, distilled_labels = self_distilled_sequences(target, cfg, out, log)
+    tokens = torch.cat([real_tokens, distilled_tokens])
+    labels = torch.cat([real_labels, distilled_labels])
+    held = torch.randperm(tokens.shape[0], generator=torch.Generator().manual_seed(cfg["seed"]))
+    eval_idx, train_idx = held[: cfg["eval_sequences"]], held[cfg["eval_sequences"] :]
+    log.info(f"data: {real_tokens.shape[0]} real + {distilled_tokens.shape[0]} self-distilled sequences "
+             f"({time.time() - start:.0f}s)")
+
+    drafter = EagleDrafter.from_target(target)
+    trainable = [p for p in drafter.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=cfg["lr"], betas=(0.9, 0.95), weight_decay=cfg["weight_decay"])
+    step, ckpt = 0, out / "last.pt"
+    if ckpt.exists():
+        step, _ = load_checkpoint(ckpt, drafter, opt)
+        log.info(f"resumed from {ckpt} at step {step}")
+    gen = torch.Generator().manual_seed(cfg["seed"] + step)
+    null = target.null_class
+    drafter.train()
+    while step < cfg["steps"]:
+        lr = cosine_lr(step, cfg["steps"], cfg["lr"], cfg["warmup"])
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = train_idx[torch.randint(train_idx.numel(), (cfg["batch_size"],), generator=gen)]
+        drop = torch.rand(cfg["batch_size"], generator=gen) < cfg["null_label_prob"]
+        batch_labels = torch.where(drop, torch.full_like(labels[idx], null), labels[idx])
+        loss, parts = drafter_loss(drafter, target, tokens[idx], batch_labels, cfg["noise"], cfg["ce_weight"], gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_value_(trainable, cfg["grad_clip"])
+        opt.step()
+        step += 1
+        if step % cfg["log_every"] == 0:
+            log.info(f"step {step} loss {loss.item():.4f} " + " ".join(f"{k} {v:.4f}" for k, v in parts.items())
+                     + f" lr {lr:.2e} ({(time.time() - start) / 60:.1f} min)")
+        if step % cfg["ckpt_every"] == 0 or step == cfg["steps"]:
+            save_checkpoint(ckpt, drafter, opt, step, cfg)
+        if (time.time() - start) / 60 > cfg["max_minutes"]:
+            log.info(f"time budget of {cfg['max_minutes']} min reached at step {step}; stopping early")
+            save_checkpoint(ckpt, drafter, opt, step, cfg)
+            break
+
+    drafter.eval()
+    with torch.no_grad():
+        _, metrics = drafter_loss(drafter, target, tokens[eval_idx], labels[eval_idx], 0.0, cfg["ce_weight"], None)
+    metrics.update(steps=step, minutes=(time.time() - start) / 60)
+    log.info(f"final held-out {json.dumps(metrics)}")
+    meta = drafter_metadata(drafter.args, target=Path(cfg["gpt_path"]).name)
+    save_safetensors(drafter.state_dict(), out / "drafter.safetensors", metadata=meta)
+    if cfg["export_path"]:
+        save_safetensors(drafter.state_dict(), cfg["export_path"], metadata=meta)
+    save_json({"config": drafter.args.__dict__, "metrics": metrics, "recipe": cfg}, out / "drafter_metrics.json")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
