@@ -27,7 +27,7 @@ DEFAULTS = dict(
     out_dir="checkpoints/gpt", vq_path="checkpoints/vq/vq.safetensors", seed=0, steps=1200, batch_size=32,
     lr=1.5e-3, warmup=80, weight_decay=0.05, threads=2, bf16=False, train_per_class=1024, heldout_per_class=64,
     dim=256, n_layer=6, n_head=4, multiple_of=256, class_dropout_prob=0.1, token_dropout_p=0.0,
-    resid_dropout_p=0.0, ffn_dropout_p=0.0, ckpt_every=100, log_every=50, max_minutes=50.0,
+    resid_dropout_p=0.0, ffn_dropout_p=0.0, ckpt_every=100, log_every=50, stop_at=None, max_minutes=50.0,
 )
 
 
@@ -126,6 +126,10 @@ def main(argv: list[str] | None = None) -> dict:
             log.info(f"step {step} loss {loss.item():.4f} lr {lr:.2e} min {(time.time() - start) / 60:.1f}")
         if step % cfg["ckpt_every"] == 0 or step == cfg["steps"]:
             save_checkpoint(ckpt, model, opt, step, cfg)
+        if cfg["stop_at"] is not None and step >= cfg["stop_at"]:
+            log.info(f"stop_at={cfg['stop_at']} reached (LR schedule spans {cfg['steps']} steps)")
+            save_checkpoint(ckpt, model, opt, step, cfg)
+            break
         if (time.time() - start) / 60 > cfg["max_minutes"]:
             log.info(f"time budget of {cfg['max_minutes']} min reached at step {step}; stopping early")
             save_checkpoint(ckpt, model, opt, step, cfg)

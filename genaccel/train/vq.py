@@ -24,7 +24,7 @@ from genaccel.utils.io import save_json, save_safetensors
 DEFAULTS = dict(
     out_dir="checkpoints/vq", seed=0, steps=1300, batch_size=32, lr=4e-4, warmup=50, threads=2,
     ch=32, ch_mult=[1, 2, 2], z_channels=64, num_res_blocks=1, codebook_size=1024, codebook_embed_dim=8,
-    commit_loss_beta=0.25, restart_every=100, restart_until=0.6, ckpt_every=100, max_minutes=40.0,
+    commit_loss_beta=0.25, restart_every=100, restart_until=0.6, ckpt_every=100, stop_at=None, max_minutes=40.0,
     eval_per_class=64,
 )
 
@@ -111,6 +111,10 @@ def main(argv: list[str] | None = None) -> dict:
             used.zero_()
         if step % cfg["ckpt_every"] == 0 or step == cfg["steps"]:
             save_checkpoint(ckpt, model, opt, step, cfg)
+        if cfg["stop_at"] is not None and step >= cfg["stop_at"]:
+            log.info(f"stop_at={cfg['stop_at']} reached (LR schedule spans {cfg['steps']} steps)")
+            save_checkpoint(ckpt, model, opt, step, cfg)
+            break
         if (time.time() - start) / 60 > cfg["max_minutes"]:
             log.info(f"time budget of {cfg['max_minutes']} min reached at step {step}; stopping early")
             save_checkpoint(ckpt, model, opt, step, cfg)
