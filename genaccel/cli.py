@@ -13,7 +13,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -116,7 +116,7 @@ def write_outputs(out: Path, images: torch.Tensor, labels: torch.Tensor, stats: 
     save_json(stats, out / "stats.json")
 
 
-def run_sample(argv: Optional[list[str]] = None, prog: str = "genaccel sample") -> dict:
+def run_sample(argv: list[str] | None = None, prog: str = "genaccel sample") -> dict:
     from genaccel.pipeline import labels_for, load_model
 
     specs = sampler_flag_specs()
@@ -170,7 +170,7 @@ COMMANDS = {
 }
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(f"usage: genaccel {{{','.join(COMMANDS)}}} [options]  (genaccel <command> --help for details)",

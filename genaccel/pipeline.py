@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -56,10 +56,10 @@ class ImagePipeline:
 
 def load_model(
     name: str = "llamagen",
-    ckpt: Optional[str | os.PathLike] = None,
-    vq_ckpt: Optional[str | os.PathLike] = None,
-    gpt_model: Optional[str] = None,
-    image_size: Optional[int] = None,
+    ckpt: str | os.PathLike | None = None,
+    vq_ckpt: str | os.PathLike | None = None,
+    gpt_model: str | None = None,
+    image_size: int | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> ImagePipeline:
@@ -80,7 +80,7 @@ def load_model(
     return ImagePipeline(gpt=gpt, vq=vq, name=name, info={"gpt": str(gpt_path), "vq": str(vq_path), "bundled": bundled})
 
 
-def labels_for(num_classes: int, classes: Optional[list[int]], num_images: int) -> torch.Tensor:
+def labels_for(num_classes: int, classes: list[int] | None, num_images: int) -> torch.Tensor:
     """Requested classes cycled to ``num_images`` (class-balanced), or all classes in order."""
     classes = list(range(num_classes)) if not classes else classes
     for c in classes:

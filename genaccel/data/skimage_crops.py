@@ -10,7 +10,7 @@ training crops get horizontal flips and a small scale jitter.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ class Region:
     y1: int
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_photo(name: str) -> torch.Tensor:
     """Photo ``name`` as float (3, H, W) in [-1, 1], short side resized to SHORT_SIDE (antialiased)."""
     import skimage.data

@@ -38,7 +38,7 @@ def _gpt_shape_facts(sd: dict) -> dict:
         ) from None
 
 
-def suggest_gpt_preset(sd: dict) -> Optional[str]:
+def suggest_gpt_preset(sd: dict) -> str | None:
     """Name the preset whose (dim, n_layer) match the checkpoint, with the vocab/classes it needs."""
     try:
         f = _gpt_shape_facts(sd)
@@ -61,7 +61,7 @@ def _multiple_of_for(dim: int, hidden: int) -> int:
     return 256
 
 
-def gpt_args_for_checkpoint(sd: dict, gpt_model: Optional[str], block_size: int, **overrides) -> ModelArgs:
+def gpt_args_for_checkpoint(sd: dict, gpt_model: str | None, block_size: int, **overrides) -> ModelArgs:
     """Preset (or explicit) config, with vocabulary and class count read from the checkpoint's shapes."""
     f = _gpt_shape_facts(sd)
     fields = dict(vocab_size=f["vocab_size"], num_classes=f["cls_rows"] - 1, block_size=block_size)
@@ -81,12 +81,12 @@ def gpt_args_for_checkpoint(sd: dict, gpt_model: Optional[str], block_size: int,
 
 def load_gpt(
     path: str | os.PathLike,
-    gpt_model: Optional[str] = None,
+    gpt_model: str | None = None,
     image_size: int = 256,
     downsample: int = 16,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
-    prefer: Optional[str] = None,
+    prefer: str | None = None,
     **overrides,
 ) -> LlamaGenGPT:
     """Load a LlamaGen c2i GPT strictly. Config from safetensors metadata if present, else preset + shapes.
@@ -107,7 +107,7 @@ def load_gpt(
     return model.to(device=device, dtype=dtype).eval()
 
 
-def suggest_vq_preset(sd: dict) -> Optional[str]:
+def suggest_vq_preset(sd: dict) -> str | None:
     levels = len({k.split(".")[2] for k in sd if k.startswith("encoder.conv_blocks.")})
     for name, p in VQ_PRESETS.items():
         if len(p["encoder_ch_mult"]) == levels:

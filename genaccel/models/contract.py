@@ -28,7 +28,7 @@ Calls.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -54,7 +54,7 @@ class ARModel(Protocol):
     hidden_dim: int
 
     def setup_cache(
-        self, batch_size: int, max_seq_len: Optional[int] = None, dtype=None, device=None
+        self, batch_size: int, max_seq_len: int | None = None, dtype=None, device=None
     ) -> None: ...
 
     def prefill(self, labels: torch.Tensor) -> ModelOutput: ...
@@ -63,8 +63,8 @@ class ARModel(Protocol):
         self,
         tokens: torch.Tensor,
         positions: torch.Tensor,
-        mask: Optional[torch.Tensor] = None,
-        rope_positions: Optional[torch.Tensor] = None,
+        mask: torch.Tensor | None = None,
+        rope_positions: torch.Tensor | None = None,
     ) -> ModelOutput: ...
 
     def rollback(self, length) -> None: ...

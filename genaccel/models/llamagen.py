@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -38,9 +37,9 @@ class ModelArgs:
     dim: int = 4096
     n_layer: int = 32
     n_head: int = 32
-    n_kv_head: Optional[int] = None
+    n_kv_head: int | None = None
     multiple_of: int = 256
-    ffn_dim_multiplier: Optional[float] = None
+    ffn_dim_multiplier: float | None = None
     rope_base: float = 10000
     norm_eps: float = 1e-5
     initializer_range: float = 0.02
@@ -85,7 +84,7 @@ class ModelArgs:
         return find_multiple(hidden, self.multiple_of)
 
     @classmethod
-    def from_name(cls, name: str, **overrides) -> "ModelArgs":
+    def from_name(cls, name: str, **overrides) -> ModelArgs:
         if name not in GPT_PRESETS:
             raise ValueError(f"unknown GPT preset {name!r}; available: {', '.join(GPT_PRESETS)}")
         return cls(**{**GPT_PRESETS[name], **overrides})
@@ -186,7 +185,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.dim, args.dim, bias=False)
         self.attn_dropout_p = args.attn_dropout_p
         self.resid_dropout = nn.Dropout(args.resid_dropout_p)
-        self.kv_cache: Optional[KVCache] = None
+        self.kv_cache: KVCache | None = None
 
     def forward(self, x, freqs, positions=None, mask=None, kv_len=None):
         B, L, _ = x.shape
@@ -261,7 +260,7 @@ class LlamaGenGPT(nn.Module):
         self.freqs_cis = precompute_freqs_cis_2d(args.grid_size, args.head_dim, args.rope_base, args.cls_token_num)
         self.max_batch_size = -1
         self.max_seq_len = -1
-        self.valid_len: Optional[torch.Tensor] = None
+        self.valid_len: torch.Tensor | None = None
 
     # ----------------------------------------------------------------- contract attributes
     @property
@@ -292,7 +291,7 @@ class LlamaGenGPT(nn.Module):
     def hidden_dim(self) -> int:
         return self.args.dim
 
-    def init_weights(self, generator: Optional[torch.Generator] = None) -> None:
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
         """Official initialisation: N(0, initializer_range) for linears/embeddings, zero output head."""
         std = self.args.initializer_range
         for m in self.modules():
@@ -317,7 +316,7 @@ class LlamaGenGPT(nn.Module):
         return ModelOutput(logits=self.output(h).float(), hidden=h)
 
     # ----------------------------------------------------------------- sampler contract
-    def setup_cache(self, batch_size: int, max_seq_len: Optional[int] = None, dtype=None, device=None) -> None:
+    def setup_cache(self, batch_size: int, max_seq_len: int | None = None, dtype=None, device=None) -> None:
         """Allocate static K/V buffers for ``batch_size`` rows (both CFG halves count) and reset lengths."""
         max_seq_len = max_seq_len or self.cls_token_num + self.num_image_tokens
         max_seq_len = find_multiple(max_seq_len, 8)
@@ -352,8 +351,8 @@ class LlamaGenGPT(nn.Module):
         self,
         tokens: torch.Tensor,
         positions: torch.Tensor,
-        mask: Optional[torch.Tensor] = None,
-        rope_positions: Optional[torch.Tensor] = None,
+        mask: torch.Tensor | None = None,
+        rope_positions: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Feed image tokens (B, L) into cache slots ``positions`` ((L,) or (B, L)); see contract docs."""
         self._require_cache(tokens.shape[0])
@@ -404,7 +403,7 @@ class LlamaGenGPT(nn.Module):
         return ModelOutput(logits=self.output(h).float(), hidden=h)
 
 
-def build_gpt(name: Optional[str] = None, **overrides) -> LlamaGenGPT:
+def build_gpt(name: str | None = None, **overrides) -> LlamaGenGPT:
     """Build a GPT from a preset name and/or explicit ModelArgs fields."""
     args = ModelArgs.from_name(name, **overrides) if name else ModelArgs(**overrides)
     return LlamaGenGPT(args)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -24,7 +24,7 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded, with what is wrong and how to fix it."""
 
 
-def read_state_dict(path: str | os.PathLike, prefer: Optional[str] = None) -> tuple[dict[str, torch.Tensor], dict]:
+def read_state_dict(path: str | os.PathLike, prefer: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """Tensors and metadata of a ``.pt``/``.pth``/``.bin`` (weights_only) or ``.safetensors`` file.
 
     Accepts ``{'model': sd}``, ``{'ema': sd}``, ``{'module': sd}``, ``{'state_dict': sd}`` or a bare state
@@ -54,7 +54,7 @@ def read_state_dict(path: str | os.PathLike, prefer: Optional[str] = None) -> tu
     return _clean(sd), meta
 
 
-def _unwrap(obj, prefer: Optional[str], path: Path) -> dict:
+def _unwrap(obj, prefer: str | None, path: Path) -> dict:
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
     if prefer and prefer in obj and isinstance(obj[prefer], dict):
@@ -98,7 +98,7 @@ def _preview(items: list, n: int = 6) -> str:
 
 
 def load_strict(
-    model: nn.Module, sd: dict[str, torch.Tensor], source: str, suggest: Optional[Callable[[dict], Optional[str]]] = None
+    model: nn.Module, sd: dict[str, torch.Tensor], source: str, suggest: Callable[[dict], str | None] | None = None
 ) -> nn.Module:
     """Copy ``sd`` into ``model`` or raise one error listing every problem and the preset that would fit."""
     missing, unexpected, mismatched = diff_state_dict(model, sd)
@@ -117,7 +117,7 @@ def load_strict(
     return model
 
 
-def config_from_metadata(meta: dict) -> Optional[dict]:
+def config_from_metadata(meta: dict) -> dict | None:
     """Model config stored by genaccel in safetensors metadata (key 'config'), if any."""
     raw = meta.get("config")
     return json.loads(raw) if raw else None

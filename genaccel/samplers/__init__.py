@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from genaccel.samplers.base import Sampler, SampleOutput, SamplerStats, SamplingOptions
+from genaccel.samplers.base import SampleOutput, Sampler, SamplerStats, SamplingOptions
 
 SAMPLERS: dict[str, str] = {
     "ar": "genaccel.samplers.ar:ARSampler",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -128,7 +128,7 @@ def target_probs(logits: torch.Tensor, opts: SamplingOptions, token_index) -> to
     return logits_to_probs(guided_logits(logits, opts, token_index), opts)
 
 
-def draw(probs: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One token per row of probs (…, V)."""
     flat = probs.reshape(-1, probs.shape[-1])
     return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
@@ -153,7 +153,7 @@ class Sampler:
 
     @torch.no_grad()
     def generate(
-        self, model: ARModel, labels: torch.Tensor, generator: Optional[torch.Generator] = None
+        self, model: ARModel, labels: torch.Tensor, generator: torch.Generator | None = None
     ) -> SampleOutput:
         """Sample one image's tokens per label (B,) with ``model``; labels must be valid class ids."""
         labels = torch.as_tensor(labels, device=_device_of(model))

@@ -10,7 +10,6 @@ Unlike the official code the base width ``ch`` is configurable (official: 128), 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -37,7 +36,7 @@ class VQArgs:
         return 2 ** (len(self.encoder_ch_mult) - 1)
 
     @classmethod
-    def from_name(cls, name: str, **overrides) -> "VQArgs":
+    def from_name(cls, name: str, **overrides) -> VQArgs:
         if name not in VQ_PRESETS:
             raise ValueError(f"unknown VQ preset {name!r}; available: {', '.join(VQ_PRESETS)}")
         return cls(**{**VQ_PRESETS[name], **overrides})
@@ -273,7 +272,7 @@ class VQModel(nn.Module):
     def decode_latent(self, z_q: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(z_q))
 
-    def decode(self, indices: torch.Tensor, grid: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    def decode(self, indices: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         """Token indices (B, h*w) or (B, h, w) -> images (B, 3, h*ds, w*ds), roughly in [-1, 1]."""
         if indices.dim() == 2:
             n = indices.shape[1]
@@ -290,6 +289,6 @@ class VQModel(nn.Module):
         return self.decode_latent(q.z_q), q
 
 
-def build_vq(name: Optional[str] = "VQ-16", **overrides) -> VQModel:
+def build_vq(name: str | None = "VQ-16", **overrides) -> VQModel:
     args = VQArgs.from_name(name, **overrides) if name else VQArgs(**overrides)
     return VQModel(args)
