@@ -45,6 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="sampler option, e.g. gsd.group_size=25 (value parsed as YAML)")
     p.add_argument("--ckpt", default=None, help="GPT checkpoint (default: bundled)")
     p.add_argument("--vq-ckpt", default=None, help="VQ checkpoint (default: bundled)")
+    p.add_argument("--classifier", default=None, help="crop classifier for FD-domain/accuracy (default: bundled)")
     p.add_argument("--reference-per-class", type=int, default=64, help="held-out crops per class for FD-domain")
     p.add_argument("--doc", default="docs/benchmarks.md", help="markdown file to update ('' = none)")
     p.add_argument("--png", default="docs/samplers_speed_quality.png")
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
     from genaccel.eval.feature_extractor import load_feature_extractor
 
     pipe = load_model("llamagen", ckpt=a.ckpt, vq_ckpt=a.vq_ckpt)
-    extractor = load_feature_extractor()
+    extractor = load_feature_extractor(a.classifier)
     reference = reference_domain_stats(a.reference_per_class, extractor=extractor)
     labels = labels_for(pipe.num_classes, None, a.num_images)
     latency_labels = labels_for(pipe.num_classes, None, a.latency_images)
