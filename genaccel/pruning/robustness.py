@@ -20,10 +20,13 @@ def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
     return 1.0 if not union else len(a_set & b_set) / len(union)
 
 
-def cutoff_margin(scores: torch.Tensor | None, kept: torch.Tensor, exclude: torch.Tensor) -> float:
+def cutoff_margin(
+    scores: torch.Tensor | None, kept: torch.Tensor, exclude: torch.Tensor, ranked: torch.Tensor | None = None
+) -> float:
     """(weakest kept score - strongest dropped score) / score range; NaN when there is no ranking to cut.
 
-    `exclude` (the uniform reserve) is left out of the kept side: those tokens were not chosen by the score.
+    `exclude` (the uniform reserve) is left out of the kept side: those tokens were not chosen by the score;
+    `ranked` restricts the kept side further (e.g. VisionZip's dominant tokens, not its merged targets).
     A margin near 0 means a small perturbation can swap tokens across the cut-off; < 0 means the rule is not a
     plain top-k of these scores (e.g. diversity or per-partition budgets).
     Infinite scores mark tokens taken unconditionally (e.g. DivPrune's first pick) and are ignored.
@@ -33,7 +36,8 @@ def cutoff_margin(scores: torch.Tensor | None, kept: torch.Tensor, exclude: torc
     scores = scores.float()
     dropped = torch.ones_like(scores, dtype=torch.bool)
     dropped[kept] = False
-    chosen = kept[~torch.isin(kept, exclude)]
+    chosen = kept if ranked is None else ranked
+    chosen = chosen[~torch.isin(chosen, exclude)]
     chosen = chosen[torch.isfinite(scores[chosen])]
     finite = scores[torch.isfinite(scores)]
     if chosen.numel() == 0 or not bool(dropped.any()) or finite.numel() < 2:

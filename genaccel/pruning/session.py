@@ -187,10 +187,10 @@ class PruningSession:
         if self.strategy.in_llm:
             attention = adapter.layers[self.layer - 1].self_attn
             self._capture_llm(attention)
-        if self.requested & VISION_SIGNALS:
-            for which in ("deep", "shallow"):
-                attention = adapter.vision_layers()[adapter.vision_layer_index({}, which)].self_attn
-                self._capture_vision(attention, which)
+        sources = {"cls_attention": "deep", "vision_keys": "deep", "cls_attention_shallow": "shallow"}
+        for which in sorted({layer for signal, layer in sources.items() if signal in self.requested}):
+            attention = adapter.vision_layers()[adapter.vision_layer_index({}, which)].self_attn
+            self._capture_vision(attention, which)
 
     def detach(self) -> None:
         for handle in reversed(self._handles):
@@ -432,6 +432,7 @@ class PruningSession:
         return context
 
     def _vision_context(self) -> dict[str, torch.Tensor]:
+        """Requested [CLS]-attention rows and key metrics over all captured vision rows, flattened."""
         layer, _ = self.adapter.feature_choice(self._call)
         if layer != self.adapter.feature_choice({})[0]:
             raise ValueError(
@@ -439,39 +440,35 @@ class PruningSession:
             )
         heads = self.adapter.vision_heads()
         scale = self.adapter.vision_layers()[0].self_attn.scale
+        captured = self._vision_captured
         context = {}
         for which, name in (("deep", "cls_attention"), ("shallow", "cls_attention_shallow")):
-            rows = sig.cls_attention(
-                self._vision_captured[(which, "q")], self._vision_captured[(which, "k")], heads, scale
-            )
-            context[name] = rows.mean(dim=1).flatten()
-        context["vision_keys"] = sig.head_mean_keys(self._vision_captured[("deep", "k")], heads).flatten(0, 1)
+            if name in self.requested:
+                rows = sig.cls_attention(captured[(which, "q")], captured[(which, "k")], heads, scale)
+                context[name] = rows.mean(dim=1).flatten()
+        if "vision_keys" in self.requested:
+            context["vision_keys"] = sig.head_mean_keys(captured[("deep", "k")], heads).flatten(0, 1)
         return context
 
     def _llm_context(self, hidden, cos, sin, mask2d) -> dict[str, torch.Tensor]:
+        """Requested layer K-1 attention signals for every sample ([B, L] each)."""
         attention = self.adapter.layers[self.layer - 1].self_attn
         config = self.adapter.text_config
         batch, length = hidden.shape[:2]
         device = hidden.device
         valid = torch.ones(batch, length, dtype=torch.bool, device=device) if mask2d is None else mask2d.bool()
-        last = (torch.arange(length, device=device)[None] * valid).argmax(dim=1)
         queries, keys = self._llm_captured[("llm", "q")], self._llm_captured[("llm", "k")]
         cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
-        return {
-            "text_attention": sig.last_query_attention(
-                queries,
-                keys,
-                cos,
-                sin,
-                last,
-                valid,
-                config.num_attention_heads,
-                config.num_key_value_heads,
-                attention.scaling,
-            ),
-            "key_norms": sig.rotated_key_l1(keys, cos, sin, config.num_key_value_heads),
-            "valid": valid,
-        }
+        heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+        context = {"valid": valid}
+        if "text_attention" in self.requested:
+            last = (torch.arange(length, device=device)[None] * valid).argmax(dim=1)
+            context["text_attention"] = sig.last_query_attention(
+                queries, keys, cos, sin, last, valid, heads, kv_heads, attention.scaling
+            )
+        if self.requested & {"key_norms", "text_pivots"}:
+            context["key_norms"] = sig.rotated_key_l1(keys, cos, sin, kv_heads)
+        return context
 
     def _generator(self, ordinal: int, stream: int = 0) -> torch.Generator:
         """Per-image random stream, independent of batch composition (a sample prunes the same alone or batched)."""
@@ -499,7 +496,7 @@ class PruningSession:
             start=int(span.columns[0]),
             n_tokens=layout.length,
             n_kept=kept_columns.numel() + always.numel(),
-            margin=cutoff_margin(selection.scores, selection.keep, reserved),
+            margin=cutoff_margin(selection.scores, selection.keep, reserved, selection.ranked),
             jitter_overlap=overlap,
         )
         return torch.cat([kept_columns, always]), merged, report
@@ -509,15 +506,16 @@ class PruningSession:
         columns = span.columns[prunable]
         layout = span.layout
         fields: dict[str, Any] = {"embeds": hidden[span.sample, columns.to(hidden.device)].detach().float().cpu()}
-        if self.requested & VISION_SIGNALS:
-            source = layout.source[prunable]
-            for name in ("cls_attention", "cls_attention_shallow", "vision_keys"):
-                fields[name] = context[name][source.to(context[name].device)].cpu()
+        for name in ("cls_attention", "cls_attention_shallow", "vision_keys"):
+            if name in context:
+                fields[name] = context[name][layout.source[prunable].to(context[name].device)].cpu()
+        for name in ("text_attention", "key_norms"):
+            if name in context and name in self.requested:
+                fields[name] = context[name][span.sample, columns.to(context[name].device)].cpu()
+        if self.requested & {"partition", "base_crop"}:
             fields["partition"] = None if layout.partition is None else layout.partition[prunable]
             fields["base_crop"] = None if layout.base_crop is None else layout.base_crop[prunable]
-        if self.requested & LLM_SIGNALS:
-            fields["text_attention"] = context["text_attention"][span.sample, columns].cpu()
-            fields["key_norms"] = context["key_norms"][span.sample, columns].cpu()
+        if "text_pivots" in self.requested:
             fields["text_pivots"] = self._text_pivots(span.sample, hidden, context)
         return SpanSignals(**fields)
 

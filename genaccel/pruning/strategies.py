@@ -59,6 +59,7 @@ class Selection:
     keep: torch.Tensor
     scores: torch.Tensor | None = None
     embeds: torch.Tensor | None = None  # [len(keep), D] replacement states for the kept tokens (merging)
+    ranked: torch.Tensor | None = None  # the part of `keep` chosen by `scores` (default: all of it)
 
 
 class Strategy:
@@ -72,6 +73,10 @@ class Strategy:
     def select(
         self, signals: SpanSignals, budget: int, preselected: torch.Tensor, generator: torch.Generator
     ) -> Selection:
+        """Choose at most `budget` of `signals.n_tokens` tokens, always including `preselected` (the reserve).
+
+        `generator` is the only source of randomness, so a selection is reproducible per image.
+        """
         raise NotImplementedError
 
 
@@ -222,7 +227,8 @@ class VisionZip(Strategy):
         slot_of[keep] = torch.arange(keep.numel())
         rows = torch.cat([keep, members])
         groups = torch.cat([torch.arange(keep.numel()), slot_of[owner]])
-        return Selection(keep=keep, scores=scores, embeds=group_means(signals.embeds[rows], groups, keep.numel()))
+        embeds = group_means(signals.embeds[rows], groups, keep.numel())
+        return Selection(keep=keep, scores=scores, embeds=embeds, ranked=dominant)
 
 
 def largest_remainder(total: int, weights: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:

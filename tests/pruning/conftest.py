@@ -153,6 +153,23 @@ def qwen2vl_inputs(grids: list[list[tuple[int, int, int]]], seed: int = 0) -> di
     }
 
 
+def qwen2vl_image_and_video(seed: int = 0) -> dict[str, torch.Tensor]:
+    """One prompt with an image (8x8 patches -> 16 tokens) followed by a 2-frame video (2x4x4 -> 8 tokens)."""
+    torch.manual_seed(seed)
+    row = text_ids(3, seed) + [VISION_START] + [IMAGE] * 16 + [VISION_END] + text_ids(2, seed + 1)
+    row += [VISION_START] + [VIDEO] * 8 + [VISION_END] + text_ids(3, seed + 2)
+    ids = torch.tensor([row])
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "mm_token_type_ids": (ids == IMAGE).int() + 2 * (ids == VIDEO).int(),
+        "pixel_values": torch.randn(64, 3 * 2 * 2 * 2),
+        "image_grid_thw": torch.tensor([[1, 8, 8]]),
+        "pixel_values_videos": torch.randn(32, 3 * 2 * 2 * 2),
+        "video_grid_thw": torch.tensor([[2, 4, 4]]),
+    }
+
+
 @pytest.fixture(scope="session")
 def llava():
     return build_llava()

@@ -24,6 +24,11 @@ def test_margin_ignores_reserved_and_infinite_tokens():
     assert cutoff_margin(scores, torch.tensor([0, 3, 4]), torch.tensor([0])) == (10.0 - 4.0) / 10.0
 
 
+def test_margin_counts_only_the_ranked_part_of_the_keep_set():
+    scores = torch.tensor([0.0, 1.0, 4.0, 10.0])
+    assert cutoff_margin(scores, torch.tensor([0, 3]), torch.tensor([], dtype=torch.long), torch.tensor([3])) == 0.6
+
+
 def test_margin_is_nan_without_a_ranking():
     kept = torch.tensor([0])
     assert math.isnan(cutoff_margin(None, kept, kept[:0]))

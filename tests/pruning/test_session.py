@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import IMAGE, llava_inputs, llava_next_inputs, qwen2vl_inputs, tiny_llama
+from conftest import IMAGE, VIDEO, llava_inputs, llava_next_inputs, qwen2vl_image_and_video, qwen2vl_inputs, tiny_llama
 from transformers import LlamaForCausalLM
 
 from genaccel import pruning
@@ -41,6 +41,19 @@ def test_keep_all_reproduces_unpatched_prefill_and_decode(name, request):
     assert torch.equal(all_logits(patched), all_logits(reference))
     assert torch.equal(patched.sequences, reference.sequences)
     assert session.reports[0].kept_length == inputs["input_ids"].shape[1]
+
+
+def test_qwen2vl_prunes_images_and_videos_in_one_prompt(qwen2vl):
+    inputs = qwen2vl_image_and_video()
+    reference = greedy(qwen2vl, inputs)
+    with pruning.apply(qwen2vl, "keep-all"):
+        assert torch.equal(all_logits(greedy(qwen2vl, inputs)), all_logits(reference))
+    with pruning.apply(qwen2vl, "divprune", keep=3) as session:
+        greedy(qwen2vl, inputs)
+    spans = session.reports[0].spans
+    assert [(span.n_tokens, span.n_kept) for span in spans] == [(16, 3), (8, 3)]
+    kept = inputs["input_ids"][0, session.reports[0].keep_columns[0]]
+    assert int((kept == IMAGE).sum()) == 3 and int((kept == VIDEO).sum()) == 3
 
 
 def additive_mask(allowed: torch.Tensor) -> torch.Tensor:
