@@ -1,6 +1,7 @@
 """Speed vs quality of the samplers on the bundled model: ``python -m genaccel.bench samplers``.
 
-For every sampler, in one process (so ratios are measured in one run):
+For every sampler, in one process (so ratios are measured in one run; samplers take turns image by
+image so that load from other jobs on a shared CPU falls on all of them alike):
 * latency at batch 1: median wall time per image over ``--latency-images`` runs after one warm-up;
   NFE and step compression per image from the same runs;
 * throughput at batch ``--batch-size``: images/s over ``--num-images`` images, which are also scored:
@@ -65,26 +66,31 @@ def sampler_options(sets: list[str], names: list[str], cfg_scale: float) -> dict
     return options
 
 
-def measure_latency(pipe, sampler, labels: torch.Tensor, seed: int) -> dict:
-    """Median batch-1 wall time after one warm-up image, with per-image NFE and step compression."""
-    sampler.generate(pipe.gpt, labels[:1], torch.Generator().manual_seed(seed - 1))
-    times, nfes, hists, drafts, targets = [], [], [], [], []
+def measure_latency(pipe, samplers: dict, labels: torch.Tensor, seed: int) -> dict[str, dict]:
+    """Median batch-1 wall time per sampler after one warm-up image, with per-image NFE and step compression.
+
+    Samplers take turns image by image, so load from other jobs on a shared CPU hits all of them alike.
+    """
+    runs: dict[str, list] = {name: [] for name in samplers}
+    for sampler in samplers.values():
+        sampler.generate(pipe.gpt, labels[:1], torch.Generator().manual_seed(seed - 1))
     for i, label in enumerate(labels):
-        out = sampler.generate(pipe.gpt, label[None], torch.Generator().manual_seed(seed + i))
-        times.append(out.stats.wall_time_s)
-        nfes.append(out.stats.nfe)
-        drafts.append(out.stats.draft_time_s)
-        targets.append(out.stats.target_time_s)
-        hists.append(out.stats.extra.get("accepted_length_hist", {}))
+        for name, sampler in samplers.items():
+            runs[name].append(sampler.generate(pipe.gpt, label[None], torch.Generator().manual_seed(seed + i)).stats)
     tokens = pipe.gpt.num_image_tokens
-    accepted = sum_hists(hists)
-    return {
-        "latency_s": statistics.median(times), "nfe": statistics.mean(nfes),
-        "step_compression": tokens / statistics.mean(nfes), "draft_time_s": statistics.mean(drafts),
-        "target_time_s": statistics.mean(targets), "wall_time_s": statistics.mean(times),
-        "accepted_length_hist": accepted,
-        "mean_accepted_length": sum(a * c for a, c in accepted.items()) / max(1, sum(accepted.values())),
-    }
+    results = {}
+    for name, stats in runs.items():
+        nfe = statistics.mean(s.nfe for s in stats)
+        accepted = sum_hists([s.extra.get("accepted_length_hist", {}) for s in stats])
+        results[name] = {
+            "latency_s": statistics.median(s.wall_time_s for s in stats), "nfe": nfe, "step_compression": tokens / nfe,
+            "draft_time_s": statistics.mean(s.draft_time_s for s in stats),
+            "target_time_s": statistics.mean(s.target_time_s for s in stats),
+            "wall_time_s": statistics.mean(s.wall_time_s for s in stats),
+            "accepted_length_hist": accepted,
+            "mean_accepted_length": sum(a * c for a, c in accepted.items()) / max(1, sum(accepted.values())),
+        }
+    return results
 
 
 def sum_hists(hists: list[dict]) -> dict[int, int]:
@@ -95,19 +101,26 @@ def sum_hists(hists: list[dict]) -> dict[int, int]:
     return dict(sorted(total.items()))
 
 
-def measure_throughput(pipe, sampler, labels: torch.Tensor, batch_size: int, seed: int) -> tuple[dict, torch.Tensor]:
-    """Images/s over all labels at ``batch_size`` (sampling only, decode excluded) and the decoded images."""
-    images, wall, nfe_batches = [], 0.0, []
+def measure_throughput(pipe, samplers: dict, labels: torch.Tensor, batch_size: int, seed: int) -> dict[str, tuple]:
+    """Images/s over all labels at ``batch_size`` (sampling only, decode excluded) and the decoded images.
+
+    Samplers take turns batch by batch (see :func:`measure_latency`).
+    """
+    walls = dict.fromkeys(samplers, 0.0)
+    nfes: dict[str, list] = {name: [] for name in samplers}
+    images: dict[str, list] = {name: [] for name in samplers}
     for i, chunk in enumerate(labels.split(batch_size)):
-        out = sampler.generate(pipe.gpt, chunk, torch.Generator().manual_seed(seed + 1000 + i))
-        wall += out.stats.wall_time_s
-        nfe_batches.append(out.stats.nfe)
-        images.append(pipe.decode(out.tokens))
+        for name, sampler in samplers.items():
+            out = sampler.generate(pipe.gpt, chunk, torch.Generator().manual_seed(seed + 1000 + i))
+            walls[name] += out.stats.wall_time_s
+            nfes[name].append(out.stats.nfe)
+            images[name].append(pipe.decode(out.tokens))
     tokens = pipe.gpt.num_image_tokens
     return {
-        "images_per_s": labels.numel() / wall, "nfe_per_batch": statistics.mean(nfe_batches),
-        "step_compression_batch": tokens / statistics.mean(nfe_batches),
-    }, torch.cat(images)
+        name: ({"images_per_s": labels.numel() / walls[name], "nfe_per_batch": statistics.mean(nfes[name]),
+                "step_compression_batch": tokens / statistics.mean(nfes[name])}, torch.cat(images[name]))
+        for name in samplers
+    }
 
 
 def score(images: torch.Tensor, labels: torch.Tensor, reference, extractor) -> dict:
@@ -230,13 +243,12 @@ def main(argv: list[str] | None = None) -> dict:
     reference = reference_domain_stats(a.reference_per_class, extractor=extractor)
     labels = labels_for(pipe.num_classes, None, a.num_images)
     latency_labels = labels_for(pipe.num_classes, None, a.latency_images)
+    latency = measure_latency(pipe, samplers, latency_labels, a.seed)
+    throughput = measure_throughput(pipe, samplers, labels, a.batch_size, a.seed)
     results = {}
     for name, sampler in samplers.items():
-        r = {"options": {k: v for k, v in vars(sampler.options).items()}}
-        r.update(measure_latency(pipe, sampler, latency_labels, a.seed))
-        thr, images = measure_throughput(pipe, sampler, labels, a.batch_size, a.seed)
-        r.update(thr)
-        r.update(score(images, labels, reference, extractor))
+        thr, images = throughput[name]
+        r = {"options": dict(vars(sampler.options)), **latency[name], **thr, **score(images, labels, reference, extractor)}
         results[name] = r
         print(f"{name}: " + ", ".join(f"{k}={v:.3f}" for k, v in r.items() if isinstance(v, float)), flush=True)
 

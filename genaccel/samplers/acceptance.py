@@ -120,24 +120,27 @@ def gsd_group(
     """GSD's dynamic cluster of x as a boolean mask (..., V).
 
     Candidates are the ``group_size`` tokens around x in the ranking by p (``group_size // 2`` more
-    probable, the rest less probable, cut at the ends of the vocabulary); a candidate t stays only if
+    probable, the rest less probable, cut at the ends of the vocabulary; tokens tied with x in p are not
+    candidates); a candidate t stays only if
     ``|p(t) - p(x)| < prob_threshold`` and, with a codebook, ``||E[t] - E[x]||^2 < embed_threshold``.
     x itself is always a member (GSD ``SpeculativeSampler.__call__``, shared/reference/speculative.md §2.2).
     """
-    V = p.shape[-1]
-    order = p.argsort(dim=-1, descending=True)
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(V, device=p.device).expand_as(order))
-    r = gather_token(rank, x).unsqueeze(-1)
-    offsets = r - group_size // 2 + torch.arange(group_size, device=p.device)
-    inside = (offsets >= 0) & (offsets < V)
-    cand = order.gather(-1, offsets.clamp(0, V - 1))
-    cand = torch.where(inside, cand, x.unsqueeze(-1))  # out-of-range slots collapse onto x
-    keep = (p.gather(-1, cand) - gather_token(p, x).unsqueeze(-1)).abs() < prob_threshold
+    # The h = group_size // 2 tokens just above x in the ranking are the h least probable of those more probable
+    # than x; the rest are the most probable of those less probable. Two top-k calls instead of a full sort.
+    above_n = min(group_size // 2, p.shape[-1] - 1)
+    below_n = min(group_size - 1 - group_size // 2, p.shape[-1] - 1)
+    px = gather_token(p, x).unsqueeze(-1)
+    above = torch.where(p > px, p, math.inf).topk(above_n, dim=-1, largest=False)
+    below = torch.where(p < px, p, -math.inf).topk(below_n, dim=-1, largest=True)
+    xs = x.unsqueeze(-1)
+    inside = torch.cat([above.values.isfinite(), below.values.isfinite(), torch.ones_like(xs, dtype=torch.bool)], -1)
+    cand = torch.where(inside, torch.cat([above.indices, below.indices, xs], dim=-1), xs)
+    keep = (p.gather(-1, cand) - px).abs() < prob_threshold
     if codebook is not None and math.isfinite(embed_threshold):
         cb = codebook.to(p.device, torch.float32)
         dist = (cb[cand] - cb[x].unsqueeze(-2)).pow(2).sum(-1)
         keep &= dist < embed_threshold
-    keep |= cand == x.unsqueeze(-1)
+    keep |= cand == xs
     return torch.zeros_like(p, dtype=torch.bool).scatter_(-1, cand, keep)
 
 

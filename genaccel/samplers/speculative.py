@@ -217,7 +217,9 @@ def verify_window(
     ratio = rule.ratio(target, draft.q, x)
     u = torch.rand(B, K, generator=generator, device=p.device)
     run = (u < ratio).long().cumprod(-1).sum(-1)  # leading accepted drafts, 0..K
-    last_dist = torch.cat([residual_distribution(target, draft.q), p[:, K:]], dim=1)[rows, run]
+    stop = run.clamp(max=K - 1)
+    residual = residual_distribution(target[rows, stop], draft.q[rows, stop])
+    last_dist = torch.where((run < K)[:, None], residual, p[:, K])
     tokens = torch.cat([x, x.new_zeros(B, 1)], dim=1)
     tokens[rows, run] = draw(last_dist, generator)
     return Verification(accepted=run + 1, tokens=tokens)

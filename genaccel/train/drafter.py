@@ -28,7 +28,7 @@ from genaccel.utils.io import save_json, save_safetensors, save_torch
 DEFAULTS = {
     "out_dir": "checkpoints/drafter", "gpt_path": "genaccel/assets/llamagen_tiny_gpt.safetensors",
     "vq_path": "genaccel/assets/llamagen_tiny_vq.safetensors", "tokens_path": "checkpoints/gpt/tokens_train.pt",
-    "real_per_class": 256, "real_sequences": 1280, "self_distill_images": 768, "self_distill_cfg": 4.0,
+    "real_per_class": 256, "real_sequences": 1536, "self_distill_images": 256, "self_distill_cfg": 4.0,
     "seed": 0, "steps": 3000, "batch_size": 16, "lr": 1e-3, "warmup": 100, "weight_decay": 0.0,
     "null_label_prob": 0.3, "noise": 0.2, "ce_weight": 0.1, "grad_clip": 0.5, "threads": 2, "eval_sequences": 64,
     "ckpt_every": 200, "log_every": 50, "max_minutes": 30.0,
