@@ -1,0 +1,254 @@
+"""Sharded, resumable sampling of N images for evaluation (single process or ``torchrun``).
+
+The job is cut into shards of ``batch_size`` consecutive global indices. Shard ``k`` always holds images
+``k*B .. k*B+B-1`` with labels from a fixed global label plan and a generator seeded from ``(seed, k)``, so
+what a shard contains does not depend on how many processes run. Rank ``r`` of ``W`` samples shards
+``k % W == r``. Every shard is written atomically (temp file + rename) as soon as it is done; a killed
+job re-run with the same arguments skips the finished shards, so no sample is lost or duplicated, even
+with a different number of processes. Rank 0 then packs the shards in index order into an ADM ``.npz``.
+
+This follows LlamaGen's ``sample_c2i_ddp.py`` (rank-sharded seeds, rank 0 packs ``arr_0``), with two
+changes: seeds are per shard instead of per rank (world-size independent), and there is no
+oversampling to a multiple of the global batch (the last shard is just shorter).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from genaccel.eval.images import save_adm_npz
+
+SHARD_DIR = "shards"
+JOB_FILE = "job.json"
+SAMPLES_FILE = "samples.npz"
+
+
+@dataclass
+class SampleJob:
+    """What to sample. Everything except ``out_dir`` must match when a job is resumed."""
+
+    out_dir: str
+    num_images: int
+    batch_size: int = 16
+    seed: int = 0
+    labels: str = "balanced"  # 'balanced' (classes cycled) or 'random' (uniform over classes)
+    classes: list[int] | None = None
+    sampler: str = "ar"
+    sampler_options: dict = field(default_factory=dict)
+    model: dict = field(default_factory=dict)  # how the pipeline was built (checkpoint paths, image size)
+
+    def __post_init__(self) -> None:
+        if self.num_images < 1:
+            raise ValueError(f"num_images must be >= 1, got {self.num_images}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.labels not in ("balanced", "random"):
+            raise ValueError(f"labels must be 'balanced' or 'random', got {self.labels!r}")
+
+    @property
+    def out(self) -> Path:
+        return Path(self.out_dir)
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_images // self.batch_size)
+
+    def fingerprint(self) -> dict:
+        d = asdict(self)
+        d.pop("out_dir")
+        return d
+
+    def shard_range(self, k: int) -> tuple[int, int]:
+        return k * self.batch_size, min((k + 1) * self.batch_size, self.num_images)
+
+    def shard_path(self, k: int) -> Path:
+        return self.out / SHARD_DIR / f"shard_{k:06d}.npz"
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(timeout_min: float = 180.0) -> DistInfo:
+    """Join the ``torchrun`` process group if there is one: nccl with CUDA, gloo on the CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_min))
+    return DistInfo(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def shutdown_distributed(info: DistInfo) -> None:
+    """Leave the process group cleanly (a rank exiting with a live gloo group can abort at shutdown)."""
+    if info.world > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.world > 1:
+        dist.barrier()
+
+
+def label_plan(num_classes: int, job: SampleJob) -> torch.Tensor:
+    """Global labels (N,): classes cycled in order ('balanced') or drawn uniformly with the job seed."""
+    from genaccel.pipeline import labels_for
+
+    classes = job.classes or list(range(num_classes))
+    balanced = labels_for(num_classes, classes, job.num_images)  # also validates the class ids
+    if job.labels == "balanced":
+        return balanced
+    rng = np.random.default_rng([job.seed, 7])
+    return torch.as_tensor(rng.choice(np.asarray(classes), size=job.num_images), dtype=torch.long)
+
+
+def shard_seed(seed: int, k: int) -> int:
+    """Seed of shard ``k``: depends only on (job seed, shard index), never on rank or world size."""
+    return int(np.random.SeedSequence([seed, k]).generate_state(1, np.uint64)[0] % (2**63))
+
+
+def shards_for_rank(job: SampleJob, info: DistInfo) -> list[int]:
+    return list(range(info.rank, job.num_shards, info.world))
+
+
+def read_shard(job: SampleJob, k: int) -> dict | None:
+    """A finished shard's arrays, or None if it is absent or not a complete shard of this job."""
+    path = job.shard_path(k)
+    if not path.is_file():
+        return None
+    start, end = job.shard_range(k)
+    try:
+        with np.load(path) as z:
+            data = {key: z[key] for key in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return None
+    if data.get("indices") is None or not np.array_equal(data["indices"], np.arange(start, end)):
+        return None
+    return data
+
+
+def write_shard(job: SampleJob, k: int, images: torch.Tensor, labels: torch.Tensor, stats) -> Path:
+    """Atomically write shard ``k`` (images uint8 NHWC, labels, global indices, sampler stats as JSON)."""
+    from genaccel.utils.io import atomic_write
+
+    start, end = job.shard_range(k)
+    arrays = {"images": images.numpy(), "labels": labels.cpu().numpy(), "indices": np.arange(start, end),
+                  "stats": np.array(json.dumps(stats.to_dict()))}
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    return atomic_write(job.shard_path(k), write)
+
+
+def remove_stale_temp_files(job: SampleJob) -> int:
+    """Delete temp files a killed run left behind (only safe before any rank starts writing)."""
+    stale = list((job.out / SHARD_DIR).glob(".shard_*.tmp")) if (job.out / SHARD_DIR).is_dir() else []
+    for f in stale:
+        f.unlink(missing_ok=True)
+    return len(stale)
+
+
+def prepare_job_dir(job: SampleJob, info: DistInfo) -> None:
+    """Rank 0 records the job; every rank then checks that an existing job directory holds this same job."""
+    path = job.out / JOB_FILE
+    if info.is_main:
+        remove_stale_temp_files(job)
+        if not path.exists():
+            from genaccel.utils.io import save_json
+
+            save_json(job.fingerprint(), path)
+    barrier(info)
+    recorded = json.loads(path.read_text())
+    if recorded != json.loads(json.dumps(job.fingerprint())):
+        changed = sorted(k for k in set(recorded) | set(job.fingerprint()) if recorded.get(k) != job.fingerprint().get(k))
+        raise ValueError(
+            f"{job.out} already holds a different sampling job (fields differ: {changed}); resume it with the same "
+            "arguments, or choose a new --out directory"
+        )
+
+
+def sample_shards(pipeline, sampler, job: SampleJob, info: DistInfo, progress: bool = True) -> dict:
+    """Sample this rank's missing shards; returns counts and the wall time spent sampling (+ decoding)."""
+    import time
+
+    labels = label_plan(pipeline.num_classes, job)
+    mine = shards_for_rank(job, info)
+    todo = [k for k in mine if read_shard(job, k) is None]
+    device = next(pipeline.gpt.parameters()).device
+    start, images = time.perf_counter(), 0
+    for k in tqdm(todo, desc=f"sampling rank {info.rank}/{info.world}", disable=not progress, position=info.rank):
+        s, e = job.shard_range(k)
+        gen = torch.Generator(device=device).manual_seed(shard_seed(job.seed, k))
+        out = sampler.generate(pipeline.gpt, labels[s:e].to(device), gen)
+        write_shard(job, k, pipeline.decode(out.tokens), labels[s:e], out.stats)
+        images += e - s
+    return {"shards_assigned": len(mine), "shards_sampled": len(todo), "shards_resumed": len(mine) - len(todo),
+            "images_sampled": images, "wall_time_s": time.perf_counter() - start}
+
+
+def collect_shards(job: SampleJob) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """All shards in index order: images (N, H, W, 3), labels (N,), per-shard sampler stats."""
+    parts = [read_shard(job, k) for k in range(job.num_shards)]
+    missing = [k for k, p in enumerate(parts) if p is None]
+    if missing:
+        raise RuntimeError(
+            f"{len(missing)} of {job.num_shards} shards are missing in {job.out / SHARD_DIR} (first: {missing[:5]}); "
+            "re-run the same command to sample them"
+        )
+    images = np.concatenate([p["images"] for p in parts])
+    labels = np.concatenate([p["labels"] for p in parts])
+    return images, labels, [json.loads(str(p["stats"])) for p in parts]
+
+
+def pack_samples(job: SampleJob) -> tuple[Path, np.ndarray, np.ndarray, list[dict]]:
+    """Write ``samples.npz`` (ADM: ``arr_0`` uint8 NHWC, ``arr_1`` labels) from the shards."""
+    images, labels, stats = collect_shards(job)
+    return save_adm_npz(job.out / SAMPLES_FILE, images, labels), images, labels, stats
+
+
+def summarize_stats(stats: list[dict]) -> dict:
+    """NFE and step compression per image sequence, averaged over shards (weighted by images)."""
+    images = sum(s["images"] for s in stats)
+    nfe = sum(s["nfe"] * s["images"] for s in stats) / images
+    tokens = sum(s["tokens"] * s["images"] for s in stats) / images
+    return {"nfe_per_image": nfe, "tokens_per_image": tokens, "step_compression": tokens / max(nfe, 1e-12),
+            "sampler_wall_time_s": sum(s["wall_time_s"] for s in stats)}
+
+
+__all__ = [
+    "DistInfo",
+    "SampleJob",
+    "barrier",
+    "collect_shards",
+    "init_distributed",
+    "label_plan",
+    "pack_samples",
+    "prepare_job_dir",
+    "read_shard",
+    "sample_shards",
+    "shard_seed",
+    "shards_for_rank",
+    "shutdown_distributed",
+    "summarize_stats",
+    "write_shard",
+]

@@ -1,0 +1,111 @@
+"""Sharded sampling jobs: label plans, world-size-independent shards, torchrun, resume after SIGKILL."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from genaccel.eval.__main__ import main
+from genaccel.eval.job import DistInfo, SampleJob, label_plan, read_shard, shard_seed, shards_for_rank
+
+NUM = 24  # 12 shards of 2 images
+SAMPLE = ["sample", "--batch-size", "2", "--metrics", "none", "--no-progress", "--threads", "1"]
+
+
+def _run_cli(args: list[str], env_extra: dict | None = None, **popen) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, **popen)
+
+
+def _arrays(out) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(out / "samples.npz") as z:
+        return z["arr_0"], z["arr_1"]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, tiny_model_args):
+    """The uninterrupted single-process job every other run must reproduce exactly."""
+    out = tmp_path_factory.mktemp("jobs") / "reference"
+    main([*SAMPLE, "--out", str(out), "--num-images", str(NUM), *tiny_model_args])
+    return _arrays(out)
+
+
+def test_balanced_labels_cycle_classes_and_random_labels_are_seeded():
+    job = SampleJob(out_dir="x", num_images=40, classes=[1, 3], labels="balanced")
+    assert label_plan(16, job).bincount(minlength=4).tolist() == [0, 20, 0, 20]
+    rand = SampleJob(out_dir="x", num_images=40, labels="random", seed=5)
+    assert torch.equal(label_plan(16, rand), label_plan(16, rand))
+    assert not torch.equal(label_plan(16, rand), label_plan(16, SampleJob(out_dir="x", num_images=40, labels="random")))
+    with pytest.raises(ValueError, match="out of range"):
+        label_plan(16, SampleJob(out_dir="x", num_images=4, classes=[16]))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_every_shard_is_assigned_to_exactly_one_rank(world):
+    job = SampleJob(out_dir="x", num_images=23, batch_size=4)
+    assigned = sorted(k for r in range(world) for k in shards_for_rank(job, DistInfo(rank=r, world=world)))
+    assert assigned == list(range(6))
+    assert job.shard_range(5) == (20, 23)
+    assert len({shard_seed(0, k) for k in range(6)}) == 6
+
+
+def test_packed_npz_is_adm_format_with_balanced_labels(reference_run):
+    images, labels = reference_run
+    assert images.shape == (NUM, 16, 16, 3) and images.dtype == np.uint8
+    assert labels.tolist() == [i % 16 for i in range(NUM)]
+
+
+def test_two_process_torchrun_matches_single_process(tmp_path, tiny_model_args, reference_run):
+    out = tmp_path / "ddp"
+    proc = _run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "genaccel.eval",
+                     *SAMPLE, "--out", str(out), "--num-images", str(NUM), *tiny_model_args])
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, log
+    shard_files = sorted(p.name for p in (out / "shards").iterdir())
+    assert shard_files == [f"shard_{k:06d}.npz" for k in range(NUM // 2)]
+    images, labels = _arrays(out)
+    np.testing.assert_array_equal(labels, reference_run[1])
+    np.testing.assert_array_equal(images, reference_run[0])
+    assert '"processes": 2' in log
+
+
+def test_killed_job_resumes_without_lost_or_duplicated_samples(tmp_path, tiny_model_args, reference_run):
+    out = tmp_path / "killed"
+    shards = out / "shards"
+    proc = _run_cli(["-m", "genaccel.eval", *SAMPLE, "--out", str(out), "--num-images", str(NUM), *tiny_model_args])
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline and not any(shards.glob("shard_*.npz")):
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    done = sorted(shards.glob("shard_*.npz"))
+    assert 1 <= len(done) < NUM // 2, "the kill should land mid-job"
+    assert not (out / "samples.npz").exists()
+    job = SampleJob(out_dir=str(out), num_images=NUM, batch_size=2)
+    assert all(read_shard(job, int(p.stem.split("_")[1])) is not None for p in done), "a shard was half-written"
+    main([*SAMPLE, "--out", str(out), "--num-images", str(NUM), *tiny_model_args])
+    images, labels = _arrays(out)
+    np.testing.assert_array_equal(labels, reference_run[1])
+    np.testing.assert_array_equal(images, reference_run[0])
+    assert not list(shards.glob(".*.tmp"))
+
+
+def test_resuming_with_different_arguments_is_refused(tmp_path, tiny_model_args):
+    out = tmp_path / "job"
+    main([*SAMPLE, "--out", str(out), "--num-images", "2", *tiny_model_args])
+    with pytest.raises(SystemExit, match=r"different sampling job \(fields differ: \['seed'\]\)"):
+        main([*SAMPLE, "--out", str(out), "--num-images", "2", "--seed", "1", *tiny_model_args])
+
+
+def test_fid_without_inception_weights_names_the_fix(tmp_path, tiny_model_args, monkeypatch):
+    monkeypatch.delenv("GENACCEL_INCEPTION_WEIGHTS", raising=False)
+    args = ["sample", "--out", str(tmp_path / "j"), "--num-images", "2", "--metrics", "fid", "--no-progress",
+            "--reference", str(tmp_path), *tiny_model_args]
+    with pytest.raises(SystemExit, match="--inception-weights"):
+        main(args)

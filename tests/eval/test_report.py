@@ -1,0 +1,35 @@
+import json
+
+import pytest
+
+from genaccel.eval.report import RUN_SCHEMA, build_report, main
+
+
+def _run(path, name, **fields):
+    run = {"schema": RUN_SCHEMA, "name": name, "command": f"genaccel eval sample --name {name}",
+           "sampler": {"name": "ar", "options": {"cfg_scale": fields.pop("cfg", 4.0)}},
+           "speed": fields.pop("speed", {}), "metrics": fields.pop("metrics", {}),
+           "environment": {"device": "cpu", "torch": "2.x"}}
+    path.write_text(json.dumps(run))
+    return path
+
+
+def test_report_merges_speed_and_quality_and_writes_all_outputs(tmp_path):
+    _run(tmp_path / "a_quality.json", "ar", metrics={"fd_domain": 1.5, "class_accuracy": 0.8, "num_images": 64})
+    _run(tmp_path / "a_speed.json", "ar", speed={"images_per_s": 3.0, "latency_median_s": 0.2, "nfe_per_image": 256})
+    _run(tmp_path / "b.json", "fast", speed={"images_per_s": 6.0}, metrics={"fd_domain": 2.5}, cfg=1.0)
+    report = build_report([str(tmp_path / "*.json")], tmp_path / "out" / "report")
+    rows = {r["name"]: r for r in report["rows"]}
+    assert rows["ar"]["fd_domain"] == 1.5 and rows["ar"]["images_per_s"] == 3.0 and len(rows["ar"]["commands"]) == 2
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "FD-domain" in md and "FID" not in md.replace("FD-domain", "")
+    assert "| ar | ar | 0.200 | 3.00 | 256.0 |" in md
+    assert (tmp_path / "out" / "report.png").stat().st_size > 1000
+
+
+def test_report_rejects_non_run_json(tmp_path, capsys):
+    (tmp_path / "x.json").write_text(json.dumps({"fid": 3.0}))
+    with pytest.raises(SystemExit, match="x.json is not a run record"):
+        main([str(tmp_path / "x.json"), "--out", str(tmp_path / "r")])
+    with pytest.raises(SystemExit, match="not found"):
+        main([str(tmp_path / "missing.json"), "--out", str(tmp_path / "r")])
