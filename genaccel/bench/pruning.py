@@ -172,7 +172,7 @@ def render(result: dict, command: str, size: ModelSize, layer: int) -> str:
         f"(random-init LLaVA-style, {result['params'] / 1e6:.0f}M params)"
     )
     environment_line = (
-        f"Environment: torch {env['torch']}, {env['threads']} threads, {env['machine']} CPU (shared with other jobs), "
+        f"Environment: torch {env['torch']}, {env['threads']} thread{'s' * (env['threads'] != 1)}, {env['machine']} CPU (shared with other jobs), "
         "fp32, SDPA.  "
     )
     model_line = (

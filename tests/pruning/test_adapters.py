@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import IMAGE, VIDEO, llava_next_inputs
+from tiny_vlms import IMAGE, VIDEO, llava_next_inputs
 
 from genaccel.pruning.adapters import ImageLayout, Qwen2VLAdapter, adapter_for, clip_layer_index, find_spans
 

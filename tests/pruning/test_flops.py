@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import tiny_llama
+from tiny_vlms import tiny_llama
 
 from genaccel.pruning.flops import config_prefill_flops, layer_flops, prefill_flops
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import IMAGE, VIDEO, llava_inputs, llava_next_inputs, qwen2vl_image_and_video, qwen2vl_inputs, tiny_llama
+from tiny_vlms import IMAGE, VIDEO, llava_inputs, llava_next_inputs, qwen2vl_image_and_video, qwen2vl_inputs, tiny_llama
 from transformers import LlamaForCausalLM
 
 from genaccel import pruning

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import tiny_clip, tiny_llama
+from tiny_vlms import tiny_clip, tiny_llama
 from transformers import CLIPVisionModel, LlamaModel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
