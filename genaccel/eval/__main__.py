@@ -218,13 +218,10 @@ def _sample_and_score(a: argparse.Namespace, argv: list[str], metrics: list[str]
 
 def _gather_counts(progress: dict, info) -> dict:
     """Sum the per-rank sampling counts onto every rank."""
-    keys = ("images_sampled", "shards_resumed", "shards_sampled")
-    local = torch.tensor([float(progress[k]) for k in keys], dtype=torch.float64)
-    if info.world > 1:
-        import torch.distributed as dist
+    from genaccel.eval.job import sum_across_ranks
 
-        dist.all_reduce(local)
-    return {k: int(v) for k, v in zip(keys, local.tolist())}
+    keys = ("images_sampled", "shards_resumed", "shards_sampled")
+    return {k: int(v) for k, v in sum_across_ranks({k: progress[k] for k in keys}, info).items()}
 
 
 def _jsonable(options) -> dict:

@@ -80,10 +80,16 @@ class DistInfo:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    backend: str = "none"
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def comm_device(self) -> torch.device:
+        """Where collective tensors must live: the rank's GPU for nccl, the CPU otherwise."""
+        return torch.device(f"cuda:{self.local_rank}") if self.backend == "nccl" else torch.device("cpu")
 
 
 def init_distributed(timeout_min: float = 180.0) -> DistInfo:
@@ -91,10 +97,14 @@ def init_distributed(timeout_min: float = 180.0) -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return DistInfo()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_min))
-    return DistInfo(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    return DistInfo(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank,
+                    backend=dist.get_backend())
 
 
 def shutdown_distributed(info: DistInfo) -> None:
@@ -105,7 +115,16 @@ def shutdown_distributed(info: DistInfo) -> None:
 
 def barrier(info: DistInfo) -> None:
     if info.world > 1:
-        dist.barrier()
+        dist.barrier(device_ids=[info.local_rank] if info.backend == "nccl" else None)
+
+
+def sum_across_ranks(values: dict[str, float], info: DistInfo) -> dict[str, float]:
+    """Element-wise sum of a dict of numbers over all ranks (every rank gets the result)."""
+    keys = sorted(values)
+    local = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=info.comm_device)
+    if info.world > 1:
+        dist.all_reduce(local)
+    return dict(zip(keys, local.cpu().tolist()))
 
 
 def label_plan(num_classes: int, job: SampleJob) -> torch.Tensor:
