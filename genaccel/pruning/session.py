@@ -175,6 +175,8 @@ class PruningSession:
     def attach(self) -> None:
         """Register every hook; `detach` removes them all."""
         adapter = self.adapter
+        if "get_image_features" in vars(adapter.outer):
+            raise RuntimeError("a pruning block is already active on this model; nested `apply` is not supported")
         self._hook(adapter.outer.register_forward_pre_hook(self._on_outer, with_kwargs=True))
         self._hook(adapter.outer.register_forward_hook(lambda *_: self._reset_call()))
         self._hook(adapter.text_model.register_forward_pre_hook(self._on_text_model, with_kwargs=True))

@@ -262,6 +262,12 @@ def test_cls_strategy_on_qwen_explains_missing_signal(qwen2vl):
         enter(qwen2vl, "visionzip")
 
 
+def test_nested_blocks_are_rejected(llava):
+    with pruning.apply(llava, "uniform", keep=4), pytest.raises(RuntimeError, match="already active"):
+        enter(llava, "random", keep=4)
+    enter(llava, "random", keep=4)
+
+
 def test_in_llm_layer_out_of_range(llava):
     with pytest.raises(ValueError, match="1 <= layer < 3"):
         enter(llava, "fastv", layer=3)
