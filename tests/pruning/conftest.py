@@ -12,6 +12,11 @@ def llava():
 
 
 @pytest.fixture(scope="session")
+def llava_eager():
+    return build_llava(attn="eager")
+
+
+@pytest.fixture(scope="session")
 def llava_next():
     return build_llava_next()
 

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_vlms import IMAGE, VIDEO, llava_inputs, llava_next_inputs, qwen2vl_image_and_video, qwen2vl_inputs, tiny_llama
+from tiny_vlms import (
+    IMAGE,
+    VIDEO,
+    llava_inputs,
+    llava_next_inputs,
+    qwen2vl_image_and_video,
+    qwen2vl_inputs,
+    tiny_llama,
+)
 from transformers import LlamaForCausalLM
 
 from genaccel import pruning
@@ -24,7 +32,7 @@ def all_logits(output) -> torch.Tensor:
 
 def model_inputs(name: str, model) -> dict[str, torch.Tensor]:
     """A padded batch of 2 for each model family (one sample holds two images where supported)."""
-    if name == "llava":
+    if name.startswith("llava") and name != "llava_next":
         return llava_inputs([1, 2])
     if name == "llava_next":
         return llava_next_inputs(model, [(40, 60), (64, 30)])
@@ -111,6 +119,7 @@ def explicit_positions(name: str, model, inputs) -> torch.Tensor:
         ("llava", "divprune", None),
         ("llava", "fastv", 2),
         ("llava", "dart", 1),
+        ("llava_eager", "fastv", 1),
         ("llava_next", "fastervlm", None),
         ("qwen2vl", "mmr", None),
         ("qwen2vl", "fastv", 1),
@@ -168,6 +177,17 @@ def test_cached_decode_matches_recomputing_without_cache(name, request):
         cached = greedy(model, inputs, steps=4)
         uncached = greedy(model, inputs, steps=4, use_cache=False)
     assert torch.equal(cached.sequences, uncached.sequences)
+    torch.testing.assert_close(all_logits(cached), all_logits(uncached), atol=2e-5, rtol=1e-4)
+
+
+def test_eager_attention_backend_keeps_the_same_guarantees(llava_eager):
+    model = llava_eager
+    inputs = llava_inputs([1, 2])
+    reference = greedy(model, inputs)
+    with pruning.apply(model, "keep-all"):
+        assert torch.equal(all_logits(greedy(model, inputs)), all_logits(reference))
+    with pruning.apply(model, "divprune", keep=5):
+        cached, uncached = greedy(model, inputs), greedy(model, inputs, use_cache=False)
     torch.testing.assert_close(all_logits(cached), all_logits(uncached), atol=2e-5, rtol=1e-4)
 
 
