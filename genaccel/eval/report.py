@@ -62,6 +62,8 @@ def run_row(run: dict) -> dict[str, Any]:
     env = run.get("environment", {})
     row["device"] = env.get("gpu") or env.get("device")
     row["torch"] = env.get("torch")
+    row["threads"] = env.get("torch_threads")
+    row["load_avg_1m"] = env.get("load_avg_1m")
     return row
 
 
@@ -98,9 +100,13 @@ def markdown_table(rows: list[dict]) -> str:
     for r in rows:
         for cmd in r.get("commands", []):
             lines.append(f"- `{r['name']}`: `{cmd}`")
-    envs = sorted({f"{r.get('device')}, torch {r.get('torch')}" for r in rows})
+    envs = sorted({f"{r.get('device')}, torch {r.get('torch')}, {r.get('threads')} thread(s)" for r in rows})
     lines.append("")
     lines.append("Environment: " + "; ".join(envs))
+    loads = [r["load_avg_1m"] for r in rows if r.get("load_avg_1m") is not None]
+    if loads:
+        lines.append(f"Machine load average while measuring: {min(loads):.1f}-{max(loads):.1f} (timings on a busy "
+                     "machine are noisy).")
     return "\n".join(lines) + "\n"
 
 
