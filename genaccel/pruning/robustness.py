@@ -46,3 +46,37 @@ def cutoff_margin(
     if spread == 0:
         return math.nan
     return float(scores[chosen].min() - scores[dropped].max()) / spread
+
+
+def input_jitter_overlap(
+    model: torch.nn.Module,
+    inputs: dict[str, torch.Tensor],
+    strategy: str = "divprune",
+    keep: int | float = 64,
+    sigma: float = 1e-2,
+    seed: int = 0,
+    **options,
+) -> list[float]:
+    """Per-sample keep-set Jaccard overlap between a prefill on ``inputs`` and one on jittered pixels.
+
+    This is the attack surface of "Less Is More — Until It Breaks": a perturbation of the *image* (Gaussian
+    noise of std ``sigma`` on ``pixel_values``/``pixel_values_videos``, in the processor's normalised units)
+    that moves which tokens survive. Two real forward passes, so it costs two prefills; the cheaper per-call
+    probe (``apply(..., robustness=True)``) jitters the selection signals instead.
+    """
+    from genaccel.pruning import apply
+
+    pixel_keys = [k for k in ("pixel_values", "pixel_values_videos") if k in inputs]
+    if not pixel_keys:
+        raise ValueError("inputs carry no pixel_values / pixel_values_videos: nothing to jitter")
+    gen = torch.Generator().manual_seed(seed)
+    jittered = dict(inputs)
+    for key in pixel_keys:
+        noise = torch.randn(inputs[key].shape, generator=gen, dtype=torch.float32)
+        jittered[key] = inputs[key] + (sigma * noise).to(inputs[key].dtype)
+    keeps = []
+    for batch in (inputs, jittered):
+        with apply(model, strategy, keep, seed=seed, **options) as session, torch.no_grad():
+            model(**batch)
+        keeps.append(session.reports[-1].keep_columns)
+    return [jaccard(a, b) for a, b in zip(*keeps)]

@@ -34,3 +34,17 @@ def test_margin_is_nan_without_a_ranking():
     assert math.isnan(cutoff_margin(None, kept, kept[:0]))
     assert math.isnan(cutoff_margin(torch.ones(3), kept, kept[:0]))
     assert math.isnan(cutoff_margin(torch.arange(3.0), torch.arange(3), kept[:0]))
+
+
+def test_input_jitter_overlap_is_one_without_noise_and_drops_with_large_noise():
+    from tiny_vlms import build_llava, llava_inputs
+
+    from genaccel.pruning.robustness import input_jitter_overlap
+
+    torch.manual_seed(0)
+    model = build_llava().eval()
+    inputs = llava_inputs([1, 1])
+    assert input_jitter_overlap(model, inputs, "fastervlm", keep=4, sigma=0.0) == [1.0, 1.0]
+    noisy = input_jitter_overlap(model, inputs, "fastervlm", keep=4, sigma=3.0)
+    assert len(noisy) == 2 and min(noisy) < 1.0
+    assert input_jitter_overlap(model, inputs, "keep_all", keep=4, sigma=3.0) == [1.0, 1.0]
