@@ -183,9 +183,43 @@ def markdown(results: dict, command: str, env: dict, png: str) -> str:
         "256 tokens / NFE. Latency: median wall time of batch-1 images after one warm-up. FD-domain and class "
         f"accuracy: the batch-8 images vs held-out crops, bundled crop classifier. Options: {opts}."),
         "",
+        "Goals (issue 5, this CPU):",
+        "",
+        *goal_lines(results),
+        "",
         f"![speed vs quality]({Path(png).name})",
         END,
     ])
+
+
+def goal_lines(results: dict) -> list[str]:
+    """The issue's targets for this CPU, checked on this run's numbers (met / NOT met)."""
+    ar = results.get("ar")
+    if ar is None:
+        return []
+
+    def speed(name: str) -> float:
+        return ar["latency_s"] / results[name]["latency_s"]
+
+    def fd(name: str) -> float:
+        return results[name]["fd_domain"] / ar["fd_domain"]
+
+    checks = []
+    if "sjd" in results:
+        checks.append((f"sjd step compression {results['sjd']['step_compression']:.2f}x >= 2.0x "
+                       f"(quality: FD-domain {fd('sjd'):.2f}x ar, exact sampler)", results["sjd"]["step_compression"] >= 2.0))
+    if "gsd" in results:
+        checks.append((f"gsd step compression {results['gsd']['step_compression']:.2f}x >= 3.5x and FD-domain "
+                       f"{fd('gsd'):.2f}x ar <= 1.15x", results["gsd"]["step_compression"] >= 3.5 and fd("gsd") <= 1.15))
+    if "lantern" in results and "sd" in results:
+        ratio = speed("lantern") / speed("sd")
+        checks.append((f"lantern latency speed-up {speed('lantern'):.2f}x = {ratio:.2f} x sd's {speed('sd'):.2f}x "
+                       f"(>= 1.75) and FD-domain {fd('lantern'):.2f}x ar <= 1.15x", ratio >= 1.75 and fd("lantern") <= 1.15))
+    for name, r in results.items():
+        if name != "ar":
+            ratio = speed(name) / r["step_compression"]
+            checks.append((f"{name} wall-clock speed-up / step compression = {ratio:.2f} >= 0.8", ratio >= 0.8))
+    return [f"- {'met' if ok else 'NOT met'}: {text}" for text, ok in checks]
 
 
 def update_doc(doc: Path, section: str) -> None:

@@ -24,8 +24,8 @@ from genaccel.samplers.speculative import (
 
 @dataclass
 class GSDOptions(JacobiOptions):
-    group_size: int = 25
-    prob_threshold: float = 0.15
+    group_size: int = 50  # GSD paper: G in {3, 25, 50}; 50 measured best on the bundled model
+    prob_threshold: float = 0.3  # GSD code: 0.15; 0.3 measured on the bundled model (docs/benchmarks.md)
     embed_threshold: float = 0.5
     codebook: str = ""
     lantern_k: int = 32

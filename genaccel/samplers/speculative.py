@@ -101,8 +101,8 @@ def sampler_cli_options() -> list[tuple[str, dict]]:
     return [
         opt("--window", int, "sjd/gsd: Jacobi window, tokens verified per target forward (default 16)"),
         opt("--init", str, "sjd/gsd: initialisation of new draft slots", choices=INIT_SCHEMES),
-        opt("--group-size", int, "gsd: tokens around the draft in probability rank that may form its group (25)"),
-        opt("--prob-threshold", float, "gsd: group members need |p(t) - p(x)| below this (0.15)"),
+        opt("--group-size", int, "gsd: tokens around the draft in probability rank that may form its group (50)"),
+        opt("--prob-threshold", float, "gsd: group members need |p(t) - p(x)| below this (0.3)"),
         opt("--embed-threshold", float, "gsd: group members need squared codebook distance below this (0.5; inf = off)"),
         opt("--lantern-k", int, "lantern (gsd): latent neighbours considered per draft token"),
         opt("--lantern-delta", float, "lantern (gsd): moved mass bound; <= 1 TV bound, > 1 LANTERN++ lambda, 0 = off"),
