@@ -40,7 +40,7 @@ class JacobiOptions(SamplingOptions):
     """Options of the training-free Jacobi draft window (SJD, GSD)."""
 
     window: int = 16
-    init: str = "random"
+    init: str = "repeat_horizon"  # SJD's LlamaGen setting; 'random' is its Lumina-mGPT / GSD setting
 
     def validate(self) -> None:
         super().validate()
