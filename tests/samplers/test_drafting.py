@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import tiny_gpt
+from spec_helpers import tiny_gpt
 
 from genaccel.models.drafter import EagleDrafter
 from genaccel.samplers.base import SamplerStats, SamplingOptions

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import exact_joint, sequence_index, tiny_gpt
 from scipy.stats import chisquare
+from spec_helpers import exact_joint, sequence_index, tiny_gpt
 
 from genaccel.models.drafter import EagleDrafter
 from genaccel.samplers import build_sampler
