@@ -46,7 +46,6 @@ def test_fd_domain_of_a_set_with_itself_is_zero_and_grows_with_noise(small_class
         class_accuracy(x, torch.zeros(3), extractor=model)
 
 
-@pytest.mark.skipif(not ASSET.is_file(), reason="bundled crop classifier not built yet")
 def test_bundled_classifier_matches_its_recorded_heldout_accuracy():
     import json
 
