@@ -27,17 +27,23 @@ class UsageError(Exception):
 
 
 def sampler_flag_specs() -> list[tuple[str, dict]]:
-    """(flag, argparse kwargs) from every registered sampler module that declares extra options."""
-    specs, seen = [], set()
-    for module in sorted({path.split(":")[0] for path in SAMPLERS.values()}):
+    """(flag, argparse kwargs) declared by ``sampler_cli_options()`` in the modules of the registered samplers
+    (and of their base classes, so a family of samplers can declare its flags once)."""
+    specs, seen_flags, seen_fns = [], set(), set()
+    for name in available_samplers():
         try:
-            mod = importlib.import_module(module)
+            cls = sampler_class(name)
         except ImportError:
             continue
-        for flag, kwargs in getattr(mod, "sampler_cli_options", lambda: [])():
-            if flag not in seen:
-                seen.add(flag)
-                specs.append((flag, {**kwargs, "default": None}))
+        for klass in cls.__mro__:
+            fn = getattr(sys.modules.get(klass.__module__), "sampler_cli_options", None)
+            if fn is None or fn in seen_fns:
+                continue
+            seen_fns.add(fn)
+            for flag, kwargs in fn():
+                if flag not in seen_flags:
+                    seen_flags.add(flag)
+                    specs.append((flag, {**kwargs, "default": None}))
     return specs
 
 

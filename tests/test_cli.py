@@ -62,7 +62,18 @@ def test_same_seed_same_images(tiny_ckpts, tmp_path):
     assert (tmp_path / "a/00000_class0001.png").read_bytes() == (tmp_path / "b/00000_class0001.png").read_bytes()
 
 
+def test_sampler_specific_flags_reach_the_sampler(tiny_ckpts, tmp_path):
+    out = tmp_path / "sjd"
+    common = ["sample", "--ckpt", str(tiny_ckpts / "gpt.safetensors"), "--vq-ckpt", str(tiny_ckpts / "vq.pt"),
+              "--classes", "1", "--no-progress"]
+    assert cli_main(common + ["--sampler", "sjd", "--window", "4", "--out", str(out)]) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["options"]["window"] == 4 and stats["nfe_per_image"] < 16
+
+
 @pytest.mark.parametrize("args,message", [
+    (["--sampler", "ar", "--window", "4"], "option --window does not apply to sampler 'ar'"),
+    (["--sampler", "sjd", "--window", "0"], "window must lie in"),
     (["--sampler", "nope"], "unknown sampler 'nope'; available:"),
     (["--classes", "9"], "class id 9 out of range"),
     (["--cfg-scale", "-1"], "cfg_scale must be >= 0"),
