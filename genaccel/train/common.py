@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -69,3 +70,12 @@ def cosine_lr(step: int, total: int, base: float, warmup: int, floor: float = 0.
         return base * (step + 1) / warmup
     t = (step - warmup) / max(1, total - warmup)
     return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def stop_reason(step: int, cfg: dict, start: float) -> str:
+    """Why a recipe should stop early at ``step`` ('' = keep going): ``stop_at`` or the ``max_minutes`` budget."""
+    if cfg.get("stop_at") is not None and step >= cfg["stop_at"]:
+        return f"stop_at={cfg['stop_at']} reached (LR schedule spans {cfg['steps']} steps)"
+    if (time.time() - start) / 60 > cfg["max_minutes"]:
+        return f"time budget of {cfg['max_minutes']} min reached at step {step}; stopping early"
+    return ""

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from genaccel.data.skimage_crops import NUM_CLASSES, make_crops
 from genaccel.models import load_vq
 from genaccel.models.llamagen import LlamaGenGPT, ModelArgs
-from genaccel.train.common import cosine_lr, load_checkpoint, make_logger, parse_config, save_checkpoint
+from genaccel.train.common import cosine_lr, load_checkpoint, make_logger, parse_config, save_checkpoint, stop_reason
 from genaccel.utils.io import save_json, save_safetensors, save_torch
 
 DEFAULTS = dict(
@@ -124,15 +124,11 @@ def main(argv: list[str] | None = None) -> dict:
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if step % cfg["log_every"] == 0:
             log.info(f"step {step} loss {loss.item():.4f} lr {lr:.2e} min {(time.time() - start) / 60:.1f}")
-        if step % cfg["ckpt_every"] == 0 or step == cfg["steps"]:
+        stop = stop_reason(step, cfg, start)
+        if stop or step % cfg["ckpt_every"] == 0 or step == cfg["steps"]:
             save_checkpoint(ckpt, model, opt, step, cfg)
-        if cfg["stop_at"] is not None and step >= cfg["stop_at"]:
-            log.info(f"stop_at={cfg['stop_at']} reached (LR schedule spans {cfg['steps']} steps)")
-            save_checkpoint(ckpt, model, opt, step, cfg)
-            break
-        if (time.time() - start) / 60 > cfg["max_minutes"]:
-            log.info(f"time budget of {cfg['max_minutes']} min reached at step {step}; stopping early")
-            save_checkpoint(ckpt, model, opt, step, cfg)
+        if stop:
+            log.info(stop)
             break
     bar.close()
     metrics = {"heldout_nll_nats": heldout_nll(model, heldout), "steps": step,

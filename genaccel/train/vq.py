@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from genaccel.data.skimage_crops import RandomCropStream, make_crops
 from genaccel.tokenizers.vq import VQArgs, VQModel
-from genaccel.train.common import cosine_lr, load_checkpoint, make_logger, parse_config, save_checkpoint
+from genaccel.train.common import cosine_lr, load_checkpoint, make_logger, parse_config, save_checkpoint, stop_reason
 from genaccel.utils.io import save_json, save_safetensors
 
 DEFAULTS = dict(
@@ -109,15 +109,11 @@ def main(argv: list[str] | None = None) -> dict:
             psnr = 10 * math.log10(4.0 / max(rec_loss.item(), 1e-12))
             log.info(f"step {step} loss {loss.item():.4f} train_psnr {psnr:.2f} used {int(used.sum())} reseeded {n_dead} lr {lr:.2e}")
             used.zero_()
-        if step % cfg["ckpt_every"] == 0 or step == cfg["steps"]:
+        stop = stop_reason(step, cfg, start)
+        if stop or step % cfg["ckpt_every"] == 0 or step == cfg["steps"]:
             save_checkpoint(ckpt, model, opt, step, cfg)
-        if cfg["stop_at"] is not None and step >= cfg["stop_at"]:
-            log.info(f"stop_at={cfg['stop_at']} reached (LR schedule spans {cfg['steps']} steps)")
-            save_checkpoint(ckpt, model, opt, step, cfg)
-            break
-        if (time.time() - start) / 60 > cfg["max_minutes"]:
-            log.info(f"time budget of {cfg['max_minutes']} min reached at step {step}; stopping early")
-            save_checkpoint(ckpt, model, opt, step, cfg)
+        if stop:
+            log.info(stop)
             break
     bar.close()
     metrics = evaluate(model, cfg["eval_per_class"])
