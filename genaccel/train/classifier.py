@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from genaccel.data.skimage_crops import NUM_CLASSES, RandomCropStream, make_crops
 from genaccel.eval.feature_extractor import ClassifierConfig, CropClassifier, classifier_metadata
-from genaccel.train.common import cosine_lr, load_checkpoint, make_logger, parse_config, save_checkpoint
+from genaccel.train.common import checkpoint_or_stop, cosine_lr, make_logger, parse_config, resume, set_lr
 from genaccel.utils.io import save_json, save_safetensors
 
 DEFAULTS = {
@@ -97,8 +97,7 @@ def classifier_config(cfg: dict) -> ClassifierConfig:
 
 
 def train_step(model, opt, x, y, lr: float, label_smoothing: float) -> float:
-    for g in opt.param_groups:
-        g["lr"] = lr
+    set_lr(opt, lr)
     loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -114,10 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(cfg["threads"])
     model = CropClassifier(classifier_config(cfg))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    step, ckpt = 0, out / "last.pt"
-    if ckpt.exists():
-        step, _ = load_checkpoint(ckpt, model, opt)
-        log.info(f"resumed from {ckpt} at step {step}")
+    ckpt = out / "last.pt"
+    step = resume(ckpt, model, opt, log)
     # Streams are re-seeded from the step so a resumed run draws fresh (but deterministic) crops.
     stream = MixedCropStream(cfg["seed"] * 1000 + step, cfg["plain_fraction"])
     gen = torch.Generator().manual_seed(cfg["seed"] + step)
@@ -133,11 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
         if step % cfg["eval_every"] == 0:
             acc = heldout_accuracy(model, 32)["heldout_accuracy"]
             log.info(f"step {step} loss {loss:.4f} heldout_acc(32/class) {acc:.4f} lr {lr:.2e}")
-        if step % cfg["ckpt_every"] == 0 or step == cfg["steps"]:
-            save_checkpoint(ckpt, model, opt, step, cfg)
-        if (time.time() - start) / 60 > cfg["max_minutes"]:
-            log.info(f"time budget of {cfg['max_minutes']} min reached at step {step}; stopping early")
-            save_checkpoint(ckpt, model, opt, step, cfg)
+        if checkpoint_or_stop(ckpt, model, opt, step, cfg, start, log):
             break
     bar.close()
     metrics = heldout_accuracy(model, cfg["eval_per_class"])

@@ -79,3 +79,30 @@ def stop_reason(step: int, cfg: dict, start: float) -> str:
     if (time.time() - start) / 60 > cfg["max_minutes"]:
         return f"time budget of {cfg['max_minutes']} min reached at step {step}; stopping early"
     return ""
+
+
+def resume(ckpt: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, log: logging.Logger) -> int:
+    """Load ``ckpt`` into model and optimizer if it exists; the step to continue from (0 for a fresh run)."""
+    if not ckpt.exists():
+        return 0
+    step, _ = load_checkpoint(ckpt, model, opt)
+    log.info(f"resumed from {ckpt} at step {step}")
+    return step
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+def checkpoint_or_stop(
+    ckpt: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int, cfg: dict, start: float,
+    log: logging.Logger,
+) -> bool:
+    """Save ``last.pt`` every ``ckpt_every`` steps, at the end, and before an early stop; True = stop now."""
+    stop = stop_reason(step, cfg, start)
+    if stop or step % cfg["ckpt_every"] == 0 or step == cfg["steps"]:
+        save_checkpoint(ckpt, model, opt, step, cfg)
+    if stop:
+        log.info(stop)
+    return bool(stop)

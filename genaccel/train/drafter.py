@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from genaccel.models import load_gpt
 from genaccel.models.drafter import EagleDrafter, drafter_metadata
 from genaccel.samplers import build_sampler
-from genaccel.train.common import cosine_lr, load_checkpoint, make_logger, parse_config, save_checkpoint
+from genaccel.train.common import checkpoint_or_stop, cosine_lr, make_logger, parse_config, resume, set_lr
 from genaccel.utils.io import save_json, save_safetensors, save_torch
 
 DEFAULTS = {
@@ -129,16 +129,13 @@ def main(argv: list[str] | None = None) -> dict:
     drafter = EagleDrafter.from_target(target)
     trainable = [p for p in drafter.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg["lr"], betas=(0.9, 0.95), weight_decay=cfg["weight_decay"])
-    step, ckpt = 0, out / "last.pt"
-    if ckpt.exists():
-        step, _ = load_checkpoint(ckpt, drafter, opt)
-        log.info(f"resumed from {ckpt} at step {step}")
+    ckpt = out / "last.pt"
+    step = resume(ckpt, drafter, opt, log)
     gen = torch.Generator().manual_seed(cfg["seed"] + step)
     drafter.train()
     while step < cfg["steps"]:
         lr = cosine_lr(step, cfg["steps"], cfg["lr"], cfg["warmup"])
-        for g in opt.param_groups:
-            g["lr"] = lr
+        set_lr(opt, lr)
         idx = train_idx[torch.randint(train_idx.numel(), (cfg["batch_size"],), generator=gen)]
         loss, parts = drafter_loss(drafter, target, tokens[idx], hidden[idx], cfg["noise"], cfg["ce_weight"], gen)
         opt.zero_grad(set_to_none=True)
@@ -149,11 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
         if step % cfg["log_every"] == 0:
             log.info(f"step {step} loss {loss.item():.4f} " + " ".join(f"{k} {v:.4f}" for k, v in parts.items())
                      + f" lr {lr:.2e} ({(time.time() - start) / 60:.1f} min)")
-        if step % cfg["ckpt_every"] == 0 or step == cfg["steps"]:
-            save_checkpoint(ckpt, drafter, opt, step, cfg)
-        if (time.time() - start) / 60 > cfg["max_minutes"]:
-            log.info(f"time budget of {cfg['max_minutes']} min reached at step {step}; stopping early")
-            save_checkpoint(ckpt, drafter, opt, step, cfg)
+        if checkpoint_or_stop(ckpt, drafter, opt, step, cfg, start, log):
             break
 
     drafter.eval()

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from genaccel.data.skimage_crops import NUM_CLASSES, make_crops
 from genaccel.models import load_vq
 from genaccel.models.llamagen import LlamaGenGPT, ModelArgs
-from genaccel.train.common import cosine_lr, load_checkpoint, make_logger, parse_config, save_checkpoint, stop_reason
+from genaccel.train.common import checkpoint_or_stop, cosine_lr, make_logger, parse_config, resume, set_lr
 from genaccel.utils.io import save_json, save_safetensors, save_torch
 
 DEFAULTS = dict(
@@ -97,18 +97,15 @@ def main(argv: list[str] | None = None) -> dict:
         [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg["lr"], betas=(0.9, 0.95),
     )
-    step, ckpt = 0, out / "last.pt"
-    if ckpt.exists():
-        step, _ = load_checkpoint(ckpt, model, opt)
-        log.info(f"resumed from {ckpt} at step {step}")
+    ckpt = out / "last.pt"
+    step = resume(ckpt, model, opt, log)
     gen = torch.Generator().manual_seed(cfg["seed"] * 7919 + step)
     model.train()
     start = time.time()
     bar = tqdm(total=cfg["steps"], initial=step, desc="gpt", dynamic_ncols=True)
     while step < cfg["steps"]:
         lr = cosine_lr(step, cfg["steps"], cfg["lr"], cfg["warmup"])
-        for g in opt.param_groups:
-            g["lr"] = lr
+        set_lr(opt, lr)
         idx = torch.randint(0, len(train["tokens"]), (cfg["batch_size"],), generator=gen)
         toks = train["tokens"][idx]
         labs = drop_labels(train["labels"][idx], cfg["class_dropout_prob"], args.num_classes, gen)
@@ -124,11 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if step % cfg["log_every"] == 0:
             log.info(f"step {step} loss {loss.item():.4f} lr {lr:.2e} min {(time.time() - start) / 60:.1f}")
-        stop = stop_reason(step, cfg, start)
-        if stop or step % cfg["ckpt_every"] == 0 or step == cfg["steps"]:
-            save_checkpoint(ckpt, model, opt, step, cfg)
-        if stop:
-            log.info(stop)
+        if checkpoint_or_stop(ckpt, model, opt, step, cfg, start, log):
             break
     bar.close()
     metrics = {"heldout_nll_nats": heldout_nll(model, heldout), "steps": step,

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from genaccel.data.skimage_crops import RandomCropStream, make_crops
 from genaccel.tokenizers.vq import VQArgs, VQModel
-from genaccel.train.common import cosine_lr, load_checkpoint, make_logger, parse_config, save_checkpoint, stop_reason
+from genaccel.train.common import checkpoint_or_stop, cosine_lr, make_logger, parse_config, resume, set_lr
 from genaccel.utils.io import save_json, save_safetensors
 
 DEFAULTS = dict(
@@ -76,10 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(cfg["threads"])
     model = VQModel(vq_args(cfg))
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], betas=(0.9, 0.95))
-    step, ckpt = 0, out / "last.pt"
-    if ckpt.exists():
-        step, _ = load_checkpoint(ckpt, model, opt)
-        log.info(f"resumed from {ckpt} at step {step}")
+    ckpt = out / "last.pt"
+    step = resume(ckpt, model, opt, log)
     stream = RandomCropStream("train", seed=cfg["seed"] * 1000 + step)
     gen = torch.Generator().manual_seed(cfg["seed"] + step)
     used = torch.zeros(cfg["codebook_size"], dtype=torch.bool)
@@ -87,8 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     bar = tqdm(total=cfg["steps"], initial=step, desc="vq", dynamic_ncols=True)
     while step < cfg["steps"]:
         lr = cosine_lr(step, cfg["steps"], cfg["lr"], cfg["warmup"])
-        for g in opt.param_groups:
-            g["lr"] = lr
+        set_lr(opt, lr)
         x, _ = stream.batch(cfg["batch_size"])
         latents = model.quant_conv(model.encoder(x))
         q = model.quantize(latents)
@@ -109,11 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
             psnr = 10 * math.log10(4.0 / max(rec_loss.item(), 1e-12))
             log.info(f"step {step} loss {loss.item():.4f} train_psnr {psnr:.2f} used {int(used.sum())} reseeded {n_dead} lr {lr:.2e}")
             used.zero_()
-        stop = stop_reason(step, cfg, start)
-        if stop or step % cfg["ckpt_every"] == 0 or step == cfg["steps"]:
-            save_checkpoint(ckpt, model, opt, step, cfg)
-        if stop:
-            log.info(stop)
+        if checkpoint_or_stop(ckpt, model, opt, step, cfg, start, log):
             break
     bar.close()
     metrics = evaluate(model, cfg["eval_per_class"])
