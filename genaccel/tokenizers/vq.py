@@ -116,6 +116,15 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+def run_level(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """One resolution level: each res block, followed by its attention block where the level has them."""
+    for i, res in enumerate(block.res):
+        h = res(h)
+        if len(block.attn):
+            h = block.attn[i](h)
+    return h
+
+
 class Encoder(nn.Module):
     def __init__(self, ch: int, ch_mult: list[int], num_res_blocks: int, z_channels: int, dropout: float):
         super().__init__()
@@ -146,10 +155,7 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for block in self.conv_blocks:
-            for i, res in enumerate(block.res):
-                h = res(h)
-                if len(block.attn):
-                    h = block.attn[i](h)
+            h = run_level(block, h)
             if hasattr(block, "downsample"):
                 h = block.downsample(h)
         for m in self.mid:
@@ -187,10 +193,7 @@ class Decoder(nn.Module):
         for m in self.mid:
             h = m(h)
         for block in self.conv_blocks:
-            for i, res in enumerate(block.res):
-                h = res(h)
-                if len(block.attn):
-                    h = block.attn[i](h)
+            h = run_level(block, h)
             if hasattr(block, "upsample"):
                 h = block.upsample(h)
         return self.conv_out(swish(self.norm_out(h)))
