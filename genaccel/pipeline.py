@@ -11,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 from genaccel.models import BUNDLED, LlamaGenGPT, VQModel, load_gpt, load_vq, require_bundled
+from genaccel.models.contract import check_labels
 from genaccel.samplers import Sampler, SamplerStats
 
 MODELS = ("llamagen",)
@@ -82,11 +83,9 @@ def load_model(
 
 def labels_for(num_classes: int, classes: list[int] | None, num_images: int) -> torch.Tensor:
     """Requested classes cycled to ``num_images`` (class-balanced), or all classes in order."""
-    classes = list(range(num_classes)) if not classes else classes
-    for c in classes:
-        if not 0 <= c < num_classes:
-            raise ValueError(f"class id {c} out of range: this model has {num_classes} classes (0..{num_classes - 1})")
-    return torch.tensor(np.resize(np.array(classes), num_images), dtype=torch.long)
+    labels = torch.tensor(classes if classes else range(num_classes), dtype=torch.long)
+    check_labels(labels, num_classes)
+    return torch.tensor(np.resize(labels.numpy(), num_images), dtype=torch.long)
 
 
 __all__ = ["BUNDLED", "ImagePipeline", "MODELS", "labels_for", "load_model"]

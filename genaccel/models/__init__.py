@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -37,16 +36,24 @@ def _gpt_shape_facts(sd: dict) -> dict:
         ) from None
 
 
+def matching_preset(facts: dict) -> str | None:
+    """The GPT preset with the checkpoint's width and depth, if any."""
+    for name, p in GPT_PRESETS.items():
+        if p["dim"] == facts["dim"] and p["n_layer"] == facts["n_layer"]:
+            return name
+    return None
+
+
 def suggest_gpt_preset(sd: dict) -> str | None:
     """Name the preset whose (dim, n_layer) match the checkpoint, with the vocab/classes it needs."""
     try:
         f = _gpt_shape_facts(sd)
     except CheckpointError:
         return None
-    for name, p in GPT_PRESETS.items():
-        if p["dim"] == f["dim"] and p["n_layer"] == f["n_layer"]:
-            return (f"the checkpoint fits preset {name} (--gpt-model {name}) with vocab_size={f['vocab_size']}, "
-                    f"num_classes={f['cls_rows'] - 1}")
+    name = matching_preset(f)
+    if name:
+        return (f"the checkpoint fits preset {name} (--gpt-model {name}) with vocab_size={f['vocab_size']}, "
+                f"num_classes={f['cls_rows'] - 1}")
     return (f"no preset fits (dim={f['dim']}, n_layer={f['n_layer']}); pass the custom config fields "
             "(dim, n_layer, n_head, vocab_size, num_classes, ...) explicitly")
 
@@ -65,11 +72,9 @@ def gpt_args_for_checkpoint(sd: dict, gpt_model: str | None, block_size: int, **
     f = _gpt_shape_facts(sd)
     fields = dict(vocab_size=f["vocab_size"], num_classes=f["cls_rows"] - 1, block_size=block_size)
     fields.update(overrides)
-    if gpt_model:
-        return ModelArgs.from_name(gpt_model, **fields)
-    for name, p in GPT_PRESETS.items():
-        if p["dim"] == f["dim"] and p["n_layer"] == f["n_layer"]:
-            return ModelArgs.from_name(name, **fields)
+    name = gpt_model or matching_preset(f)
+    if name:
+        return ModelArgs.from_name(name, **fields)
     fields.setdefault("dim", f["dim"])
     fields.setdefault("n_layer", f["n_layer"])
     fields.setdefault("n_head", max(1, f["dim"] // 64))
@@ -156,13 +161,6 @@ def require_bundled(kind: str) -> Path:
             "recipe in docs/models.md"
         )
     return path
-
-
-def grid_from_tokens(num_tokens: int) -> int:
-    g = math.isqrt(num_tokens)
-    if g * g != num_tokens:
-        raise ValueError(f"{num_tokens} tokens are not a square grid")
-    return g
 
 
 __all__ = [
