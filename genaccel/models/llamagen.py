@@ -322,8 +322,14 @@ class LlamaGenGPT(nn.Module):
         max_seq_len = find_multiple(max_seq_len, 8)
         param = self.output.weight
         dtype = dtype or param.dtype
-        device = device or param.device
-        if (batch_size, max_seq_len) != (self.max_batch_size, self.max_seq_len) or self.layers[0].attention.kv_cache is None or self.layers[0].attention.kv_cache.k_cache.dtype != dtype or self.layers[0].attention.kv_cache.k_cache.device != torch.device(device):
+        device = torch.empty(0, device=device or param.device).device  # "cuda" -> "cuda:0", to compare
+        cache = self.layers[0].attention.kv_cache
+        shape = (batch_size, self.args.n_kv_head, max_seq_len, self.args.head_dim)
+        reusable = (
+            cache is not None and tuple(cache.k_cache.shape) == shape and cache.k_cache.dtype == dtype
+            and cache.k_cache.device == device
+        )
+        if not reusable:  # allocate once per shape; a new image only resets the valid lengths
             for layer in self.layers:
                 layer.attention.kv_cache = KVCache(
                     batch_size, self.args.n_kv_head, max_seq_len, self.args.head_dim, dtype, device
