@@ -18,8 +18,7 @@ from typing import Any
 import torch
 
 from genaccel.samplers import SAMPLERS, available_samplers, sampler_class
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from genaccel.utils.dtypes import DTYPES
 
 
 class UsageError(Exception):
@@ -66,7 +65,7 @@ def build_sample_parser(prog: str = "genaccel sample") -> argparse.ArgumentParse
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--out", default="outputs/samples", help="output folder (PNGs, grid.png, stats.json)")
     p.add_argument("--no-progress", action="store_true")
     for flag, kwargs in sampler_flag_specs():

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 import yaml
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from genaccel.utils.dtypes import DTYPES
+
 RUN_SCHEMA = "genaccel.run/1"
 
 
@@ -36,7 +37,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gpt-model", default=None, help="GPT preset name for checkpoints without a stored config")
     g.add_argument("--image-size", type=int, default=None, help="image size the GPT was trained at")
     g.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda")
-    g.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g.add_argument("--threads", type=int, default=None, help="torch threads per process (default: torch's choice)")
     g.add_argument("--sampler", default="ar", help="sampler name (see genaccel.samplers.available_samplers())")
     g.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",

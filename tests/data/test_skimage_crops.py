@@ -1,8 +1,21 @@
 """The bundled dataset: determinism, class count, and held-out crops disjoint from training crops."""
 
+import pytest
 import torch
 
-from genaccel.data.skimage_crops import CROP, NUM_CLASSES, PHOTO_NAMES, load_photo, make_crops, split_regions
+from genaccel.data.skimage_crops import (
+    CROP,
+    GAP,
+    HELDOUT_SIDE,
+    NUM_CLASSES,
+    PHOTO_NAMES,
+    SIDES,
+    Region,
+    load_photo,
+    make_crops,
+    photo_regions,
+    split_regions,
+)
 
 
 def test_at_least_12_distinct_photo_classes():
@@ -19,12 +32,28 @@ def test_crops_are_deterministic_given_seed():
     assert a.shape == (3 * NUM_CLASSES, 3, CROP, CROP) and a.min() >= -1 and a.max() <= 1
 
 
+def _separation(a: Region, b: Region) -> int:
+    """Pixels between two boxes along the axis that separates them (negative if they overlap)."""
+    return max(b.x0 - a.x1, a.x0 - b.x1, b.y0 - a.y1, a.y0 - b.y1)
+
+
 def test_heldout_region_disjoint_from_train_region():
     for name in PHOTO_NAMES:
         img = load_photo(name)
-        r = split_regions(img.shape[2], img.shape[1])
-        assert r["train"].x1 <= r["heldout"].x0  # no shared column, hence no shared pixel
-        assert r["heldout"].x1 - r["heldout"].x0 >= CROP and r["train"].x1 - r["train"].x0 >= CROP
+        r = photo_regions(name)
+        assert _separation(r["train"], r["heldout"]) >= GAP  # no shared pixel, and a gap between
+        for box in r.values():  # both hold a full crop and lie inside the photo
+            assert box.x1 - box.x0 >= CROP and box.y1 - box.y0 >= CROP
+            assert 0 <= box.x0 and box.x1 <= img.shape[2] and 0 <= box.y0 and box.y1 <= img.shape[1]
+
+
+@pytest.mark.parametrize("side", SIDES)
+def test_every_heldout_side_splits_disjointly(side):
+    r = split_regions(300, 224, side)
+    assert _separation(r["train"], r["heldout"]) == GAP
+    assert set(HELDOUT_SIDE.values()) <= set(SIDES)
+    with pytest.raises(ValueError, match="held-out side"):
+        split_regions(300, 224, "middle")
 
 
 def test_no_heldout_crop_equals_any_train_crop():
