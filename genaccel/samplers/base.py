@@ -129,9 +129,15 @@ def target_probs(logits: torch.Tensor, opts: SamplingOptions, token_index) -> to
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row of probs (…, V)."""
-    flat = probs.reshape(-1, probs.shape[-1])
-    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+    """One token per row of probs (…, V), exactly distributed as probs.
+
+    Exponential race: with E_i ~ Exp(1) i.i.d., argmax_i p_i / E_i is token i with probability p_i / sum(p)
+    (E_i / p_i ~ Exp(p_i), and the smallest of independent exponentials is i with that probability). Two
+    vectorised ops instead of torch.multinomial, which costs ~0.2 ms per call on CPU: a tenth of a one-token
+    forward of the bundled model, paid on every AR step and every verify step.
+    """
+    noise = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(torch.finfo(probs.dtype).tiny)
+    return (probs / noise).argmax(-1)
 
 
 class Sampler:
