@@ -8,6 +8,7 @@ sampler contract (:mod:`genaccel.models.contract`). ``generate(model, labels, ge
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -29,6 +30,14 @@ class SamplerStats:
     draft_time_s: float = 0.0
     target_time_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def target_forward(self, forward: Callable[..., Any], *args: Any) -> Any:
+        """Run one target forward, counting it in ``nfe`` and its wall time in ``target_time_s``."""
+        tic = time.perf_counter()
+        out = forward(*args)
+        self.target_time_s += time.perf_counter() - tic
+        self.nfe += 1
+        return out
 
     @property
     def tokens_per_forward(self) -> float:

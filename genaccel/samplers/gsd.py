@@ -24,9 +24,9 @@ from genaccel.samplers.speculative import (
 
 @dataclass
 class GSDOptions(JacobiOptions):
-    group_size: int = 50  # GSD paper: G in {3, 25, 50}; 50 measured best on the bundled model
-    prob_threshold: float = 0.3  # GSD code: 0.15; 0.3 measured on the bundled model (docs/benchmarks.md)
-    embed_threshold: float = 0.5
+    group_size: int = 100  # GSD paper: G in {3, 25, 50}; 100 chosen on the bundled model (docs/speculative.md)
+    prob_threshold: float = 0.3  # GSD code: 0.15; 0.3 chosen on the bundled model
+    embed_threshold: float = 2.0  # squared distance of l2-normalised codes: 2.0 = positive cosine
     codebook: str = ""
     lantern_k: int = 32
     lantern_delta: float = 0.0

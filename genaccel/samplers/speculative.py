@@ -101,9 +101,9 @@ def sampler_cli_options() -> list[tuple[str, dict]]:
     return [
         opt("--window", int, "sjd/gsd: Jacobi window, tokens verified per target forward (default 16)"),
         opt("--init", str, "sjd/gsd: initialisation of new draft slots", choices=INIT_SCHEMES),
-        opt("--group-size", int, "gsd: tokens around the draft in probability rank that may form its group (50)"),
+        opt("--group-size", int, "gsd: tokens around the draft in probability rank that may form its group (100)"),
         opt("--prob-threshold", float, "gsd: group members need |p(t) - p(x)| below this (0.3)"),
-        opt("--embed-threshold", float, "gsd: group members need squared codebook distance below this (0.5; inf = off)"),
+        opt("--embed-threshold", float, "gsd: group members need squared codebook distance below this (2.0; inf = off)"),
         opt("--lantern-k", int, "lantern (gsd): latent neighbours considered per draft token"),
         opt("--lantern-delta", float, "lantern (gsd): moved mass bound; <= 1 TV bound, > 1 LANTERN++ lambda, 0 = off"),
         opt("--codebook", str, "lantern/gsd: VQ checkpoint whose codebook defines neighbours (default: bundled VQ)"),
@@ -251,10 +251,7 @@ class SpeculativeSampler(Sampler):
         hist_rows = [0] * (source.window + 1)
         hist_advance = [0] * (source.window + 1)
 
-        tic = time.perf_counter()
-        out = model.prefill(batch_labels)
-        stats.target_time_s += time.perf_counter() - tic
-        stats.nfe += 1
+        out = stats.target_forward(model.prefill, batch_labels)
         tokens = torch.empty(B, N, dtype=torch.long, device=device)
         tokens[:, 0] = draw(target_probs(out.logits[:, -1:], opts, 0), generator)[:, 0]
         state = DecodeState(model, opts, batch_labels, tokens, 1, generator, stats)
@@ -268,10 +265,8 @@ class SpeculativeSampler(Sampler):
             stats.draft_time_s += time.perf_counter() - tic
 
             fed = torch.cat([tokens[:, n - 1 : n], draft.tokens], dim=1)
-            tic = time.perf_counter()
-            out = model.forward_tokens(state.duplicate(fed), torch.arange(T + n - 1, T + n - 1 + L, device=device))
-            stats.target_time_s += time.perf_counter() - tic
-            stats.nfe += 1
+            positions = torch.arange(T + n - 1, T + n - 1 + L, device=device)
+            out = stats.target_forward(model.forward_tokens, state.duplicate(fed), positions)
 
             p = target_probs(out.logits, opts, torch.arange(n, n + L, device=device))
             verification = verify_window(p, draft, rule, generator)

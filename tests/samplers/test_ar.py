@@ -118,3 +118,10 @@ def test_bad_options_and_labels():
     with pytest.raises(ValueError, match="class id 7 out of range"):
         build_sampler("ar").generate(tiny(), torch.tensor([7]))
     assert "ar" in available_samplers()
+
+
+def test_stats_count_every_target_forward_and_its_time():
+    model = tiny()
+    stats = build_sampler("ar", cfg_scale=2.0).generate(model, torch.tensor([0, 1]), torch.Generator().manual_seed(0)).stats
+    assert stats.nfe == model.num_image_tokens  # prefill + one forward per token after the first
+    assert 0 < stats.target_time_s <= stats.wall_time_s and stats.draft_time_s == 0
