@@ -53,10 +53,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vq-ckpt", default=None, help="VQ checkpoint (default: bundled)")
     p.add_argument("--classifier", default=None, help="crop classifier for FD-domain/accuracy (default: bundled)")
     p.add_argument("--reference-per-class", type=int, default=64, help="held-out crops per class for FD-domain")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="GPT (and drafter) compute dtype")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="GPT compute dtype (the drafter head stays float32)")
     p.add_argument("--doc", default="docs/benchmarks.md", help="markdown file to update ('' = none)")
-    p.add_argument("--png", default=None, help="default docs/samplers_speed_quality[_bf16].png")
-    p.add_argument("--json", default=None, help="default runs/bench_samplers[_bf16].json")
+    p.add_argument("--png", default=None, help="default docs/samplers_speed_quality[_bf16].png ('' = none)")
+    p.add_argument("--json", default=None, help="default runs/bench_samplers[_bf16].json ('' = none)")
     return p.parse_args(argv)
 
 
@@ -157,6 +157,8 @@ def environment(threads: int, dtype: str) -> dict:
 def forward_cost_bound(results: dict, name: str) -> float:
     """Wall speed-up / step compression with free drafting and engine: AR's time per forward over ``name``'s."""
     per_forward = {n: r["target_time_s"] / r["nfe"] for n, r in results.items()}
+    if per_forward[name] <= 0:  # a sampler that recorded no target time
+        return float("nan")
     return per_forward["ar"] / per_forward[name]
 
 
@@ -206,7 +208,7 @@ def markdown(results: dict, command: str, env: dict, png: str) -> str:
         "",
         *goal_lines(results),
         "",
-        f"![speed vs quality]({Path(png).name})",
+        f"![speed vs quality]({Path(png).name})" if png else "",
     ])
 
 
@@ -296,13 +298,15 @@ def main(argv: list[str] | None = None) -> dict:
     command = "python -m genaccel.bench samplers " + " ".join(shlex.quote(x) for x in argv)
     env = environment(a.threads, a.dtype)
     suffix = "" if a.dtype == "fp32" else f"_{a.dtype}"
-    json_path = Path(a.json or f"runs/bench_samplers{suffix}.json")
-    png = Path(a.png or f"docs/samplers_speed_quality{suffix}.png")
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps({"command": command, "env": env, "results": results}, indent=2, default=str))
-    plot(results, png)
+    json_path = f"runs/bench_samplers{suffix}.json" if a.json is None else a.json
+    png = f"docs/samplers_speed_quality{suffix}.png" if a.png is None else a.png
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps({"command": command, "env": env, "results": results}, indent=2, default=str))
+    if png:
+        plot(results, Path(png))
     if a.doc:
-        write_section(f"samplers{suffix.replace('_', '-')}", markdown(results, command, env, str(png)), Path(a.doc))
+        write_section(f"samplers{suffix.replace('_', '-')}", markdown(results, command, env, png), Path(a.doc))
     return results
 
 

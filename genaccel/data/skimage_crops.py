@@ -81,6 +81,8 @@ def split_regions(width: int, height: int, side: str = "right") -> dict[str, Reg
 
 def photo_regions(name: str) -> dict[str, Region]:
     """Training and held-out regions of photo ``name`` (see HELDOUT_SIDE)."""
+    if name not in PHOTO_NAMES:
+        raise ValueError(f"unknown photo {name!r}; the dataset's photos are {PHOTO_NAMES}")
     img = load_photo(name)
     return split_regions(img.shape[2], img.shape[1], HELDOUT_SIDE.get(name, "right"))
 

@@ -23,6 +23,22 @@ Calls.
    a token sees every slot <= its own that is valid or written in this call.
 4. ``rollback(length)`` marks only slots < length valid (int, or a (B,) tensor for per-row lengths). No
    copying: stale K/V beyond the valid length are hidden by the default mask and overwritten later.
+
+Planned extensions (designed, not built; each is additive, so today's samplers keep working):
+* NAR (two dimension-oriented heads; the vertical head has its own extra block and KV cache): the model
+  keeps one ``forward_tokens`` and returns the second head's logits in an optional ``ModelOutput.extra``
+  (``{"below": (B, L, V)}``); the NAR sampler averages right/below predictions per cell before CFG, passes
+  the diagonal "proximity" mask through ``mask`` and raster slots through ``positions``; ``rollback``
+  covers every cache the model owns.
+* ZipAR: needs nothing new: per-row slots ``(B, L)``, an auxiliary token written at a slot that is later
+  overwritten, and an explicit causal-by-slot ``mask`` to reproduce the reference's attention to unwritten
+  (zero) slots.
+* Token-Shuffle (s x s tokens fused per position): a ``tokens_per_position`` attribute (1 today); then
+  ``forward_tokens`` takes tokens (B, L, s*s) and returns logits (B, L, s*s, V), and ``num_image_tokens``
+  still counts tokens, so NFE and step compression keep their meaning.
+* 1-D tokenizers (FlexTok-style, a chosen number of tokens): ``grid_size`` becomes 0 for "no 2-D layout"
+  and the token budget is a ``generate`` argument bounded by ``num_image_tokens``; samplers that rely on the
+  grid (``repeat_horizon`` init, NAR, ZipAR) check ``grid_size`` and raise one clear error.
 """
 
 from __future__ import annotations

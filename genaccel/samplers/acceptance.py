@@ -149,6 +149,8 @@ class GroupedRule:
     """GSD: accept with ``min(1, sum_C target / sum_C q)`` over x's dynamic group C; composes with ``inner``."""
 
     inner: AcceptanceRule
+    # Rule defaults follow the GSD paper/code (G 25, p 0.15, d 0.5 on its LM embeddings); the ``gsd`` sampler's
+    # defaults (GSDOptions) were tuned on the bundled model and are always passed explicitly.
     group_size: int = 25
     prob_threshold: float = 0.15
     codebook: torch.Tensor | None = None

@@ -35,6 +35,8 @@ class SamplerStats:
         """Run one target forward, counting it in ``nfe`` and its wall time in ``target_time_s``."""
         tic = time.perf_counter()
         out = forward(*args)
+        if out.logits.is_cuda:  # kernels run asynchronously: wait so the time is the forward's
+            torch.cuda.synchronize(out.logits.device)
         self.target_time_s += time.perf_counter() - tic
         self.nfe += 1
         return out
@@ -145,6 +147,7 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor
     vectorised ops instead of torch.multinomial, which costs ~0.2 ms per call on CPU: a tenth of a one-token
     forward of the bundled model, paid on every AR step and every verify step.
     """
+    probs = probs.float()  # a race in bf16/fp16 would tie often and favour low token ids
     noise = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(torch.finfo(probs.dtype).tiny)
     return (probs / noise).argmax(-1)
 

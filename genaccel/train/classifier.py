@@ -4,8 +4,8 @@ Trains :class:`CropClassifier` on fresh random training crops plus the augmentat
 how generated samples differ from real crops (colour shifts, blur from the VQ decoder, noise). A fraction
 ``plain_fraction`` of every batch comes from un-jittered crops (native pixels, random flips added here):
 scale-jittered crops are always resampled and so slightly soft, while held-out crops and real photos
-are not, and a classifier trained on soft crops only confuses sharp textures (gravel read as grass). Held-out accuracy is measured on crops from the
-disjoint right band of every photo (``make_crops('heldout', ...)``).
+are not, and a classifier trained on soft crops only confuses sharp textures (gravel read as grass). Held-out accuracy is measured on crops from each
+photo's disjoint held-out band (``make_crops('heldout', ...)``; band side per photo in ``HELDOUT_SIDE``).
 
 Writes ``crop_classifier.safetensors`` (architecture in metadata key 'config') and
 ``crop_classifier.json`` (metrics and recipe) into ``out_dir``; ``last.pt`` makes the run resumable.

@@ -51,9 +51,14 @@ def test_heldout_region_disjoint_from_train_region():
 def test_every_heldout_side_splits_disjointly(side):
     r = split_regions(300, 224, side)
     assert _separation(r["train"], r["heldout"]) == GAP
-    assert set(HELDOUT_SIDE.values()) <= set(SIDES)
+
+
+def test_heldout_side_table_names_real_photos_and_sides():
+    assert set(HELDOUT_SIDE) <= set(PHOTO_NAMES) and set(HELDOUT_SIDE.values()) <= set(SIDES)
     with pytest.raises(ValueError, match="held-out side"):
         split_regions(300, 224, "middle")
+    with pytest.raises(ValueError, match="unknown photo"):
+        photo_regions("cat")
 
 
 def test_no_heldout_crop_equals_any_train_crop():

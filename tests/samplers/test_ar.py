@@ -125,3 +125,12 @@ def test_stats_count_every_target_forward_and_its_time():
     stats = build_sampler("ar", cfg_scale=2.0).generate(model, torch.tensor([0, 1]), torch.Generator().manual_seed(0)).stats
     assert stats.nfe == model.num_image_tokens  # prefill + one forward per token after the first
     assert 0 < stats.target_time_s <= stats.wall_time_s and stats.draft_time_s == 0
+
+
+def test_draw_from_half_precision_probs_is_unbiased_and_skips_zero_mass():
+    from genaccel.samplers.base import draw
+
+    probs = torch.tensor([0.5, 0.5], dtype=torch.bfloat16).expand(40000, 2)
+    share = draw(probs, torch.Generator().manual_seed(0)).float().mean().item()
+    assert abs(share - 0.5) < 0.0075  # 3 sigma
+    assert draw(torch.tensor([[0.0, 0.0, 1.0]]), None).item() == 2
