@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +22,7 @@ from tqdm import tqdm
 
 from genaccel.data.skimage_crops import NUM_CLASSES, RandomCropStream, make_crops
 from genaccel.eval.feature_extractor import ClassifierConfig, CropClassifier, classifier_metadata
-from genaccel.train.common import checkpoint_or_stop, cosine_lr, make_logger, parse_config, resume, set_lr
+from genaccel.train.common import checkpoint_or_stop, cosine_lr, resume, set_lr, start_run
 from genaccel.utils.io import save_json, save_safetensors
 
 DEFAULTS = {
@@ -106,11 +105,7 @@ def train_step(model, opt, x, y, lr: float, label_smoothing: float) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_config(argv, DEFAULTS, "python -m genaccel.train classifier")
-    out = Path(cfg["out_dir"])
-    log = make_logger(out, "classifier")
-    torch.manual_seed(cfg["seed"])
-    torch.set_num_threads(cfg["threads"])
+    cfg, out, log = start_run(argv, DEFAULTS, "classifier")
     model = CropClassifier(classifier_config(cfg))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     ckpt = out / "last.pt"

@@ -39,6 +39,16 @@ def parse_config(argv: list[str] | None, defaults: dict[str, Any], prog: str) ->
     return cfg
 
 
+def start_run(argv: list[str] | None, defaults: dict[str, Any], name: str) -> tuple[dict[str, Any], Path, logging.Logger]:
+    """Every recipe's preamble: config, output folder and log, seed and thread count, in that order."""
+    cfg = parse_config(argv, defaults, f"python -m genaccel.train {name}")
+    out = Path(cfg["out_dir"])
+    log = make_logger(out, name)
+    torch.manual_seed(cfg["seed"])
+    torch.set_num_threads(cfg["threads"])
+    return cfg, out, log
+
+
 def make_logger(out_dir: Path, name: str) -> logging.Logger:
     out_dir.mkdir(parents=True, exist_ok=True)
     log = logging.getLogger(f"genaccel.train.{name}")

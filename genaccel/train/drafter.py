@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from genaccel.models import load_gpt
 from genaccel.models.drafter import EagleDrafter, drafter_metadata
 from genaccel.samplers import build_sampler
-from genaccel.train.common import checkpoint_or_stop, cosine_lr, make_logger, parse_config, resume, set_lr
+from genaccel.train.common import checkpoint_or_stop, cosine_lr, resume, set_lr, start_run
 from genaccel.utils.io import save_json, save_safetensors, save_torch
 
 DEFAULTS = {
@@ -101,12 +101,8 @@ def drafter_loss(drafter: EagleDrafter, target, tokens: torch.Tensor, hidden: to
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_config(argv, DEFAULTS, "python -m genaccel.train drafter")
+    cfg, out, log = start_run(argv, DEFAULTS, "drafter")
     start = time.time()
-    out = Path(cfg["out_dir"])
-    log = make_logger(out, "drafter")
-    torch.manual_seed(cfg["seed"])
-    torch.set_num_threads(cfg["threads"])
     target = load_gpt(cfg["gpt_path"])
     for p in target.parameters():
         p.requires_grad_(False)

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from genaccel.data.skimage_crops import NUM_CLASSES, make_crops
 from genaccel.models import load_vq
 from genaccel.models.llamagen import LlamaGenGPT, ModelArgs
-from genaccel.train.common import checkpoint_or_stop, cosine_lr, make_logger, parse_config, resume, set_lr
+from genaccel.train.common import checkpoint_or_stop, cosine_lr, resume, set_lr, start_run
 from genaccel.utils.io import save_json, save_safetensors, save_torch
 
 DEFAULTS = dict(
@@ -80,11 +80,7 @@ def heldout_nll(model: LlamaGenGPT, data: dict) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_config(argv, DEFAULTS, "python -m genaccel.train gpt")
-    out = Path(cfg["out_dir"])
-    log = make_logger(out, "gpt")
-    torch.manual_seed(cfg["seed"])
-    torch.set_num_threads(cfg["threads"])
+    cfg, out, log = start_run(argv, DEFAULTS, "gpt")
     train = cached_tokens(out, cfg, "train", cfg["train_per_class"])
     heldout = cached_tokens(out, cfg, "heldout", cfg["heldout_per_class"])
     args = model_args(cfg, train["vocab_size"], train["tokens"].shape[1])

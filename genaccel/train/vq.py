@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +17,7 @@ from tqdm import tqdm
 
 from genaccel.data.skimage_crops import RandomCropStream, make_crops
 from genaccel.tokenizers.vq import VQArgs, VQModel
-from genaccel.train.common import checkpoint_or_stop, cosine_lr, make_logger, parse_config, resume, set_lr
+from genaccel.train.common import checkpoint_or_stop, cosine_lr, resume, set_lr, start_run
 from genaccel.utils.io import save_json, save_safetensors
 
 DEFAULTS = dict(
@@ -69,11 +68,7 @@ def evaluate(model: VQModel, per_class: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_config(argv, DEFAULTS, "python -m genaccel.train vq")
-    out = Path(cfg["out_dir"])
-    log = make_logger(out, "vq")
-    torch.manual_seed(cfg["seed"])
-    torch.set_num_threads(cfg["threads"])
+    cfg, out, log = start_run(argv, DEFAULTS, "vq")
     model = VQModel(vq_args(cfg))
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], betas=(0.9, 0.95))
     ckpt = out / "last.pt"
