@@ -16,6 +16,7 @@ from torch import nn
 
 from genaccel.pruning.adapters import SUPPORTED_CLASSES
 from genaccel.pruning.budget import Keep, resolve_budget
+from genaccel.pruning.compat import TESTED_TRANSFORMERS, warn_if_untested
 from genaccel.pruning.session import PruneReport, PruningSession, SpanReport
 from genaccel.pruning.strategies import Selection, SpanSignals, Strategy, available_strategies, build_strategy
 
@@ -41,7 +42,10 @@ def apply(
     reserve: fraction of each image's budget spent on uniformly spread tokens before the strategy chooses.
     robustness: also report keep-set overlap under a `jitter`-relative perturbation of the signals.
     seed: seeds random selection (and the robustness probe), per prefill.
+
+    On a transformers release outside `TESTED_TRANSFORMERS` this warns once and still prunes.
     """
+    warn_if_untested()
     session = PruningSession(
         model,
         build_strategy(strategy, **options),
@@ -68,6 +72,7 @@ __all__ = [
     "SpanReport",
     "SpanSignals",
     "Strategy",
+    "TESTED_TRANSFORMERS",
     "apply",
     "available_strategies",
     "build_strategy",

@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.masking_utils import create_causal_mask
 
 from genaccel.pruning import signals as sig
 from genaccel.pruning.adapters import VisualSpan, adapter_for, find_spans
@@ -32,6 +31,7 @@ from genaccel.pruning.compact import (
     gather_tokens,
     write_overrides,
 )
+from genaccel.pruning.compat import build_causal_mask, cache_argument
 from genaccel.pruning.robustness import cutoff_margin, jaccard
 from genaccel.pruning.strategies import SpanSignals, Strategy
 
@@ -278,7 +278,7 @@ class PruningSession:
         call = {key: value for key, value in kwargs.items() if value is not None}
         if args:
             call["input_ids"] = args[0]
-        cache = call.get("past_key_values")
+        cache = cache_argument(call)
         call["prefill"] = cache is None or cache.get_seq_length() == 0
         call["has_media"] = any(key in call for key in MEDIA_INPUTS) or bool(call.get("mm_encoder_outputs"))
         if call["has_media"] and call.get("input_ids") is None:
@@ -349,7 +349,7 @@ class PruningSession:
 
     def _prepare_override(self, args, kwargs) -> None:
         """At layer K: prune (prefill) or rebuild the compact mask over the pruned cache (decode)."""
-        cache = kwargs.get("past_key_values")
+        cache = cache_argument(kwargs)
         hidden = self._hidden_of(args, kwargs)
         if self._pending is not None:
             self._override = self._prune(hidden, kwargs, cache)
@@ -376,14 +376,7 @@ class PruningSession:
 
     def _causal_mask(self, hidden: torch.Tensor, mask2d: torch.Tensor, cache) -> Any:
         """The text model's own mask builder, sized against layer K's (compact) cache."""
-        return create_causal_mask(
-            config=self.adapter.text_config,
-            inputs_embeds=hidden,
-            attention_mask=mask2d,
-            past_key_values=cache,
-            position_ids=None,
-            layer_idx=self.layer,
-        )
+        return build_causal_mask(self.adapter.text_config, hidden, mask2d, cache, self.layer)
 
     # ----- prefill pruning --------------------------------------------------------------------------------
 

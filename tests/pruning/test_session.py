@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from tiny_vlms import (
@@ -13,7 +15,7 @@ from tiny_vlms import (
     qwen2vl_inputs,
     tiny_llama,
 )
-from transformers import LlamaForCausalLM
+from transformers import LlamaForCausalLM, LlavaForConditionalGeneration
 
 from genaccel import pruning
 
@@ -191,13 +193,22 @@ def test_eager_attention_backend_keeps_the_same_guarantees(llava_eager):
     torch.testing.assert_close(all_logits(cached), all_logits(uncached), atol=2e-5, rtol=1e-4)
 
 
-def test_manual_decode_without_position_ids_continues_at_unpruned_length(llava):
+def cache_spellings() -> list[str]:
+    """Cache keyword names the installed LLaVA forward accepts: `past_key_values` always (a deprecated alias
+    from transformers 5.24 on), `cache` from 5.24 on."""
+    declared = inspect.signature(LlavaForConditionalGeneration.forward).parameters
+    return ["past_key_values"] + (["cache"] if "cache" in declared else [])
+
+
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
+@pytest.mark.parametrize("spelling", cache_spellings())
+def test_manual_decode_without_position_ids_continues_at_unpruned_length(llava, spelling):
     inputs = llava_inputs([1])
     inputs.pop("attention_mask")
     next_token = torch.tensor([[5]])
     with pruning.apply(llava, "uniform", keep=8), torch.no_grad():
         prefill = llava(**inputs, use_cache=True)
-        step = llava(input_ids=next_token, past_key_values=prefill.past_key_values).logits[:, -1]
+        step = llava(input_ids=next_token, **{spelling: prefill.past_key_values}).logits[:, -1]
         full = llava(**{**inputs, "input_ids": torch.cat([inputs["input_ids"], next_token], dim=1)}).logits[:, -1]
     torch.testing.assert_close(step, full, atol=2e-5, rtol=1e-4)
 
