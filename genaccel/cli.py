@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from genaccel.pipeline import MODELS as MODEL_FAMILIES
 from genaccel.samplers import SAMPLERS, available_samplers, sampler_class
 from genaccel.utils.dtypes import DTYPES
 
@@ -48,7 +49,7 @@ def sampler_flag_specs() -> list[tuple[str, dict]]:
 
 def build_sample_parser(prog: str = "genaccel sample") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Sample class-conditional images with a chosen sampler.")
-    p.add_argument("--model", default="llamagen", help="model family (default: llamagen)")
+    p.add_argument("--model", default="llamagen", help=f"model family: {', '.join(MODEL_FAMILIES)} (default: llamagen)")
     p.add_argument("--sampler", default="ar", help=f"one of: {', '.join(available_samplers())}")
     p.add_argument("--sampler-config", default=None, help="YAML file of sampler options (configs/samplers/*.yaml)")
     p.add_argument("--ckpt", default=None, help="GPT checkpoint (.pt or .safetensors); default: bundled model")

@@ -10,11 +10,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from genaccel.models import BUNDLED, LlamaGenGPT, VQModel, load_gpt, load_vq, require_bundled
+from genaccel.models import BUNDLED, LlamaGenGPT, VQModel, load_gpt, load_nar, load_vq, require_bundled
 from genaccel.models.contract import check_labels
 from genaccel.samplers import Sampler, SamplerStats
 
-MODELS = ("llamagen",)
+# Model families: name -> (loader of the generator checkpoint, bundled asset kind). Every family shares the VQ.
+FAMILIES = {
+    "llamagen": (load_gpt, "gpt"),
+    "nar": (load_nar, "nar"),
+}
+MODELS = tuple(FAMILIES)
 
 
 @dataclass
@@ -69,9 +74,10 @@ def load_model(
         raise ValueError(f"unknown model {name!r}; available: {', '.join(MODELS)}")
     vq_path = vq_ckpt or require_bundled("vq")
     vq = load_vq(vq_path, device=device)
-    gpt_path = ckpt or require_bundled("gpt")
+    loader, asset = FAMILIES[name]
+    gpt_path = ckpt or require_bundled(asset)
     size = image_size or (256 if ckpt else 64)
-    gpt = load_gpt(gpt_path, gpt_model=gpt_model, image_size=size, downsample=vq.downsample, device=device, dtype=dtype)
+    gpt = loader(gpt_path, gpt_model=gpt_model, image_size=size, downsample=vq.downsample, device=device, dtype=dtype)
     expected = gpt.grid_size * vq.downsample
     if image_size and image_size != expected:
         raise ValueError(f"image_size {image_size} does not match the GPT grid ({gpt.grid_size}x{gpt.grid_size} -> {expected})")

@@ -10,6 +10,7 @@ import torch
 from genaccel.models.contract import ARModel, ModelOutput
 from genaccel.models.llamagen import GPT_PRESETS, LlamaGenGPT, ModelArgs, build_gpt, find_multiple
 from genaccel.models.loading import CheckpointError, config_from_metadata, load_strict, read_state_dict
+from genaccel.models.nar import NAR_PRESETS, NARModel, build_nar, nar_args
 from genaccel.tokenizers.vq import VQ_PRESETS, VQArgs, VQModel
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -17,6 +18,7 @@ BUNDLED = {
     "gpt": ASSETS / "llamagen_tiny_gpt.safetensors",
     "vq": ASSETS / "llamagen_tiny_vq.safetensors",
     "classifier": ASSETS / "crop_classifier.safetensors",
+    "nar": ASSETS / "nar_tiny.safetensors",
 }
 
 
@@ -111,6 +113,74 @@ def load_gpt(
     return model.to(device=device, dtype=dtype).eval()
 
 
+def _nar_facts(sd: dict) -> dict:
+    """Shape facts of a NAR checkpoint; its ``layers`` hold the trunk plus one vertical-head block."""
+    if "medusa_output.weight" not in sd:
+        raise CheckpointError(
+            "not a NAR checkpoint: medusa_output.weight (the vertical head) is missing; a plain LlamaGen GPT "
+            "loads with --model llamagen"
+        )
+    facts = _gpt_shape_facts(sd)
+    facts["n_layer"] -= 1
+    return facts
+
+
+def matching_nar_preset(facts: dict) -> str | None:
+    for name, p in NAR_PRESETS.items():
+        if p["dim"] == facts["dim"] and p["n_layer"] == facts["n_layer"]:
+            return name
+    return None
+
+
+def suggest_nar_preset(sd: dict) -> str | None:
+    try:
+        f = _nar_facts(sd)
+    except CheckpointError as e:
+        return str(e)
+    name = matching_nar_preset(f)
+    if name:
+        return f"the checkpoint fits preset {name} (--gpt-model {name}) with vocab_size={f['vocab_size']}"
+    return f"no NAR preset fits (dim={f['dim']}, trunk n_layer={f['n_layer']}); pass the config fields explicitly"
+
+
+def load_nar(
+    path: str | os.PathLike,
+    gpt_model: str | None = None,
+    image_size: int = 256,
+    downsample: int = 16,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    prefer: str | None = None,
+    **overrides,
+) -> NARModel:
+    """Load a NAR model strictly: an official ``last_version.pt`` (``{"model": sd}``) or a genaccel safetensors.
+
+    ``gpt_model`` names a NAR preset (NAR-B, NAR-M, NAR-L, NAR-XL, NAR-XXL; the official repo's GPT-* names
+    are accepted as their NAR twins); without one the preset is inferred from the shapes.
+    """
+    sd, meta = read_state_dict(path, prefer=prefer)
+    config = config_from_metadata(meta)
+    if config:
+        args = ModelArgs(**{**config, **overrides})
+    else:
+        if image_size % downsample:
+            raise ValueError(f"image_size {image_size} is not a multiple of the VQ downsample {downsample}")
+        f = _nar_facts(sd)
+        name = gpt_model.replace("GPT-", "NAR-") if gpt_model else matching_nar_preset(f)
+        fields = dict(vocab_size=f["vocab_size"], num_classes=f["cls_rows"] - 1, block_size=(image_size // downsample) ** 2)
+        fields.update(overrides)
+        if name:
+            args = nar_args(name, **fields)
+        else:
+            fields.setdefault("dim", f["dim"])
+            fields.setdefault("n_layer", f["n_layer"])
+            fields.setdefault("n_head", max(1, f["dim"] // 64))
+            args = ModelArgs(**fields)
+    model = NARModel(args)
+    load_strict(model, sd, str(path), suggest_nar_preset)
+    return model.to(device=device, dtype=dtype).eval()
+
+
 def suggest_vq_preset(sd: dict) -> str | None:
     levels = len({k.split(".")[2] for k in sd if k.startswith("encoder.conv_blocks.")})
     for name, p in VQ_PRESETS.items():
@@ -165,5 +235,6 @@ def require_bundled(kind: str) -> Path:
 
 __all__ = [
     "ARModel", "BUNDLED", "CheckpointError", "GPT_PRESETS", "LlamaGenGPT", "ModelArgs", "ModelOutput",
+    "NAR_PRESETS", "NARModel", "build_nar", "load_nar",
     "VQArgs", "VQModel", "build_gpt", "load_gpt", "load_vq", "require_bundled", "suggest_gpt_preset",
 ]

@@ -24,15 +24,17 @@ Calls.
 4. ``rollback(length)`` marks only slots < length valid (int, or a (B,) tensor for per-row lengths). No
    copying: stale K/V beyond the valid length are hidden by the default mask and overwritten later.
 
+Built extensions (additive; every earlier sampler keeps working):
+* NAR (``genaccel/models/nar.py``; two dimension-oriented heads, the vertical one with its own extra block
+  and KV cache): one ``forward_tokens`` whose ``logits`` are the right-neighbour head's and whose
+  ``ModelOutput.extra["below"]`` are the vertical head's; its default ``mask`` is the proximity mask (a
+  token sees the class slot and every slot on its own or an earlier anti-diagonal), storage stays raster.
+  ``rollback`` covers every cache the model owns (they share the valid lengths).
+* ZipAR: per-row slots ``(B, L)``, an auxiliary token written at a slot that is later overwritten, an
+  explicit causal-by-slot ``mask`` that also exposes unwritten slots, and ``clear_cache()``, which zeroes
+  the K/V buffers so those unwritten slots hold zeros as in the reference's freshly allocated caches.
+
 Planned extensions (designed, not built; each is additive, so today's samplers keep working):
-* NAR (two dimension-oriented heads; the vertical head has its own extra block and KV cache): the model
-  keeps one ``forward_tokens`` and returns the second head's logits in an optional ``ModelOutput.extra``
-  (``{"below": (B, L, V)}``); the NAR sampler averages right/below predictions per cell before CFG, passes
-  the diagonal "proximity" mask through ``mask`` and raster slots through ``positions``; ``rollback``
-  covers every cache the model owns.
-* ZipAR: needs nothing new: per-row slots ``(B, L)``, an auxiliary token written at a slot that is later
-  overwritten, and an explicit causal-by-slot ``mask`` to reproduce the reference's attention to unwritten
-  (zero) slots.
 * Token-Shuffle (s x s tokens fused per position): a ``tokens_per_position`` attribute (1 today); then
   ``forward_tokens`` takes tokens (B, L, s*s) and returns logits (B, L, s*s, V), and ``num_image_tokens``
   still counts tokens, so NFE and step compression keep their meaning.
@@ -43,7 +45,7 @@ Planned extensions (designed, not built; each is additive, so today's samplers k
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -51,10 +53,15 @@ import torch
 
 @dataclass
 class ModelOutput:
-    """Logits (float32) and final hidden states for every fed position."""
+    """Logits (float32) and final hidden states for every fed position.
+
+    ``extra`` holds further per-position outputs a family provides (NAR: ``{"below": (B, L, V)}`` logits of
+    its vertical head); samplers that do not know a key ignore it.
+    """
 
     logits: torch.Tensor
     hidden: torch.Tensor
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @runtime_checkable

@@ -255,8 +255,7 @@ class LlamaGenGPT(nn.Module):
         self.cls_embedding = LabelEmbedder(args.num_classes, args.dim, args.class_dropout_prob)
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.tok_dropout = nn.Dropout(args.token_dropout_p)
-        dpr = [args.drop_path_rate * i / max(1, args.n_layer - 1) for i in range(args.n_layer)]
-        self.layers = nn.ModuleList(TransformerBlock(args, dpr[i]) for i in range(args.n_layer))
+        self.layers = nn.ModuleList(TransformerBlock(args, rate) for rate in self.drop_path_rates(args))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         # A plain attribute (not a buffer), as in the official code, so state dicts carry no RoPE table.
@@ -264,6 +263,11 @@ class LlamaGenGPT(nn.Module):
         self.max_batch_size = -1
         self.max_seq_len = -1
         self.valid_len: torch.Tensor | None = None
+
+    @staticmethod
+    def drop_path_rates(args: ModelArgs) -> list[float]:
+        """One drop-path rate per block, rising linearly to ``drop_path_rate`` (LlamaGen's n_layer blocks)."""
+        return [args.drop_path_rate * i / max(1, args.n_layer - 1) for i in range(args.n_layer)]
 
     # ----------------------------------------------------------------- contract attributes
     @property
@@ -340,6 +344,16 @@ class LlamaGenGPT(nn.Module):
         self.max_batch_size, self.max_seq_len = batch_size, max_seq_len
         self.valid_len = torch.zeros(batch_size, dtype=torch.long, device=device)
 
+    def clear_cache(self) -> None:
+        """Zero every K/V buffer and valid length, as a freshly allocated cache (ZipAR's reference reads
+        unwritten slots, so its outputs depend on them holding zeros)."""
+        for layer in self.layers:
+            if layer.attention.kv_cache is not None:
+                layer.attention.kv_cache.k_cache.zero_()
+                layer.attention.kv_cache.v_cache.zero_()
+        if self.valid_len is not None:
+            self.valid_len.zero_()
+
     def _require_cache(self, batch: int) -> None:
         if self.valid_len is None or self.layers[0].attention.kv_cache is None:
             raise RuntimeError("call model.setup_cache(batch_size, ...) before prefill/forward_tokens")
@@ -404,11 +418,16 @@ class LlamaGenGPT(nn.Module):
         freqs = self.freqs_cis.to(h.device)[rope]
         freqs = freqs if freqs.dim() == 4 else freqs[None]
         mask4 = mask[:, None] if mask.dim() == 3 else mask
-        for layer in self.layers:
-            h = layer(h, freqs, positions, mask4, kv_len)
-        h = self.norm(h)
+        out = self._run_blocks(h, freqs, positions, mask4, kv_len)
         written_end = positions.max(dim=-1).values + 1
         self.valid_len.copy_(torch.maximum(self.valid_len, written_end.expand_as(self.valid_len)))
+        return out
+
+    def _run_blocks(self, h, freqs, positions=None, mask=None, kv_len=None) -> ModelOutput:
+        """The transformer blocks and the output head over prepared inputs (model families override this)."""
+        for layer in self.layers:
+            h = layer(h, freqs, positions, mask, kv_len)
+        h = self.norm(h)
         return ModelOutput(logits=self.output(h).float(), hidden=h)
 
 

@@ -17,6 +17,7 @@ SAMPLERS: dict[str, str] = {
     "gsd": "genaccel.samplers.gsd:GSDSampler",
     "lantern": "genaccel.samplers.lantern:LanternSampler",
     "sd": "genaccel.samplers.sd:SDSampler",
+    "nar": "genaccel.samplers.nar:NARSampler",
 }
 
 

@@ -1,0 +1,131 @@
+"""NAR recipe: the bundled GPT's trunk plus a vertical head, trained with NAR's objective (train_c2i.py).
+
+Initialisation: every trunk weight from the bundled GPT; the extra block ``layers.{n_layer}`` is a copy of
+the GPT's last block, ``medusa_norm`` / ``medusa_output`` copies of its ``norm`` / ``output``, so training
+starts from a model whose right head already predicts the raster-next token.
+
+Objective (shared/reference/parallel.md §2.3): all n*n tokens are inputs, one forward under the proximity
+mask, per-cell logits from ``NARModel.teacher_forced`` (heads averaged before the cross-entropy), class
+dropout for CFG. Optimiser as NAR: AdamW betas (0.9, 0.95), weight decay 0.05, grad clip 1.0, a step LR
+schedule with milestones at 1/2, 2/3, 5/6 of the run and gamma 0.2. Deviation: the base LR is 5e-4
+instead of 1e-4 (a 1-hour CPU fine-tune of a 6M-parameter model at batch 32, not 300 epochs at batch 256),
+and the milestones are in steps, not epochs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from genaccel.models import BUNDLED, load_gpt
+from genaccel.models.llamagen import LlamaGenGPT, ModelArgs
+from genaccel.models.nar import NARModel
+from genaccel.train.common import checkpoint_or_stop, resume, set_lr, start_run
+from genaccel.train.gpt import autocast, cached_tokens, drop_labels
+from genaccel.utils.io import save_json, save_safetensors
+
+DEFAULTS = dict(
+    out_dir="checkpoints/nar", gpt_path=str(BUNDLED["gpt"]), vq_path=str(BUNDLED["vq"]), seed=0, steps=600,
+    batch_size=32, lr=5e-4, milestones=(0.5, 2 / 3, 5 / 6), gamma=0.2, weight_decay=0.05, threads=2, bf16=False,
+    train_per_class=1024, heldout_per_class=64, class_dropout_prob=0.1, ckpt_every=50, log_every=25,
+    stop_at=None, max_minutes=55.0, export_path="",
+)
+
+
+def nar_from_gpt(gpt: LlamaGenGPT) -> NARModel:
+    """A NAR model whose trunk is ``gpt`` and whose vertical head starts as a copy of its last block and head."""
+    model = NARModel(ModelArgs(**{k: getattr(gpt.args, k) for k in ModelArgs.field_names()}))
+    sd = dict(gpt.state_dict())
+    n = gpt.args.n_layer
+    for key, value in gpt.state_dict().items():
+        if key.startswith(f"layers.{n - 1}."):
+            sd[f"layers.{n}." + key[len(f"layers.{n - 1}.") :]] = value.clone()
+    sd["medusa_norm.weight"] = gpt.norm.weight.detach().clone()
+    sd["medusa_output.weight"] = gpt.output.weight.detach().clone()
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+def step_lr(step: int, total: int, base: float, milestones, gamma: float) -> float:
+    """NAR's MultiStepLR: ``base * gamma**k`` after k of the milestones (fractions of the run)."""
+    return base * gamma ** sum(step >= round(m * total) for m in milestones)
+
+
+def nar_loss(model: NARModel, labels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model.teacher_forced(labels, tokens).logits.float().flatten(0, 1), tokens.flatten())
+
+
+@torch.no_grad()
+def heldout_nll(model: NARModel, data: dict) -> float:
+    """Mean per-cell NLL (nats) of held-out tokens under NAR's objective, conditional on the class, fp32."""
+    model.eval()
+    total, count = 0.0, 0
+    for toks, labs in zip(data["tokens"].split(128), data["labels"].split(128)):
+        total += nar_loss(model, labs, toks).item() * toks.numel()
+        count += toks.numel()
+    model.train()
+    return total / count
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg, out, log = start_run(argv, DEFAULTS, "nar")
+    train = cached_tokens(out, cfg, "train", cfg["train_per_class"])
+    heldout = cached_tokens(out, cfg, "heldout", cfg["heldout_per_class"])
+    gpt = load_gpt(cfg["gpt_path"])
+    if gpt.num_image_tokens != train["tokens"].shape[1]:
+        raise SystemExit(f"GPT grid has {gpt.num_image_tokens} tokens but the VQ gives {train['tokens'].shape[1]}")
+    model = nar_from_gpt(gpt)
+    model.args.class_dropout_prob = cfg["class_dropout_prob"]
+    nll_start = heldout_nll(model, heldout)
+    log.info(f"NAR params {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M; held-out NLL at init {nll_start:.4f}")
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg["lr"], betas=(0.9, 0.95),
+    )
+    ckpt = out / "last.pt"
+    step = resume(ckpt, model, opt, log)
+    gen = torch.Generator().manual_seed(cfg["seed"] * 7919 + step)
+    model.train()
+    start = time.time()
+    bar = tqdm(total=cfg["steps"], initial=step, desc="nar", dynamic_ncols=True)
+    while step < cfg["steps"]:
+        lr = step_lr(step, cfg["steps"], cfg["lr"], cfg["milestones"], cfg["gamma"])
+        set_lr(opt, lr)
+        idx = torch.randint(0, len(train["tokens"]), (cfg["batch_size"],), generator=gen)
+        toks = train["tokens"][idx]
+        labs = drop_labels(train["labels"][idx], cfg["class_dropout_prob"], model.null_class, gen)
+        with autocast(cfg["bf16"]):
+            loss = nar_loss(model, labs, toks)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step % cfg["log_every"] == 0:
+            log.info(f"step {step} loss {loss.item():.4f} lr {lr:.2e} min {(time.time() - start) / 60:.1f}")
+        if checkpoint_or_stop(ckpt, model, opt, step, cfg, start, log):
+            break
+    bar.close()
+    metrics = {"heldout_nll_nats": heldout_nll(model, heldout), "heldout_nll_at_init": nll_start, "steps": step,
+               "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "minutes": (time.time() - start) / 60}
+    log.info(f"final {json.dumps(metrics)}")
+    config = {k: getattr(model.args, k) for k in ModelArgs.field_names()}
+    half = {k: v.half() for k, v in model.state_dict().items()}  # float16 storage, as the bundled GPT
+    meta = {"config": json.dumps(config), "stored_dtype": "float16", "family": "nar"}
+    save_safetensors(half, out / "nar.safetensors", metadata=meta)
+    if cfg["export_path"]:
+        save_safetensors(half, cfg["export_path"], metadata=meta)
+    save_json({"config": config, "metrics": metrics, "recipe": cfg}, out / "nar_metrics.json")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
