@@ -49,7 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--set", action="append", default=[], metavar="SAMPLER.OPTION=VALUE",
                    help="sampler option, e.g. gsd.group_size=25 (value parsed as YAML)")
-    p.add_argument("--ckpt", default=None, help="GPT checkpoint (default: bundled)")
+    p.add_argument("--ckpt", default=None, help="GPT checkpoint of the llamagen samplers (default: bundled)")
+    p.add_argument("--nar-ckpt", default=None, help="NAR checkpoint of the nar sampler (default: bundled)")
+    p.add_argument("--section", default=None, help="docs section to write (default samplers[-bf16])")
     p.add_argument("--vq-ckpt", default=None, help="VQ checkpoint (default: bundled)")
     p.add_argument("--classifier", default=None, help="crop classifier for FD-domain/accuracy (default: bundled)")
     p.add_argument("--reference-per-class", type=int, default=64, help="held-out crops per class for FD-domain")
@@ -72,18 +74,27 @@ def sampler_options(sets: list[str], names: list[str], cfg_scale: float) -> dict
     return options
 
 
-def measure_latency(pipe, samplers: dict, labels: torch.Tensor, seed: int) -> dict[str, dict]:
+# The model family a sampler runs on (default llamagen); every family decodes with the same VQ.
+SAMPLER_FAMILY = {"nar": "nar"}
+
+
+def family_of(name: str) -> str:
+    return SAMPLER_FAMILY.get(name, "llamagen")
+
+
+def measure_latency(pipes: dict, samplers: dict, labels: torch.Tensor, seed: int) -> dict[str, dict]:
     """Median batch-1 wall time per sampler after one warm-up image, with per-image NFE and step compression.
 
     Samplers take turns image by image, so load from other jobs on a shared CPU hits all of them alike.
     """
     runs: dict[str, list] = {name: [] for name in samplers}
-    for sampler in samplers.values():
-        sampler.generate(pipe.gpt, labels[:1], torch.Generator().manual_seed(seed - 1))
+    for name, sampler in samplers.items():
+        sampler.generate(pipes[name].gpt, labels[:1], torch.Generator().manual_seed(seed - 1))
     for i, label in enumerate(labels):
         for name, sampler in samplers.items():
-            runs[name].append(sampler.generate(pipe.gpt, label[None], torch.Generator().manual_seed(seed + i)).stats)
-    tokens = pipe.gpt.num_image_tokens
+            out = sampler.generate(pipes[name].gpt, label[None], torch.Generator().manual_seed(seed + i))
+            runs[name].append(out.stats)
+    tokens = next(iter(pipes.values())).gpt.num_image_tokens
     results = {}
     for name, stats in runs.items():
         nfe = statistics.mean(s.nfe for s in stats)
@@ -107,7 +118,7 @@ def sum_hists(hists: list[dict]) -> dict[int, int]:
     return dict(sorted(total.items()))
 
 
-def measure_throughput(pipe, samplers: dict, labels: torch.Tensor, batch_size: int, seed: int) -> dict[str, tuple]:
+def measure_throughput(pipes: dict, samplers: dict, labels: torch.Tensor, batch_size: int, seed: int) -> dict[str, tuple]:
     """Images/s over all labels at ``batch_size`` (sampling only, decode excluded) and the decoded images.
 
     Samplers take turns batch by batch (see :func:`measure_latency`).
@@ -117,11 +128,11 @@ def measure_throughput(pipe, samplers: dict, labels: torch.Tensor, batch_size: i
     images: dict[str, list] = {name: [] for name in samplers}
     for i, chunk in enumerate(labels.split(batch_size)):
         for name, sampler in samplers.items():
-            out = sampler.generate(pipe.gpt, chunk, torch.Generator().manual_seed(seed + 1000 + i))
+            out = sampler.generate(pipes[name].gpt, chunk, torch.Generator().manual_seed(seed + 1000 + i))
             walls[name] += out.stats.wall_time_s
             nfes[name].append(out.stats.nfe)
-            images[name].append(pipe.decode(out.tokens))
-    tokens = pipe.gpt.num_image_tokens
+            images[name].append(pipes[name].decode(out.tokens))
+    tokens = next(iter(pipes.values())).gpt.num_image_tokens
     return {
         name: ({"images_per_s": labels.numel() / walls[name], "nfe_per_batch": statistics.mean(nfes[name]),
                 "step_compression_batch": tokens / statistics.mean(nfes[name])}, torch.cat(images[name]))
@@ -167,27 +178,30 @@ def engine_share(r: dict) -> float:
     return 1.0 - (r["target_time_s"] + r["draft_time_s"]) / max(r["wall_time_s"], 1e-9)
 
 
-def markdown(results: dict, command: str, env: dict, png: str) -> str:
+def markdown(results: dict, command: str, env: dict, png: str, batch_size: int, title: str) -> str:
     ar = results["ar"]
+    b = batch_size
     rows = [
-        ("| sampler | NFE/image (b=1) | step compression (b=1) | latency b=1 (s, median) | latency speed-up vs ar "
-        "| wall speed-up / step compression | forward-cost bound | images/s (b=8) | step compression (b=8) "
+        ("| sampler | model | NFE/image (b=1) | step compression (b=1) | latency b=1 (s, median) | latency speed-up vs ar "
+        f"| wall speed-up / step compression | forward-cost bound | images/s (b={b}) | images/s / ar (b={b}) "
+        f"| step compression (b={b}) "
         "| FD-domain | FD-domain / ar | class accuracy | mean accepted length | drafter time share | engine share |"),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         speed = ar["latency_s"] / r["latency_s"]
         fd_ratio = r["fd_domain"] / ar["fd_domain"]
         share = r["draft_time_s"] / max(r["wall_time_s"], 1e-9)
         rows.append(
-            f"| {name} | {r['nfe']:.1f} | {r['step_compression']:.2f}x | {r['latency_s']:.3f} | {speed:.2f}x "
-            f"| {speed / r['step_compression']:.2f} | {forward_cost_bound(results, name):.2f} | {r['images_per_s']:.2f} "
+            f"| {name} | {family_of(name)} | {r['nfe']:.1f} | {r['step_compression']:.2f}x | {r['latency_s']:.3f} "
+            f"| {speed:.2f}x | {speed / r['step_compression']:.2f} | {forward_cost_bound(results, name):.2f} "
+            f"| {r['images_per_s']:.2f} | {r['images_per_s'] / ar['images_per_s']:.2f}x "
             f"| {r['step_compression_batch']:.2f}x | {r['fd_domain']:.2f} | {fd_ratio:.2f} | {r['class_accuracy']:.3f} "
             f"| {r['mean_accepted_length']:.2f} | {share:.0%} | {engine_share(r):.0%} |"
         )
     opts = "; ".join(f"{n}: {json.dumps(r['options'], sort_keys=True)}" for n, r in results.items())
     return "\n".join([
-        f"## Samplers: speed vs quality (bundled model, {env['dtype']})",
+        f"## {title} ({env['dtype']})",
         "",
         f"Command: `{command}`",
         "",
@@ -199,12 +213,12 @@ def markdown(results: dict, command: str, env: dict, png: str) -> str:
         "",
         ("NFE = target forwards per image (prefill included, one CFG batch-2 forward = 1). Step compression = "
         "256 tokens / NFE. Latency: median wall time of batch-1 images after one warm-up. FD-domain and class "
-        "accuracy: the batch-8 images vs held-out crops, bundled crop classifier. Forward-cost bound = AR's "
+        f"accuracy: the batch-{b} images vs held-out crops, bundled crop classifier. Forward-cost bound = AR's "
         "time per target forward / this sampler's: the wall speed-up / step compression reachable with free "
         "drafting and zero engine cost on this machine. Engine share = wall time outside target and drafter "
         f"forwards. Options: {opts}."),
         "",
-        "Goals (issue 5, this CPU):",
+        "Goals (this CPU):",
         "",
         *goal_lines(results),
         "",
@@ -235,8 +249,19 @@ def goal_lines(results: dict) -> list[str]:
         ratio = speed("lantern") / speed("sd")
         checks.append((f"lantern latency speed-up {speed('lantern'):.2f}x = {ratio:.2f} x sd's {speed('sd'):.2f}x "
                        f"(>= 1.75) and FD-domain {fd('lantern'):.2f}x ar <= 1.15x", ratio >= 1.75 and fd("lantern") <= 1.15))
+    if "nar" in results:
+        r = results["nar"]
+        checks.append((f"nar {r['step_compression']:.2f}x fewer forwards than ar (>= 8.26x) at FD-domain "
+                       f"{fd('nar'):.2f}x ar (<= 1.2x)", r["step_compression"] >= 8.26 and fd("nar") <= 1.2))
+        checks.append((f"nar batch-1 latency {speed('nar'):.2f}x faster than ar (>= 4x)", speed("nar") >= 4.0))
+        thr = r["images_per_s"] / ar["images_per_s"]
+        checks.append((f"nar images/s {thr:.2f}x ar's at the throughput batch (>= 2x)", thr >= 2.0))
     for name, r in results.items():
-        if name != "ar":
+        if name.startswith("zipar"):
+            checks.append((f"{name} FD-domain {fd(name):.2f}x ar (<= 1.15x) at {r['nfe']:.0f} forwards, batch-1 latency "
+                           f"{speed(name):.2f}x ar (> 1x)", fd(name) <= 1.15 and speed(name) > 1.0))
+    for name, r in results.items():
+        if name != "ar" and family_of(name) == "llamagen" and not name.startswith("zipar"):
             ratio = speed(name) / r["step_compression"]
             checks.append((f"{name} wall-clock speed-up / step compression = {ratio:.2f} >= 0.8 (forward-cost "
                            f"bound {forward_cost_bound(results, name):.2f}, engine share {engine_share(r):.0%})",
@@ -281,13 +306,17 @@ def main(argv: list[str] | None = None) -> dict:
     from genaccel.eval.fd import reference_domain_stats
     from genaccel.eval.feature_extractor import load_feature_extractor
 
-    pipe = load_model("llamagen", ckpt=a.ckpt, vq_ckpt=a.vq_ckpt, dtype=DTYPES[a.dtype])
+    ckpts = {"llamagen": a.ckpt, "nar": a.nar_ckpt}
+    families = {family_of(n) for n in names}
+    loaded = {f: load_model(f, ckpt=ckpts[f], vq_ckpt=a.vq_ckpt, dtype=DTYPES[a.dtype]) for f in sorted(families)}
+    pipes = {n: loaded[family_of(n)] for n in names}
+    num_classes = pipes["ar"].num_classes
     extractor = load_feature_extractor(a.classifier)
     reference = reference_domain_stats(a.reference_per_class, extractor=extractor)
-    labels = labels_for(pipe.num_classes, None, a.num_images)
-    latency_labels = labels_for(pipe.num_classes, None, a.latency_images)
-    latency = measure_latency(pipe, samplers, latency_labels, a.seed)
-    throughput = measure_throughput(pipe, samplers, labels, a.batch_size, a.seed)
+    labels = labels_for(num_classes, None, a.num_images)
+    latency_labels = labels_for(num_classes, None, a.latency_images)
+    latency = measure_latency(pipes, samplers, latency_labels, a.seed)
+    throughput = measure_throughput(pipes, samplers, labels, a.batch_size, a.seed)
     results = {}
     for name, sampler in samplers.items():
         thr, images = throughput[name]
@@ -306,7 +335,9 @@ def main(argv: list[str] | None = None) -> dict:
     if png:
         plot(results, Path(png))
     if a.doc:
-        write_section(f"samplers{suffix.replace('_', '-')}", markdown(results, command, env, png), Path(a.doc))
+        section = a.section or f"samplers{suffix.replace('_', '-')}"
+        title = "Samplers: speed vs quality (bundled models)"
+        write_section(section, markdown(results, command, env, png, a.batch_size, title), Path(a.doc))
     return results
 
 

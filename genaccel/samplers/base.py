@@ -152,11 +152,21 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor
     return (probs / noise).argmax(-1)
 
 
+# Per decoding order (a model's ``decoding_order``, "raster" when absent): the models and samplers for it.
+MODELS_FOR_ORDER = {"raster": "--model llamagen", "diagonal": "--model nar"}
+SAMPLERS_FOR_ORDER = {"raster": "--sampler ar, sjd, gsd, lantern, sd or zipar", "diagonal": "--sampler nar"}
+
+
 class Sampler:
-    """Base class: subclasses set ``name``, an options dataclass, and implement ``_generate``."""
+    """Base class: subclasses set ``name``, an options dataclass, and implement ``_generate``.
+
+    ``orders`` lists the decoding orders the algorithm needs a model to be trained for (``decoding_order``):
+    a NAR model predicts neighbours under its proximity mask, so raster samplers would read unwritten slots.
+    """
 
     name: ClassVar[str] = ""
     Options: ClassVar[type] = SamplingOptions
+    orders: ClassVar[tuple[str, ...]] = ("raster",)
 
     def __init__(self, **options: Any):
         known = set(self.Options.__dataclass_fields__)
@@ -174,6 +184,13 @@ class Sampler:
         self, model: ARModel, labels: torch.Tensor, generator: torch.Generator | None = None
     ) -> SampleOutput:
         """Sample one image's tokens per label (B,) with ``model``; labels must be valid class ids."""
+        order = getattr(model, "decoding_order", "raster")
+        if order not in self.orders:
+            need = self.orders[0]
+            raise ValueError(
+                f"sampler {self.name!r} needs a model trained for {need} decoding ({MODELS_FOR_ORDER.get(need, '?')}), "
+                f"but {type(model).__name__} is trained for {order} decoding (use {SAMPLERS_FOR_ORDER.get(order, '?')})"
+            )
         labels = torch.as_tensor(labels, device=_device_of(model))
         check_labels(labels, model.num_classes)
         stats = SamplerStats(images=labels.shape[0], tokens=model.num_image_tokens)

@@ -37,18 +37,11 @@ def neighbour_logits(
     return torch.where(has_left & has_above, both, torch.where(has_left, from_left, from_above))
 
 
-def require_two_heads(model, out) -> None:
-    if "below" not in out.extra:
-        raise ValueError(
-            f"sampler 'nar' needs a NAR model (right and below heads); {type(model).__name__} has one head "
-            "(use --model nar, or --ckpt with an official NAR last_version.pt)"
-        )
-
-
 class NARSampler(Sampler):
     """Next-neighbour decoding over anti-diagonals; every option of ``ar`` applies per position."""
 
     name = "nar"
+    orders = ("diagonal",)
 
     def guided_probs(self, logits: torch.Tensor, generated: int) -> torch.Tensor:
         # NAR guides a step while generated <= cfg_interval; base's rule guides token t while
@@ -63,7 +56,6 @@ class NARSampler(Sampler):
         batch_labels = self.batch_labels(model, labels)
         model.setup_cache(batch_labels.shape[0], T + N)
         out = stats.target_forward(model.prefill, batch_labels)
-        require_two_heads(model, out)
         tokens = torch.empty(B, N, dtype=torch.long, device=device)
         first = (out.logits[:, -1:] + out.extra["below"][:, -1:]) / 2
         tokens[:, 0] = draw(self.guided_probs(first, 0), generator)[:, 0]

@@ -107,5 +107,11 @@ def test_sampling_respects_top_k_per_position():
 
 
 def test_plain_gpt_is_refused_with_the_fix():
-    with pytest.raises(ValueError, match="needs a NAR model.*--model nar"):
+    with pytest.raises(ValueError, match=r"needs a model trained for diagonal decoding \(--model nar\), but LlamaGenGPT is trained for raster"):
         build_sampler("nar").generate(tiny_gpt(), torch.tensor([0]))
+
+
+@pytest.mark.parametrize("sampler", ["ar", "sjd"])
+def test_raster_samplers_refuse_a_nar_model(sampler):
+    with pytest.raises(ValueError, match=r"needs a model trained for raster decoding.*NARModel is trained for diagonal decoding \(use --sampler nar\)"):
+        build_sampler(sampler).generate(tiny_nar(grid=4), torch.tensor([0]))
