@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from genaccel.pipeline import MODELS as MODEL_FAMILIES
+from genaccel.pipeline import default_sampler
 from genaccel.samplers import SAMPLERS, available_samplers, sampler_class
 from genaccel.utils.dtypes import DTYPES
 
@@ -50,7 +51,8 @@ def sampler_flag_specs() -> list[tuple[str, dict]]:
 def build_sample_parser(prog: str = "genaccel sample") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Sample class-conditional images with a chosen sampler.")
     p.add_argument("--model", default="llamagen", help=f"model family: {', '.join(MODEL_FAMILIES)} (default: llamagen)")
-    p.add_argument("--sampler", default="ar", help=f"one of: {', '.join(available_samplers())}")
+    p.add_argument("--sampler", default=None,
+                   help=f"one of: {', '.join(available_samplers())} (default: the model's baseline, ar or nar)")
     p.add_argument("--sampler-config", default=None, help="YAML file of sampler options (configs/samplers/*.yaml)")
     p.add_argument("--ckpt", default=None, help="GPT checkpoint (.pt or .safetensors); default: bundled model")
     p.add_argument("--vq-ckpt", default=None, help="VQ checkpoint; default: bundled tokenizer")
@@ -127,6 +129,9 @@ def run_sample(argv: list[str] | None = None, prog: str = "genaccel sample") -> 
 
     specs = sampler_flag_specs()
     args = build_sample_parser(prog).parse_args(argv)
+    if args.model not in MODEL_FAMILIES:
+        raise UsageError(f"unknown model {args.model!r}; available: {', '.join(MODEL_FAMILIES)}")
+    args.sampler = args.sampler or default_sampler(args.model)
     if args.sampler not in SAMPLERS:
         raise UsageError(f"unknown sampler {args.sampler!r}; available: {', '.join(available_samplers())}")
     if args.batch_size < 1 or (args.num_images is not None and args.num_images < 1):

@@ -14,12 +14,20 @@ from genaccel.models import BUNDLED, LlamaGenGPT, VQModel, load_gpt, load_nar, l
 from genaccel.models.contract import check_labels
 from genaccel.samplers import Sampler, SamplerStats
 
-# Model families: name -> (loader of the generator checkpoint, bundled asset kind). Every family shares the VQ.
+# Model families: name -> (loader of the generator checkpoint, bundled asset kind, default sampler).
+# Every family decodes with the same VQ tokenizer.
 FAMILIES = {
-    "llamagen": (load_gpt, "gpt"),
-    "nar": (load_nar, "nar"),
+    "llamagen": (load_gpt, "gpt", "ar"),
+    "nar": (load_nar, "nar", "nar"),
 }
 MODELS = tuple(FAMILIES)
+
+
+def default_sampler(family: str) -> str:
+    """The sampler a family runs with when none is named (its own decoding order's baseline)."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model {family!r}; available: {', '.join(MODELS)}")
+    return FAMILIES[family][2]
 
 
 @dataclass
@@ -74,7 +82,7 @@ def load_model(
         raise ValueError(f"unknown model {name!r}; available: {', '.join(MODELS)}")
     vq_path = vq_ckpt or require_bundled("vq")
     vq = load_vq(vq_path, device=device)
-    loader, asset = FAMILIES[name]
+    loader, asset, _ = FAMILIES[name]
     gpt_path = ckpt or require_bundled(asset)
     size = image_size or (256 if ckpt else 64)
     gpt = loader(gpt_path, gpt_model=gpt_model, image_size=size, downsample=vq.downsample, device=device, dtype=dtype)
@@ -94,4 +102,4 @@ def labels_for(num_classes: int, classes: list[int] | None, num_images: int) -> 
     return torch.tensor(np.resize(labels.numpy(), num_images), dtype=torch.long)
 
 
-__all__ = ["BUNDLED", "ImagePipeline", "MODELS", "labels_for", "load_model"]
+__all__ = ["BUNDLED", "FAMILIES", "ImagePipeline", "MODELS", "default_sampler", "labels_for", "load_model"]

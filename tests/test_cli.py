@@ -87,3 +87,23 @@ def test_bad_input_gives_one_clear_line(tiny_ckpts, tmp_path, capsys, args, mess
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_nar_official_layout_checkpoint_through_sample_script(tiny_ckpts, tmp_path):
+    """`--model nar --ckpt last_version.pt` (official {"model": sd}, no stored config) samples with 2n-1 forwards;
+    the nar sampler is the NAR family's default."""
+    from genaccel.models.nar import build_nar
+
+    torch.manual_seed(1)
+    nar = build_nar(None, dim=64, n_layer=2, n_head=1, vocab_size=32, num_classes=3, block_size=16, multiple_of=32)
+    for p in nar.parameters():
+        torch.nn.init.normal_(p, 0, 0.2)
+    torch.save({"model": nar.state_dict()}, tmp_path / "last_version.pt")
+    out = tmp_path / "out"
+    r = run_script(["--model", "nar", "--ckpt", str(tmp_path / "last_version.pt"), "--vq-ckpt", str(tiny_ckpts / "vq.pt"),
+                    "--image-size", "16", "--classes", "0", "1", "2", "--batch-size", "2", "--top-k", "4",
+                    "--out", str(out), "--no-progress"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["sampler"] == "nar" and stats["num_images"] == 3 and stats["nfe_per_image"] == 7
+    assert len(list(out.glob("0*.png"))) == 3 and (out / "grid.png").is_file()

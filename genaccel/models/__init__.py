@@ -10,7 +10,7 @@ import torch
 from genaccel.models.contract import ARModel, ModelOutput
 from genaccel.models.llamagen import GPT_PRESETS, LlamaGenGPT, ModelArgs, build_gpt, find_multiple
 from genaccel.models.loading import CheckpointError, config_from_metadata, load_strict, read_state_dict
-from genaccel.models.nar import NAR_PRESETS, NARModel, build_nar, nar_args
+from genaccel.models.nar import NAR_PRESETS, NARModel, build_nar
 from genaccel.tokenizers.vq import VQ_PRESETS, VQArgs, VQModel
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -38,9 +38,9 @@ def _gpt_shape_facts(sd: dict) -> dict:
         ) from None
 
 
-def matching_preset(facts: dict) -> str | None:
-    """The GPT preset with the checkpoint's width and depth, if any."""
-    for name, p in GPT_PRESETS.items():
+def matching_preset(facts: dict, presets: dict[str, dict] = GPT_PRESETS) -> str | None:
+    """The preset with the checkpoint's width and depth, if any."""
+    for name, p in presets.items():
         if p["dim"] == facts["dim"] and p["n_layer"] == facts["n_layer"]:
             return name
     return None
@@ -69,14 +69,22 @@ def _multiple_of_for(dim: int, hidden: int) -> int:
     return 256
 
 
-def gpt_args_for_checkpoint(sd: dict, gpt_model: str | None, block_size: int, **overrides) -> ModelArgs:
-    """Preset (or explicit) config, with vocabulary and class count read from the checkpoint's shapes."""
-    f = _gpt_shape_facts(sd)
+def gpt_args_for_checkpoint(
+    sd: dict, gpt_model: str | None, block_size: int, facts: dict | None = None,
+    presets: dict[str, dict] = GPT_PRESETS, **overrides,
+) -> ModelArgs:
+    """Preset (or explicit) config, with vocabulary and class count read from the checkpoint's shapes.
+
+    ``facts`` / ``presets`` let a family with extra blocks (NAR) reuse this with its own depth and presets.
+    """
+    f = facts or _gpt_shape_facts(sd)
     fields = dict(vocab_size=f["vocab_size"], num_classes=f["cls_rows"] - 1, block_size=block_size)
     fields.update(overrides)
-    name = gpt_model or matching_preset(f)
+    name = gpt_model or matching_preset(f, presets)
     if name:
-        return ModelArgs.from_name(name, **fields)
+        if name not in presets:
+            raise ValueError(f"unknown preset {name!r}; available: {', '.join(presets)}")
+        return ModelArgs(**{**presets[name], **fields})
     fields.setdefault("dim", f["dim"])
     fields.setdefault("n_layer", f["n_layer"])
     fields.setdefault("n_head", max(1, f["dim"] // 64))
@@ -125,19 +133,12 @@ def _nar_facts(sd: dict) -> dict:
     return facts
 
 
-def matching_nar_preset(facts: dict) -> str | None:
-    for name, p in NAR_PRESETS.items():
-        if p["dim"] == facts["dim"] and p["n_layer"] == facts["n_layer"]:
-            return name
-    return None
-
-
 def suggest_nar_preset(sd: dict) -> str | None:
     try:
         f = _nar_facts(sd)
     except CheckpointError as e:
         return str(e)
-    name = matching_nar_preset(f)
+    name = matching_preset(f, NAR_PRESETS)
     if name:
         return f"the checkpoint fits preset {name} (--gpt-model {name}) with vocab_size={f['vocab_size']}"
     return f"no NAR preset fits (dim={f['dim']}, trunk n_layer={f['n_layer']}); pass the config fields explicitly"
@@ -165,17 +166,9 @@ def load_nar(
     else:
         if image_size % downsample:
             raise ValueError(f"image_size {image_size} is not a multiple of the VQ downsample {downsample}")
-        f = _nar_facts(sd)
-        name = gpt_model.replace("GPT-", "NAR-") if gpt_model else matching_nar_preset(f)
-        fields = dict(vocab_size=f["vocab_size"], num_classes=f["cls_rows"] - 1, block_size=(image_size // downsample) ** 2)
-        fields.update(overrides)
-        if name:
-            args = nar_args(name, **fields)
-        else:
-            fields.setdefault("dim", f["dim"])
-            fields.setdefault("n_layer", f["n_layer"])
-            fields.setdefault("n_head", max(1, f["dim"] // 64))
-            args = ModelArgs(**fields)
+        name = gpt_model.replace("GPT-", "NAR-") if gpt_model else None
+        block_size = (image_size // downsample) ** 2
+        args = gpt_args_for_checkpoint(sd, name, block_size, facts=_nar_facts(sd), presets=NAR_PRESETS, **overrides)
     model = NARModel(args)
     load_strict(model, sd, str(path), suggest_nar_preset)
     return model.to(device=device, dtype=dtype).eval()

@@ -1,0 +1,212 @@
+"""ZipAR (arXiv 2412.04062): training-free parallel decoding of a plain raster-order GPT by spatial locality.
+
+Behaviour of the official fixed-window LlamaGen code (ThisisBillhe/ZipAR,
+``LlamaGen-ZipAR/autoregressive/models/generate_zipar.py``), reproduced exactly on an ``n x n`` grid with
+window ``w`` (``1 <= w < n``; official default 8):
+
+* Row 0 is decoded sequentially: the prefill samples (0, 0), then one forward per token.
+* Every later forward feeds, for each *ongoing* row, that row's latest token at its raster slot and samples
+  the row's next token from that position's logits; all ongoing rows advance together. Row 1 is ongoing
+  from the start of this phase (its first forward feeds (0, n-1) at its own slot, predicting (1, 0)).
+* When row r reaches ``w`` tokens (and r < n-1), row r+1 becomes ongoing. Its first forward feeds an
+  AUXILIARY token at slot (r, n-1) -- the slot whose output predicts (r+1, 0) -- and that token is the
+  latest token of row **r-1** at that moment (``input_ids[:, sum(row_token_num[:r]) - 1]``, official
+  line ~201), not a token of row r. For r = 1 that is (0, n-1). The auxiliary K/V stays at slot (r, n-1)
+  until row r's real last token overwrites it.
+* When a row completes, its last token is fed once more in the next forward (its logits are discarded),
+  which writes the real K/V at (r, n-1).
+
+Attention. The mask is the plain causal mask by slot (a token at slot s sees every slot <= s, written or
+not) over K/V buffers zeroed before every batch (``clear_cache()`` right after ``setup_cache``, like the
+reference's freshly allocated caches). A token of row r+1 therefore also attends to row r's not yet
+generated slots, which hold zero keys/values (a zero key scores 0, so these entries dilute attention), and
+to the stale auxiliary K/V at (r, n-1). The explicit mask keeps the model's default valid-length mask from
+hiding those slots; reproducing the dilution is part of being exact.
+
+Forward count (prefill included), for ``1 <= w < n``: ``2n + (n-2) w`` -- row 0 takes n forwards, row r >= 1
+gets its first token at zipar forward (r-1) w + 1 and its last n-1 forwards later, so the last row ends at
+zipar forward (n-2) w + n. 16x16: w=4 -> 88, w=8 -> 144; 24x24: w=8 -> 224.
+
+Sampling and guidance. Every sampled position goes through :func:`target_probs` independently (CFG, then
+temperature, top-k/top-p, softmax), as the official ``sample`` does per position. Guidance applies whenever
+``cfg_scale != 1`` (the official code guides only when ``cfg_scale > 1``; below 1 it samples conditional
+logits). ``cfg_interval`` counts as in the official code, whose counter restarts after row 0: the prefill
+and row-0 token t are guided while t <= cfg_interval + 1 (``decode_n_tokens``); a later forward is guided
+while the number of tokens sampled after row 0, before that forward, is <= cfg_interval. ``-1`` = always.
+
+Deviations: the official code fails an assertion for w = 1 (its ``ongoing_row_list[i - 1]`` wraps to the
+newest row, whose auxiliary count equals the window); here w = 1 follows the same rules as every other
+window (forward count 3n - 2). Random draws use :func:`draw`, not ``torch.multinomial``, so seeded samples
+differ from the official ones while the distributions are the same; greedy (temperature 0) agrees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from genaccel.models.contract import ARModel
+from genaccel.samplers.base import Sampler, SamplerStats, SamplingOptions, draw, target_probs
+
+
+# ----------------------------------------------------------------------------- options
+@dataclass
+class ZipAROptions(SamplingOptions):
+    """Options of ZipAR: ``window`` = tokens a row must have before the row below starts (official default 8)."""
+
+    window: int = 8
+
+    def validate(self) -> None:
+        super().validate()
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1 token (ZipAR default 8; it must also be below the grid side), "
+                             f"got {self.window}")
+
+    def check_grid(self, grid_size: int) -> None:
+        """The window must be smaller than the grid side (``w == n`` is plain AR with a broken schedule)."""
+        if not 1 <= self.window < grid_size:
+            raise ValueError(
+                f"zipar window {self.window} does not fit a {grid_size}x{grid_size} token grid: use --window "
+                f"between 1 and {grid_size - 1} (official default 8)"
+            )
+
+
+def sampler_cli_options() -> list[tuple[str, dict]]:
+    """argparse ``(flag, kwargs)`` pairs; ``--window`` shares its ``dest`` with the Jacobi samplers' flag."""
+    return [("--window", dict(type=int, dest="window", default=None,
+                              help="zipar: tokens a row needs before the next row starts (default 8)"))]
+
+
+# ----------------------------------------------------------------------------- schedule
+@dataclass(frozen=True)
+class ZipARStep:
+    """One target forward in raster cell indices (cell = row * n + col; slot = cls_token_num + cell).
+
+    ``sources[i]`` is the cell whose token is fed at cell slot ``slots[i]`` (they differ only for an
+    auxiliary token); ``targets[i]`` is the cell sampled from that position's logits, -1 for a re-fed last
+    token. ``guide_index`` is the token index the ``cfg_interval`` rule of :func:`target_probs` sees.
+    The prefill is the step with no feeds and target (0,).
+    """
+
+    sources: tuple[int, ...]
+    slots: tuple[int, ...]
+    targets: tuple[int, ...]
+    guide_index: int
+
+
+def zipar_forward_count(grid_size: int, window: int) -> int:
+    """Target forwards of ZipAR, prefill included: 2n + (n-2) w for 1 <= w < n."""
+    return 2 * grid_size + (grid_size - 2) * window
+
+
+def zipar_schedule(grid_size: int, window: int) -> list[ZipARStep]:
+    """Every forward of ZipAR on an ``n x n`` grid with ``window`` (see the module docstring)."""
+    n = grid_size
+    steps = [ZipARStep((), (), (0,), 0)]
+    steps += [ZipARStep((t - 1,), (t - 1,), (t,), t) for t in range(1, n)]
+    return steps + _parallel_steps(n, window)
+
+
+def _parallel_steps(n: int, window: int) -> list[ZipARStep]:
+    """The forwards after row 0: ongoing rows advance together; a row starts when the one above has ``window``."""
+    count = [n] + [0] * (n - 1)  # tokens sampled per row
+    ongoing = [1]
+    start_source = {1: n - 1}  # row -> cell fed at slot (row-1, n-1) to start it; for row 1 the real (0, n-1)
+    refeed: int | None = None  # row whose last token is fed again to write its K/V
+    generated, steps = 0, []
+    while count[n - 1] < n:
+        feeds = [] if refeed is None else [(refeed * n + n - 1, refeed * n + n - 1, -1)]
+        feeds += [_row_feed(n, r, count[r], start_source) for r in ongoing]
+        sources, slots, targets = zip(*feeds)
+        steps.append(ZipARStep(sources, slots, targets, generated + 1))
+        generated += len(ongoing)
+        refeed = _advance_rows(n, window, count, ongoing, start_source)
+        ongoing[:] = [r for r in ongoing if count[r] < n]
+    return steps
+
+
+def _row_feed(n: int, row: int, count: int, start_source: dict[int, int]) -> tuple[int, int, int]:
+    """(source cell, slot cell, target cell) of an ongoing row: its latest token at its own slot, or, for a
+    row with no token yet, its start token at slot (row-1, n-1)."""
+    if count == 0:
+        return start_source.pop(row), row * n - 1, row * n
+    latest = row * n + count - 1
+    return latest, latest, latest + 1
+
+
+def _advance_rows(n: int, window: int, count: list[int], ongoing: list[int], start_source: dict[int, int]) -> int | None:
+    """Count one new token per ongoing row (top to bottom, as the official loop), start rows below that reach
+    the window, and return the row that completed (at most one: rows are staggered by ``window`` tokens)."""
+    completed = None
+    for r in list(ongoing):  # rows started in this pass are fed from the next forward on
+        count[r] += 1
+        if count[r] == window and r < n - 1:
+            start_source[r + 1] = (r - 1) * n + count[r - 1] - 1  # latest token of row r-1 (official line ~201)
+            ongoing.append(r + 1)
+        if count[r] == n:
+            completed = r
+    return completed
+
+
+# ----------------------------------------------------------------------------- sampler
+def causal_slot_mask(positions: torch.Tensor, length: int) -> torch.Tensor:
+    """(1, L, length) mask: the token at slot s may attend to every slot <= s, written or not."""
+    return (torch.arange(length, device=positions.device)[None, :] <= positions[:, None])[None]
+
+
+def require_grid(model: ARModel) -> int:
+    """The grid side of a model with a square 2-D token layout, else one clear error."""
+    n, N = int(getattr(model, "grid_size", 0) or 0), model.num_image_tokens
+    if n < 2 or n * n != N:
+        raise ValueError(
+            f"sampler 'zipar' needs a square 2-D token grid (rows decoded in parallel); this model has grid_size "
+            f"{n} for {N} tokens (use a 2-D model such as llamagen, or sampler 'ar')"
+        )
+    return n
+
+
+def fresh_cache(model: ARModel, batch: int, max_seq_len: int) -> None:
+    """Allocate the cache and zero it, so unwritten slots hold zeros as in the reference's new caches."""
+    model.setup_cache(batch, max_seq_len)
+    clear = getattr(model, "clear_cache", None)
+    if clear is None:
+        raise TypeError(f"sampler 'zipar' needs model.clear_cache() (zeroes K/V buffers); {type(model).__name__} lacks it")
+    clear()
+
+
+class ZipARSampler(Sampler):
+    """Fixed-window ZipAR; every option of ``ar`` applies per sampled position."""
+
+    name = "zipar"
+    Options = ZipAROptions
+
+    def _generate(self, model, labels, generator, stats: SamplerStats) -> torch.Tensor:
+        n = require_grid(model)
+        self.options.check_grid(n)
+        B, T, N, device = labels.shape[0], model.cls_token_num, model.num_image_tokens, labels.device
+        batch_labels = self.batch_labels(model, labels)
+        fresh_cache(model, batch_labels.shape[0], T + N)
+        width = int(getattr(model, "max_seq_len", T + N))
+        tokens = torch.empty(B, N, dtype=torch.long, device=device)
+        schedule = zipar_schedule(n, self.options.window)
+        out = stats.target_forward(model.prefill, batch_labels)
+        tokens[:, 0] = draw(target_probs(out.logits[:, -1:], self.options, 0), generator)[:, 0]
+        for step in schedule[1:]:
+            self._run_step(model, step, tokens, T, width, generator, stats)
+        stats.extra.update(window=self.options.window, zipar_forwards=len(schedule))
+        return tokens
+
+    def _run_step(self, model, step: ZipARStep, tokens, T: int, width: int, generator, stats: SamplerStats) -> None:
+        """One forward of the schedule: feed its tokens at their slots, sample its target cells in place."""
+        device = tokens.device
+        positions = T + torch.tensor(step.slots, device=device)
+        fed = self.duplicate_for_cfg(tokens[:, list(step.sources)])
+        out = stats.target_forward(model.forward_tokens, fed, positions, causal_slot_mask(positions, width))
+        keep = [i for i, cell in enumerate(step.targets) if cell >= 0]
+        probs = target_probs(out.logits[:, keep], self.options, step.guide_index)
+        tokens[:, [step.targets[i] for i in keep]] = draw(probs, generator)
+
+
+__all__ = ["ZipAROptions", "ZipARSampler", "ZipARStep", "causal_slot_mask", "sampler_cli_options",
+                      "zipar_forward_count", "zipar_schedule"]
