@@ -92,6 +92,8 @@ class ARModel(Protocol):
 
     def rollback(self, length) -> None: ...
 
+    def clear_cache(self) -> None: ...
+
 
 def cfg_labels(labels: torch.Tensor, null_class: int, use_cfg: bool) -> torch.Tensor:
     """Batch labels as [cond; uncond] when CFG is on, else unchanged."""

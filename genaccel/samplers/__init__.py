@@ -18,6 +18,7 @@ SAMPLERS: dict[str, str] = {
     "lantern": "genaccel.samplers.lantern:LanternSampler",
     "sd": "genaccel.samplers.sd:SDSampler",
     "nar": "genaccel.samplers.nar:NARSampler",
+    "zipar": "genaccel.samplers.zipar:ZipARSampler",
 }
 
 

@@ -99,7 +99,7 @@ def sampler_cli_options() -> list[tuple[str, dict]]:
         return flag, dict(type=type_, dest=flag[2:].replace("-", "_"), default=None, help=help_, **kw)
 
     return [
-        opt("--window", int, "sjd/gsd: Jacobi window, tokens verified per target forward (default 16)"),
+        opt("--window", int, "sjd/gsd: Jacobi window, tokens verified per target forward (default 16); zipar: tokens a row needs before the next starts (default 8)"),
         opt("--init", str, "sjd/gsd: initialisation of new draft slots", choices=INIT_SCHEMES),
         opt("--group-size", int, "gsd: tokens around the draft in probability rank that may form its group (100)"),
         opt("--prob-threshold", float, "gsd: group members need |p(t) - p(x)| below this (0.3)"),

@@ -64,7 +64,7 @@ class ZipAROptions(SamplingOptions):
                              f"got {self.window}")
 
     def check_grid(self, grid_size: int) -> None:
-        """The window must be smaller than the grid side (``w == n`` is plain AR with a broken schedule)."""
+        """The window must be smaller than the grid side (the official schedule is only consistent for w < n)."""
         if not 1 <= self.window < grid_size:
             raise ValueError(
                 f"zipar window {self.window} does not fit a {grid_size}x{grid_size} token grid: use --window "
@@ -194,7 +194,7 @@ class ZipARSampler(Sampler):
         tokens[:, 0] = draw(target_probs(out.logits[:, -1:], self.options, 0), generator)[:, 0]
         for step in schedule[1:]:
             self._run_step(model, step, tokens, T, width, generator, stats)
-        stats.extra.update(window=self.options.window, zipar_forwards=len(schedule))
+        stats.extra["window"] = self.options.window
         return tokens
 
     def _run_step(self, model, step: ZipARStep, tokens, T: int, width: int, generator, stats: SamplerStats) -> None:
@@ -209,4 +209,4 @@ class ZipARSampler(Sampler):
 
 
 __all__ = ["ZipAROptions", "ZipARSampler", "ZipARStep", "causal_slot_mask", "sampler_cli_options",
-                      "zipar_forward_count", "zipar_schedule"]
+           "zipar_forward_count", "zipar_schedule"]
