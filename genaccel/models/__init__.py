@@ -108,6 +108,17 @@ def load_gpt(
     ``image_size // downsample`` fixes the token grid (LlamaGen pitfall: a 384 checkpoint run at 256 gives a
     silently wrong RoPE grid, so the grid is always explicit here).
     """
+    def args_from_shapes(sd: dict, block_size: int) -> ModelArgs:
+        return gpt_args_for_checkpoint(sd, gpt_model, block_size, **overrides)
+
+    return _load_generator(path, LlamaGenGPT, args_from_shapes, suggest_gpt_preset, image_size, downsample,
+                           device, dtype, prefer, overrides)
+
+
+def _load_generator(path, model_cls, args_from_shapes, suggest, image_size, downsample, device, dtype, prefer,
+                    overrides) -> LlamaGenGPT:
+    """What every family's loader shares: config from safetensors metadata if present, else from the shapes
+    (``args_from_shapes(sd, block_size)``), then a strict load with the family's preset hint."""
     sd, meta = read_state_dict(path, prefer=prefer)
     config = config_from_metadata(meta)
     if config:
@@ -115,9 +126,9 @@ def load_gpt(
     else:
         if image_size % downsample:
             raise ValueError(f"image_size {image_size} is not a multiple of the VQ downsample {downsample}")
-        args = gpt_args_for_checkpoint(sd, gpt_model, (image_size // downsample) ** 2, **overrides)
-    model = LlamaGenGPT(args)
-    load_strict(model, sd, str(path), suggest_gpt_preset)
+        args = args_from_shapes(sd, (image_size // downsample) ** 2)
+    model = model_cls(args)
+    load_strict(model, sd, str(path), suggest)
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -159,19 +170,13 @@ def load_nar(
     ``gpt_model`` names a NAR preset (NAR-B, NAR-M, NAR-L, NAR-XL, NAR-XXL; the official repo's GPT-* names
     are accepted as their NAR twins); without one the preset is inferred from the shapes.
     """
-    sd, meta = read_state_dict(path, prefer=prefer)
-    config = config_from_metadata(meta)
-    if config:
-        args = ModelArgs(**{**config, **overrides})
-    else:
-        if image_size % downsample:
-            raise ValueError(f"image_size {image_size} is not a multiple of the VQ downsample {downsample}")
-        name = gpt_model.replace("GPT-", "NAR-") if gpt_model else None
-        block_size = (image_size // downsample) ** 2
-        args = gpt_args_for_checkpoint(sd, name, block_size, facts=_nar_facts(sd), presets=NAR_PRESETS, **overrides)
-    model = NARModel(args)
-    load_strict(model, sd, str(path), suggest_nar_preset)
-    return model.to(device=device, dtype=dtype).eval()
+    preset = gpt_model.replace("GPT-", "NAR-") if gpt_model else None
+
+    def args_from_shapes(sd: dict, block_size: int) -> ModelArgs:
+        return gpt_args_for_checkpoint(sd, preset, block_size, facts=_nar_facts(sd), presets=NAR_PRESETS, **overrides)
+
+    return _load_generator(path, NARModel, args_from_shapes, suggest_nar_preset, image_size, downsample, device,
+                           dtype, prefer, overrides)
 
 
 def suggest_vq_preset(sd: dict) -> str | None:
