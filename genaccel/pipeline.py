@@ -10,7 +10,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from genaccel.models import BUNDLED, LlamaGenGPT, VQModel, load_gpt, load_nar, load_vq, require_bundled
+from genaccel.models import (
+    BUNDLED,
+    LlamaGenGPT,
+    VQModel,
+    load_gpt,
+    load_nar,
+    load_token_shuffle,
+    load_vq,
+    require_bundled,
+)
 from genaccel.models.contract import check_labels
 from genaccel.samplers import Sampler, SamplerStats
 
@@ -19,6 +28,7 @@ from genaccel.samplers import Sampler, SamplerStats
 FAMILIES = {
     "llamagen": (load_gpt, "gpt", "ar"),
     "nar": (load_nar, "nar", "nar"),
+    "token-shuffle": (load_token_shuffle, "token_shuffle", "token-shuffle"),
 }
 MODELS = tuple(FAMILIES)
 

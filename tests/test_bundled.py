@@ -51,3 +51,38 @@ def test_fd_domain_zero_for_identical_sets_and_grows_with_noise():
     g = torch.Generator().manual_seed(0)
     fds = [fd_domain(x, (x + s * torch.randn(x.shape, generator=g)).clamp(-1, 1), extractor=ext) for s in (0.05, 0.2, 0.6)]
     assert 0 < fds[0] < fds[1] < fds[2]
+
+
+@pytest.fixture(scope="module")
+def nar_pipe():
+    return load_model("nar")
+
+
+def test_bundled_nar_samples_64px_images_in_31_forwards(nar_pipe):
+    assert nar_pipe.image_size == 64 and nar_pipe.gpt.num_image_tokens == 256
+    out = build_sampler("nar", cfg_scale=2.0).generate(nar_pipe.gpt, torch.tensor([3, 12]), torch.Generator().manual_seed(0))
+    images = nar_pipe.decode(out.tokens)
+    assert images.shape == (2, 64, 64, 3) and out.stats.nfe == 31
+    assert images.float().std() > 5
+
+
+@torch.no_grad()
+def test_bundled_nar_prefers_real_heldout_tokens_of_the_right_class(nar_pipe):
+    x, labels = make_crops("heldout", 4, seed=7)
+    tokens = nar_pipe.vq.encode(x)
+    nll = torch.nn.functional.cross_entropy
+    model = nar_pipe.gpt
+    right = nll(model.teacher_forced(labels, tokens).logits.flatten(0, 1), tokens.flatten())
+    wrong = nll(model.teacher_forced((labels + 5) % nar_pipe.num_classes, tokens).logits.flatten(0, 1), tokens.flatten())
+    assert right < wrong < 6.93
+
+
+def test_sample_script_runs_the_bundled_nar_model(tmp_path):
+    from genaccel.cli import main as cli_main
+
+    out = tmp_path / "nar"
+    assert cli_main(["sample", "--model", "nar", "--classes", "0", "7", "--out", str(out), "--no-progress"]) == 0
+    import json
+
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["sampler"] == "nar" and stats["nfe_per_image"] == 31 and len(list(out.glob("0*.png"))) == 2

@@ -11,6 +11,7 @@ from genaccel.models.contract import ARModel, ModelOutput
 from genaccel.models.llamagen import GPT_PRESETS, LlamaGenGPT, ModelArgs, build_gpt, find_multiple
 from genaccel.models.loading import CheckpointError, config_from_metadata, load_strict, read_state_dict
 from genaccel.models.nar import NAR_PRESETS, NARModel, build_nar
+from genaccel.models.token_shuffle import TokenShuffleGPT, load_token_shuffle
 from genaccel.tokenizers.vq import VQ_PRESETS, VQArgs, VQModel
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -19,6 +20,7 @@ BUNDLED = {
     "vq": ASSETS / "llamagen_tiny_vq.safetensors",
     "classifier": ASSETS / "crop_classifier.safetensors",
     "nar": ASSETS / "nar_tiny.safetensors",
+    "token_shuffle": ASSETS / "token_shuffle_tiny.safetensors",
 }
 
 
@@ -233,6 +235,6 @@ def require_bundled(kind: str) -> Path:
 
 __all__ = [
     "ARModel", "BUNDLED", "CheckpointError", "GPT_PRESETS", "LlamaGenGPT", "ModelArgs", "ModelOutput",
-    "NAR_PRESETS", "NARModel", "build_nar", "load_nar",
+    "NAR_PRESETS", "NARModel", "TokenShuffleGPT", "build_nar", "load_nar", "load_token_shuffle",
     "VQArgs", "VQModel", "build_gpt", "load_gpt", "load_vq", "require_bundled", "suggest_gpt_preset",
 ]

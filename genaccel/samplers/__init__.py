@@ -19,6 +19,7 @@ SAMPLERS: dict[str, str] = {
     "sd": "genaccel.samplers.sd:SDSampler",
     "nar": "genaccel.samplers.nar:NARSampler",
     "zipar": "genaccel.samplers.zipar:ZipARSampler",
+    "token-shuffle": "genaccel.samplers.token_shuffle:TokenShuffleSampler",
 }
 
 

@@ -153,8 +153,9 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor
 
 
 # Per decoding order (a model's ``decoding_order``, "raster" when absent): the models and samplers for it.
-MODELS_FOR_ORDER = {"raster": "--model llamagen", "diagonal": "--model nar"}
-SAMPLERS_FOR_ORDER = {"raster": "--sampler ar, sjd, gsd, lantern, sd or zipar", "diagonal": "--sampler nar"}
+MODELS_FOR_ORDER = {"raster": "--model llamagen", "diagonal": "--model nar", "shuffle": "--model token-shuffle"}
+SAMPLERS_FOR_ORDER = {"raster": "--sampler ar, sjd, gsd, lantern, sd or zipar", "diagonal": "--sampler nar",
+                      "shuffle": "--sampler token-shuffle"}
 
 
 class Sampler:

@@ -1,4 +1,4 @@
-"""``python -m genaccel.train {vq,gpt,classifier,drafter,nar} --config configs/train/<name>.yaml``."""
+"""``python -m genaccel.train {vq,gpt,classifier,drafter,nar,token-shuffle} --config configs/train/<name>.yaml``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import importlib
 import sys
 
 RECIPES = {"vq": "genaccel.train.vq", "gpt": "genaccel.train.gpt", "classifier": "genaccel.train.classifier",
-           "drafter": "genaccel.train.drafter", "nar": "genaccel.train.nar"}
+           "drafter": "genaccel.train.drafter", "nar": "genaccel.train.nar",
+           "token-shuffle": "genaccel.train.token_shuffle"}
 
 
 def main(argv: list[str] | None = None) -> None:

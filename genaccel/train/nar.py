@@ -78,8 +78,9 @@ def main(argv: list[str] | None = None) -> dict:
     gpt = load_gpt(cfg["gpt_path"])
     if gpt.num_image_tokens != train["tokens"].shape[1]:
         raise SystemExit(f"GPT grid has {gpt.num_image_tokens} tokens but the VQ gives {train['tokens'].shape[1]}")
+    if (cfg["class_dropout_prob"] > 0) != (gpt.args.class_dropout_prob > 0):
+        raise SystemExit("class_dropout_prob must be > 0 exactly when the GPT has a null-class row (CFG)")
     model = nar_from_gpt(gpt)
-    model.args.class_dropout_prob = cfg["class_dropout_prob"]
     nll_start = heldout_nll(model, heldout)
     log.info(f"NAR params {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M; held-out NLL at init {nll_start:.4f}")
     decay = [p for p in model.parameters() if p.dim() >= 2]

@@ -1,0 +1,183 @@
+"""Token-Shuffle recipe: a LlamaGen backbone over fused s x s windows of the bundled VQ's tokens.
+
+Initialisation. By default the backbone (class and token embeddings, transformer blocks, final norm, LM
+head) is the bundled GPT's, which fits every shape: the paper, too, trains without shuffling first and then
+continues with s = 2 (shared/reference/parallel.md §5). The shuffle / unshuffle projections start at
+N(0, initializer_range) and the residual MLP blocks as identities (zero output layers). With ``gpt_path``
+empty the whole model is initialised fresh (LlamaGen's init, zero LM head) from ``dim`` / ``n_layer`` /
+``n_head`` / ``multiple_of``; those four fields are ignored when a GPT is given (its sizes are kept; the
+dropout rates come from the recipe).
+
+Objective: next-window prediction, cross-entropy on all n*n tokens (``TokenShuffleGPT.teacher_forced``),
+labels replaced by the null class with probability ``class_dropout_prob`` so guidance works. Optimiser as
+the GPT recipe: AdamW betas (0.9, 0.95), weight decay 0.05 on matrices, grad clip 1.0, warmup + cosine LR.
+Tokens of the augmented crops come from :func:`genaccel.train.gpt.cached_tokens` (VQ-encoded once, cached in
+``out_dir``). The export is float16 safetensors whose metadata carries the backbone ``config``, the
+``token_shuffle`` fields, ``tokens_per_position``, ``shuffle_window`` and ``family``, plus a metrics JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from genaccel.data.skimage_crops import NUM_CLASSES
+from genaccel.models import BUNDLED, load_gpt
+from genaccel.models.llamagen import LlamaGenGPT, ModelArgs
+from genaccel.models.token_shuffle import TokenShuffleArgs, TokenShuffleGPT, export_metadata
+from genaccel.train.common import checkpoint_or_stop, cosine_lr, resume, set_lr, start_run
+from genaccel.train.gpt import autocast, cached_tokens, drop_labels
+from genaccel.utils.io import save_json, save_safetensors
+
+DEFAULTS = dict(
+    out_dir="checkpoints/token_shuffle", gpt_path=str(BUNDLED["gpt"]), vq_path=str(BUNDLED["vq"]), seed=0,
+    steps=1200, batch_size=32, lr=1.0e-3, warmup=80, weight_decay=0.05, threads=2, bf16=False,
+    train_per_class=1024, heldout_per_class=64, window=2, shuffle_blocks=2, unshuffle_blocks=2,
+    dim=256, n_layer=6, n_head=4, multiple_of=256, class_dropout_prob=0.1, token_dropout_p=0.0,
+    resid_dropout_p=0.0, ffn_dropout_p=0.0, ckpt_every=50, log_every=25, stop_at=None, max_minutes=55.0,
+    export_path="",
+)
+
+
+def shuffle_args(cfg: dict) -> TokenShuffleArgs:
+    return TokenShuffleArgs(window=cfg["window"], shuffle_blocks=cfg["shuffle_blocks"],
+                            unshuffle_blocks=cfg["unshuffle_blocks"])
+
+
+def fresh_model(cfg: dict, vocab_size: int, block_size: int, generator: torch.Generator) -> TokenShuffleGPT:
+    """A Token-Shuffle model initialised from scratch with the recipe's backbone size."""
+    args = ModelArgs(
+        dim=cfg["dim"], n_layer=cfg["n_layer"], n_head=cfg["n_head"], multiple_of=cfg["multiple_of"],
+        vocab_size=vocab_size, num_classes=NUM_CLASSES, block_size=block_size,
+        class_dropout_prob=cfg["class_dropout_prob"], token_dropout_p=cfg["token_dropout_p"],
+        resid_dropout_p=cfg["resid_dropout_p"], ffn_dropout_p=cfg["ffn_dropout_p"],
+    )
+    model = TokenShuffleGPT(args, shuffle_args(cfg))
+    model.init_weights(generator)
+    return model
+
+
+def token_shuffle_from_gpt(
+    gpt: LlamaGenGPT, shuffle: TokenShuffleArgs, generator: torch.Generator, **overrides
+) -> TokenShuffleGPT:
+    """A Token-Shuffle model whose backbone is a copy of ``gpt``'s and whose shuffle modules are fresh.
+
+    ``overrides`` may change ModelArgs fields that leave the shapes alone (dropout rates).
+    """
+    fields = {**{k: getattr(gpt.args, k) for k in ModelArgs.field_names()}, **overrides}
+    model = TokenShuffleGPT(ModelArgs(**fields), shuffle)
+    model.init_weights(generator)  # shuffle / unshuffle modules; the backbone is overwritten next
+    missing, unexpected = model.load_state_dict(gpt.state_dict(), strict=False)
+    added = ("shuffle_proj.", "shuffle_mlps.", "unshuffle_mlps.", "unshuffle_proj.")
+    if unexpected or any(not key.startswith(added) for key in missing):
+        raise ValueError(f"GPT backbone does not fit: unexpected {unexpected}, missing {missing}")
+    return model
+
+
+def build_model(cfg: dict, data: dict, log) -> TokenShuffleGPT:
+    """The recipe's starting point: the given GPT's backbone, or a fresh model when ``gpt_path`` is empty."""
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    block_size = data["tokens"].shape[1]
+    if not cfg["gpt_path"]:
+        return fresh_model(cfg, data["vocab_size"], block_size, gen)
+    gpt = load_gpt(cfg["gpt_path"])
+    if gpt.num_image_tokens != block_size or gpt.vocab_size != data["vocab_size"]:
+        raise SystemExit(f"GPT has {gpt.num_image_tokens} tokens / vocab {gpt.vocab_size} but the VQ gives "
+                         f"{block_size} / {data['vocab_size']}: pass a matching gpt_path, or gpt_path='' for fresh")
+    if (cfg["class_dropout_prob"] > 0) != (gpt.args.class_dropout_prob > 0):
+        raise SystemExit("class_dropout_prob > 0 needs a GPT with a null-class row (and 0 one without): "
+                         f"recipe {cfg['class_dropout_prob']}, GPT {gpt.args.class_dropout_prob}")
+    log.info(f"backbone from {cfg['gpt_path']}")
+    dropout = {k: cfg[k] for k in ("class_dropout_prob", "token_dropout_p", "resid_dropout_p", "ffn_dropout_p")}
+    return token_shuffle_from_gpt(gpt, shuffle_args(cfg), gen, **dropout)
+
+
+def token_loss(model: TokenShuffleGPT, labels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over every token of every image (next-window prediction)."""
+    return F.cross_entropy(model.teacher_forced(labels, tokens).logits.float().flatten(0, 1), tokens.flatten())
+
+
+@torch.no_grad()
+def heldout_nll(model: TokenShuffleGPT, data: dict) -> float:
+    """Mean per-token NLL (nats) of held-out crops' tokens, conditional on their class, in fp32."""
+    model.eval()
+    total, count = 0.0, 0
+    for toks, labs in zip(data["tokens"].split(128), data["labels"].split(128)):
+        total += token_loss(model, labs, toks).item() * toks.numel()
+        count += toks.numel()
+    model.train()
+    return total / count
+
+
+def make_optimizer(model: TokenShuffleGPT, cfg: dict) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg["lr"], betas=(0.9, 0.95),
+    )
+
+
+def export(model: TokenShuffleGPT, cfg: dict, out, metrics: dict) -> None:
+    """float16 safetensors with the config in metadata (as the bundled GPT), and the metrics JSON."""
+    half = {k: v.half() for k, v in model.state_dict().items()}
+    meta = {**export_metadata(model), "stored_dtype": "float16"}
+    save_safetensors(half, out / "token_shuffle.safetensors", metadata=meta)
+    if cfg["export_path"]:
+        save_safetensors(half, cfg["export_path"], metadata=meta)
+    config = {**json.loads(meta["config"]), "token_shuffle": json.loads(meta["token_shuffle"])}
+    save_json({"config": config, "metrics": metrics, "recipe": cfg}, out / "token_shuffle_metrics.json")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg, out, log = start_run(argv, DEFAULTS, "token-shuffle")
+    if cfg["max_minutes"] > 55:
+        raise SystemExit(f"max_minutes {cfg['max_minutes']} exceeds the 55-minute budget of a bundled recipe")
+    train = cached_tokens(out, cfg, "train", cfg["train_per_class"])
+    heldout = cached_tokens(out, cfg, "heldout", cfg["heldout_per_class"])
+    model = build_model(cfg, train, log)
+    nll_start = heldout_nll(model, heldout)
+    params_m = sum(p.numel() for p in model.parameters()) / 1e6
+    log.info(f"Token-Shuffle s={model.shuffle_window}: {model.num_positions} positions for {model.num_image_tokens} "
+             f"tokens, {params_m:.2f}M params; held-out NLL at init {nll_start:.4f}")
+    opt = make_optimizer(model, cfg)
+    ckpt = out / "last.pt"
+    step = resume(ckpt, model, opt, log)
+    gen = torch.Generator().manual_seed(cfg["seed"] * 7919 + step)
+    model.train()
+    start = time.time()
+    bar = tqdm(total=cfg["steps"], initial=step, desc="token-shuffle", dynamic_ncols=True)
+    while step < cfg["steps"]:
+        lr = cosine_lr(step, cfg["steps"], cfg["lr"], cfg["warmup"])
+        set_lr(opt, lr)
+        idx = torch.randint(0, len(train["tokens"]), (cfg["batch_size"],), generator=gen)
+        toks = train["tokens"][idx]
+        labs = drop_labels(train["labels"][idx], cfg["class_dropout_prob"], model.null_class, gen)
+        with autocast(cfg["bf16"]):
+            loss = token_loss(model, labs, toks)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step % cfg["log_every"] == 0:
+            log.info(f"step {step} loss {loss.item():.4f} lr {lr:.2e} min {(time.time() - start) / 60:.1f}")
+        if checkpoint_or_stop(ckpt, model, opt, step, cfg, start, log):
+            break
+    bar.close()
+    metrics = {"heldout_nll_nats": heldout_nll(model, heldout), "heldout_nll_at_init": nll_start, "steps": step,
+               "params_m": params_m, "positions": model.num_positions,
+               "tokens_per_position": model.tokens_per_position, "minutes": (time.time() - start) / 60}
+    log.info(f"final {json.dumps(metrics)}")
+    export(model, cfg, out, metrics)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

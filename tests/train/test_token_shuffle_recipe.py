@@ -1,0 +1,93 @@
+"""Token-Shuffle recipe on minute settings: a fake token cache, 3 steps, resume, strict reload of the export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from genaccel.data.skimage_crops import NUM_CLASSES
+from genaccel.models.llamagen import ModelArgs, build_gpt
+from genaccel.models.token_shuffle import TokenShuffleArgs, load_token_shuffle
+from genaccel.train import token_shuffle as recipe
+from genaccel.utils.io import save_safetensors, save_torch
+
+VOCAB, GRID = 24, 4
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_fake_token_cache(out_dir, images: int = 8) -> None:
+    """``tokens_{train,heldout}.pt`` in the format ``genaccel.train.gpt.cached_tokens`` reads (no VQ encoding)."""
+    gen = torch.Generator().manual_seed(0)
+    for split in ("train", "heldout"):
+        data = {"tokens": torch.randint(0, VOCAB, (images, GRID * GRID), generator=gen),
+                "labels": torch.randint(0, NUM_CLASSES, (images,), generator=gen), "vocab_size": VOCAB}
+        save_torch(data, out_dir / f"tokens_{split}.pt")
+
+
+def tiny_args(out_dir, *extra: str) -> list[str]:
+    sets = [f"out_dir={out_dir}", "gpt_path=''", "export_path=''", "dim=32", "n_layer=1", "n_head=2",
+            "multiple_of=32", "batch_size=4", "steps=3", "warmup=1", "threads=1", "log_every=1", "ckpt_every=1",
+            *extra]
+    return ["--config", "configs/train/token_shuffle.yaml", *[a for s in sets for a in ("--set", s)]]
+
+
+def test_three_steps_resume_and_export_loads_strictly(tmp_path):
+    write_fake_token_cache(tmp_path)
+    first = recipe.main(tiny_args(tmp_path, "stop_at=1"))
+    assert first["steps"] == 1 and first["positions"] == 4 and first["tokens_per_position"] == 4
+    second = recipe.main(tiny_args(tmp_path))  # resumes from last.pt and finishes the 3-step schedule
+    assert second["steps"] == 3 and second["heldout_nll_nats"] > 0
+    assert "resumed from" in (tmp_path / "train.log").read_text()
+
+    path = tmp_path / "token_shuffle.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        assert all(f.get_tensor(k).dtype == torch.float16 for k in f.keys())
+    assert (meta["family"], meta["tokens_per_position"], meta["shuffle_window"]) == ("token-shuffle", "4", "2")
+    model = load_token_shuffle(path)
+    assert (model.grid_size, model.num_positions, model.args.dim, model.vocab_size) == (GRID, 4, 32, VOCAB)
+    recorded = json.loads((tmp_path / "token_shuffle_metrics.json").read_text())
+    assert recorded["config"]["token_shuffle"] == {"window": 2, "shuffle_blocks": 2, "unshuffle_blocks": 2}
+    assert recorded["metrics"]["steps"] == 3
+
+
+def tiny_gpt_file(tmp_path):
+    gpt = build_gpt(None, dim=32, n_layer=1, n_head=2, vocab_size=VOCAB, num_classes=NUM_CLASSES,
+                    block_size=GRID * GRID, multiple_of=32)
+    gpt.init_weights(torch.Generator().manual_seed(1))
+    config = {k: getattr(gpt.args, k) for k in ModelArgs.field_names()}
+    path = save_safetensors(gpt.state_dict(), tmp_path / "gpt.safetensors", metadata={"config": json.dumps(config)})
+    return gpt, path
+
+
+def test_backbone_is_copied_from_the_gpt_and_shuffle_modules_are_fresh(tmp_path):
+    gpt, _ = tiny_gpt_file(tmp_path)
+    model = recipe.token_shuffle_from_gpt(gpt, TokenShuffleArgs(window=2), torch.Generator().manual_seed(0))
+    ours = model.state_dict()
+    for key, value in gpt.state_dict().items():
+        assert torch.equal(ours[key], value)
+    assert all(torch.count_nonzero(b.down.weight) == 0 for b in [*model.shuffle_mlps, *model.unshuffle_mlps])
+    assert torch.count_nonzero(model.shuffle_proj.weight) > 0 and torch.count_nonzero(model.unshuffle_proj.weight) > 0
+
+
+def test_one_step_from_a_gpt_backbone(tmp_path):
+    write_fake_token_cache(tmp_path)
+    _, gpt_path = tiny_gpt_file(tmp_path)
+    metrics = recipe.main(tiny_args(tmp_path, f"gpt_path={gpt_path}", "steps=1"))
+    assert metrics["steps"] == 1
+    assert "backbone from" in (tmp_path / "train.log").read_text()
+
+
+def test_budget_over_55_minutes_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="exceeds the 55-minute budget"):
+        recipe.main(tiny_args(tmp_path, "max_minutes=60"))
