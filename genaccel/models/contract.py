@@ -33,11 +33,14 @@ Built extensions (additive; every earlier sampler keeps working):
 * ZipAR: per-row slots ``(B, L)``, an auxiliary token written at a slot that is later overwritten, an
   explicit causal-by-slot ``mask`` that also exposes unwritten slots, and ``clear_cache()``, which zeroes
   the K/V buffers so those unwritten slots hold zeros as in the reference's freshly allocated caches.
+* Token-Shuffle (``genaccel/models/token_shuffle.py``; s x s tokens fused per position): a
+  ``tokens_per_position`` attribute (s*s; absent = 1); ``forward_tokens`` takes tokens (B, L, s*s) and
+  returns logits (B, L, s*s, V); ``num_image_tokens`` still counts tokens, so NFE and step compression keep
+  their meaning; ``decoding_order = "shuffle"``.
+* ``decoding_order`` (absent = "raster"): the order a model is trained for; a sampler lists the orders it
+  can run (``Sampler.orders``) and refuses others with one line naming the fix.
 
 Planned extensions (designed, not built; each is additive, so today's samplers keep working):
-* Token-Shuffle (s x s tokens fused per position): a ``tokens_per_position`` attribute (1 today); then
-  ``forward_tokens`` takes tokens (B, L, s*s) and returns logits (B, L, s*s, V), and ``num_image_tokens``
-  still counts tokens, so NFE and step compression keep their meaning.
 * 1-D tokenizers (FlexTok-style, a chosen number of tokens): ``grid_size`` becomes 0 for "no 2-D layout"
   and the token budget is a ``generate`` argument bounded by ``num_image_tokens``; samplers that rely on the
   grid (``repeat_horizon`` init, NAR, ZipAR) check ``grid_size`` and raise one clear error.
