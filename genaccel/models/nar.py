@@ -83,9 +83,9 @@ class NARModel(LlamaGenGPT):
         return self._proximity
 
     def default_mask(self, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
-        """Proximity rows of the fed slots over the first ``kv_len`` slots, (B, L, kv_len)."""
-        B = self.max_batch_size
-        pos = positions if positions.dim() == 2 else positions[None].expand(B, -1)
+        """Proximity rows of the fed slots over the first ``kv_len`` slots: (1, L, kv_len) for slots shared by
+        every row (broadcast over the batch), (B, L, kv_len) for per-row slots."""
+        pos = positions if positions.dim() == 2 else positions[None]
         table = self.proximity(self.max_seq_len).to(pos.device)
         return table[pos][..., :kv_len]
 
