@@ -86,3 +86,13 @@ def test_sample_script_runs_the_bundled_nar_model(tmp_path):
 
     stats = json.loads((out / "stats.json").read_text())
     assert stats["sampler"] == "nar" and stats["nfe_per_image"] == 31 and len(list(out.glob("0*.png"))) == 2
+
+
+def test_bundled_token_shuffle_samples_64px_images_in_64_forwards():
+    pipe = load_model("token-shuffle")
+    assert pipe.image_size == 64 and pipe.gpt.num_image_tokens == 256 and pipe.gpt.tokens_per_position == 4
+    out = build_sampler("token-shuffle", cfg_scale=4.0).generate(pipe.gpt, torch.tensor([1, 6]),
+                                                                 torch.Generator().manual_seed(0))
+    images = pipe.decode(out.tokens)
+    assert images.shape == (2, 64, 64, 3) and out.stats.nfe == 64 and out.stats.step_compression == 4.0
+    assert images.float().std() > 5

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -69,15 +71,25 @@ def _unwrap(obj, prefer: str | None, path: Path) -> dict:
     )
 
 
+# K/V buffers of the official KVCache, present in checkpoints saved after `setup_caches()`: runtime state.
+CACHE_BUFFER = re.compile(r"layers\.\d+\.attention\.kv_cache\.[kv]_cache$")
+
+
 def _clean(sd: dict) -> dict[str, torch.Tensor]:
-    out = {}
+    out, cache_keys = {}, 0
     for k, v in sd.items():
         for p in PREFIXES:
             if k.startswith(p):
                 k = k[len(p) :]
         if k in IGNORED_KEYS:
             continue
+        if CACHE_BUFFER.match(k):
+            cache_keys += 1
+            continue
         out[k] = v
+    if cache_keys:
+        print(f"note: ignored {cache_keys} KV-cache buffers (layers.N.attention.kv_cache.*) saved with the "
+              "checkpoint; they are runtime state, not weights", file=sys.stderr)
     return out
 
 

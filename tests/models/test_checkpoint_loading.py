@@ -115,3 +115,17 @@ def test_vq_loads_strictly_with_codebook_used_buffer(tmp_path):
     torch.save({"model": sd}, tmp_path / "vq2.pt")
     with pytest.raises(CheckpointError, match="missing keys: quantize.codebook_used"):
         load_vq(tmp_path / "vq2.pt")
+
+
+def test_official_kv_cache_buffers_are_ignored_with_a_notice(tmp_path, capsys):
+    """Checkpoints saved after the official `setup_caches()` carry layers.N.attention.kv_cache.{k,v}_cache."""
+    gpt = build_gpt(None, dim=32, n_layer=2, n_head=2, vocab_size=16, num_classes=3, block_size=16, multiple_of=32)
+    sd = dict(gpt.state_dict())
+    for i in range(2):
+        sd[f"layers.{i}.attention.kv_cache.k_cache"] = torch.zeros(2, 2, 24, 16)
+        sd[f"layers.{i}.attention.kv_cache.v_cache"] = torch.zeros(2, 2, 24, 16)
+    torch.save({"model": sd}, tmp_path / "after_setup_caches.pt")
+    loaded = load_gpt(tmp_path / "after_setup_caches.pt", image_size=16, downsample=4, n_head=2, multiple_of=32)
+    assert torch.equal(loaded.tok_embeddings.weight, gpt.tok_embeddings.weight)
+    err = capsys.readouterr().err
+    assert "ignored 4 KV-cache buffers" in err and err.count("\n") == 1
