@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -66,9 +67,50 @@ def autocast(enabled: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
+def token_ce(model: LlamaGenGPT, labels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of ``teacher_forced`` logits against the tokens (every family's objective lives there)."""
+    return F.cross_entropy(model.teacher_forced(labels, tokens).logits.float().flatten(0, 1), tokens.flatten())
+
+
+def train_on_tokens(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, train: dict, cfg: dict, ckpt: Path, log,
+    name: str, loss_fn: Callable, lr_at: Callable[[int], float],
+) -> tuple[int, float]:
+    """The loop the token-model recipes share (gpt, nar, token-shuffle): resume, then per step set
+    ``lr_at(step)``, draw a batch, drop labels to the null class for CFG, ``loss_fn(model, labels, tokens)``,
+    AdamW step with grad clip 1.0, log, checkpoint / stop. Returns (steps done, start time)."""
+    step = resume(ckpt, model, opt, log)
+    gen = torch.Generator().manual_seed(cfg["seed"] * 7919 + step)
+    model.train()
+    start = time.time()
+    bar = tqdm(total=cfg["steps"], initial=step, desc=name, dynamic_ncols=True)
+    while step < cfg["steps"]:
+        lr = lr_at(step)
+        set_lr(opt, lr)
+        idx = torch.randint(0, len(train["tokens"]), (cfg["batch_size"],), generator=gen)
+        toks = train["tokens"][idx]
+        labs = drop_labels(train["labels"][idx], cfg["class_dropout_prob"], model.null_class, gen)
+        with autocast(cfg["bf16"]):
+            loss = loss_fn(model, labs, toks)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step % cfg["log_every"] == 0:
+            log.info(f"step {step} loss {loss.item():.4f} lr {lr:.2e} min {(time.time() - start) / 60:.1f}")
+        if checkpoint_or_stop(ckpt, model, opt, step, cfg, start, log):
+            break
+    bar.close()
+    return step, start
+
+
 @torch.no_grad()
-def heldout_nll(model: LlamaGenGPT, data: dict) -> float:
-    """Mean per-token NLL (nats) of held-out crops' tokens, conditional on their class, in fp32."""
+def heldout_nll(model: torch.nn.Module, data: dict) -> float:
+    """Mean per-token NLL (nats) of held-out tokens under the model's ``teacher_forced`` objective (raster GPT,
+    NAR cells, Token-Shuffle windows), conditional on the class, fp32."""
     model.eval()
     total, count = 0.0, 0
     for toks, labs in zip(data["tokens"].split(128), data["labels"].split(128)):
@@ -93,33 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
         [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg["lr"], betas=(0.9, 0.95),
     )
-    ckpt = out / "last.pt"
-    step = resume(ckpt, model, opt, log)
-    gen = torch.Generator().manual_seed(cfg["seed"] * 7919 + step)
-    model.train()
-    start = time.time()
-    bar = tqdm(total=cfg["steps"], initial=step, desc="gpt", dynamic_ncols=True)
-    while step < cfg["steps"]:
-        lr = cosine_lr(step, cfg["steps"], cfg["lr"], cfg["warmup"])
-        set_lr(opt, lr)
-        idx = torch.randint(0, len(train["tokens"]), (cfg["batch_size"],), generator=gen)
-        toks = train["tokens"][idx]
-        labs = drop_labels(train["labels"][idx], cfg["class_dropout_prob"], args.num_classes, gen)
-        with autocast(cfg["bf16"]):
-            logits = model.teacher_forced(labs, toks).logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), toks.flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if step % cfg["log_every"] == 0:
-            log.info(f"step {step} loss {loss.item():.4f} lr {lr:.2e} min {(time.time() - start) / 60:.1f}")
-        if checkpoint_or_stop(ckpt, model, opt, step, cfg, start, log):
-            break
-    bar.close()
+    step, start = train_on_tokens(model, opt, train, cfg, out / "last.pt", log, "gpt", token_ce,
+                                  lambda step: cosine_lr(step, cfg["steps"], cfg["lr"], cfg["warmup"]))
     metrics = {"heldout_nll_nats": heldout_nll(model, heldout), "steps": step,
                "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "minutes": (time.time() - start) / 60}
     log.info(f"final {json.dumps(metrics)}")

@@ -18,14 +18,12 @@ import json
 import time
 
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
 from genaccel.models import BUNDLED, load_gpt
 from genaccel.models.llamagen import LlamaGenGPT, ModelArgs
 from genaccel.models.nar import NARModel
-from genaccel.train.common import checkpoint_or_stop, resume, set_lr, start_run
-from genaccel.train.gpt import autocast, cached_tokens, drop_labels
+from genaccel.train.common import start_run
+from genaccel.train.gpt import cached_tokens, heldout_nll, token_ce, train_on_tokens
 from genaccel.utils.io import save_json, save_safetensors
 
 DEFAULTS = dict(
@@ -55,22 +53,6 @@ def step_lr(step: int, total: int, base: float, milestones, gamma: float) -> flo
     return base * gamma ** sum(step >= round(m * total) for m in milestones)
 
 
-def nar_loss(model: NARModel, labels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(model.teacher_forced(labels, tokens).logits.float().flatten(0, 1), tokens.flatten())
-
-
-@torch.no_grad()
-def heldout_nll(model: NARModel, data: dict) -> float:
-    """Mean per-cell NLL (nats) of held-out tokens under NAR's objective, conditional on the class, fp32."""
-    model.eval()
-    total, count = 0.0, 0
-    for toks, labs in zip(data["tokens"].split(128), data["labels"].split(128)):
-        total += nar_loss(model, labs, toks).item() * toks.numel()
-        count += toks.numel()
-    model.train()
-    return total / count
-
-
 def main(argv: list[str] | None = None) -> dict:
     cfg, out, log = start_run(argv, DEFAULTS, "nar")
     train = cached_tokens(out, cfg, "train", cfg["train_per_class"])
@@ -89,32 +71,8 @@ def main(argv: list[str] | None = None) -> dict:
         [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg["lr"], betas=(0.9, 0.95),
     )
-    ckpt = out / "last.pt"
-    step = resume(ckpt, model, opt, log)
-    gen = torch.Generator().manual_seed(cfg["seed"] * 7919 + step)
-    model.train()
-    start = time.time()
-    bar = tqdm(total=cfg["steps"], initial=step, desc="nar", dynamic_ncols=True)
-    while step < cfg["steps"]:
-        lr = step_lr(step, cfg["steps"], cfg["lr"], cfg["milestones"], cfg["gamma"])
-        set_lr(opt, lr)
-        idx = torch.randint(0, len(train["tokens"]), (cfg["batch_size"],), generator=gen)
-        toks = train["tokens"][idx]
-        labs = drop_labels(train["labels"][idx], cfg["class_dropout_prob"], model.null_class, gen)
-        with autocast(cfg["bf16"]):
-            loss = nar_loss(model, labs, toks)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if step % cfg["log_every"] == 0:
-            log.info(f"step {step} loss {loss.item():.4f} lr {lr:.2e} min {(time.time() - start) / 60:.1f}")
-        if checkpoint_or_stop(ckpt, model, opt, step, cfg, start, log):
-            break
-    bar.close()
+    step, start = train_on_tokens(model, opt, train, cfg, out / "last.pt", log, "nar", token_ce,
+                                  lambda step: step_lr(step, cfg["steps"], cfg["lr"], cfg["milestones"], cfg["gamma"]))
     metrics = {"heldout_nll_nats": heldout_nll(model, heldout), "heldout_nll_at_init": nll_start, "steps": step,
                "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "minutes": (time.time() - start) / 60}
     log.info(f"final {json.dumps(metrics)}")

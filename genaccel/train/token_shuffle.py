@@ -22,15 +22,13 @@ import json
 import time
 
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
 from genaccel.data.skimage_crops import NUM_CLASSES
 from genaccel.models import BUNDLED, load_gpt
 from genaccel.models.llamagen import LlamaGenGPT, ModelArgs
 from genaccel.models.token_shuffle import TokenShuffleArgs, TokenShuffleGPT, export_metadata
-from genaccel.train.common import checkpoint_or_stop, cosine_lr, resume, set_lr, start_run
-from genaccel.train.gpt import autocast, cached_tokens, drop_labels
+from genaccel.train.common import cosine_lr, start_run
+from genaccel.train.gpt import cached_tokens, heldout_nll, token_ce, train_on_tokens
 from genaccel.utils.io import save_json, save_safetensors
 
 DEFAULTS = dict(
@@ -96,23 +94,6 @@ def build_model(cfg: dict, data: dict, log) -> TokenShuffleGPT:
     return token_shuffle_from_gpt(gpt, shuffle_args(cfg), gen, **dropout)
 
 
-def token_loss(model: TokenShuffleGPT, labels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over every token of every image (next-window prediction)."""
-    return F.cross_entropy(model.teacher_forced(labels, tokens).logits.float().flatten(0, 1), tokens.flatten())
-
-
-@torch.no_grad()
-def heldout_nll(model: TokenShuffleGPT, data: dict) -> float:
-    """Mean per-token NLL (nats) of held-out crops' tokens, conditional on their class, in fp32."""
-    model.eval()
-    total, count = 0.0, 0
-    for toks, labs in zip(data["tokens"].split(128), data["labels"].split(128)):
-        total += token_loss(model, labs, toks).item() * toks.numel()
-        count += toks.numel()
-    model.train()
-    return total / count
-
-
 def make_optimizer(model: TokenShuffleGPT, cfg: dict) -> torch.optim.Optimizer:
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -145,32 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
     log.info(f"Token-Shuffle s={model.shuffle_window}: {model.num_positions} positions for {model.num_image_tokens} "
              f"tokens, {params_m:.2f}M params; held-out NLL at init {nll_start:.4f}")
     opt = make_optimizer(model, cfg)
-    ckpt = out / "last.pt"
-    step = resume(ckpt, model, opt, log)
-    gen = torch.Generator().manual_seed(cfg["seed"] * 7919 + step)
-    model.train()
-    start = time.time()
-    bar = tqdm(total=cfg["steps"], initial=step, desc="token-shuffle", dynamic_ncols=True)
-    while step < cfg["steps"]:
-        lr = cosine_lr(step, cfg["steps"], cfg["lr"], cfg["warmup"])
-        set_lr(opt, lr)
-        idx = torch.randint(0, len(train["tokens"]), (cfg["batch_size"],), generator=gen)
-        toks = train["tokens"][idx]
-        labs = drop_labels(train["labels"][idx], cfg["class_dropout_prob"], model.null_class, gen)
-        with autocast(cfg["bf16"]):
-            loss = token_loss(model, labs, toks)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if step % cfg["log_every"] == 0:
-            log.info(f"step {step} loss {loss.item():.4f} lr {lr:.2e} min {(time.time() - start) / 60:.1f}")
-        if checkpoint_or_stop(ckpt, model, opt, step, cfg, start, log):
-            break
-    bar.close()
+    step, start = train_on_tokens(model, opt, train, cfg, out / "last.pt", log, "token-shuffle", token_ce,
+                                  lambda step: cosine_lr(step, cfg["steps"], cfg["lr"], cfg["warmup"]))
     metrics = {"heldout_nll_nats": heldout_nll(model, heldout), "heldout_nll_at_init": nll_start, "steps": step,
                "params_m": params_m, "positions": model.num_positions,
                "tokens_per_position": model.tokens_per_position, "minutes": (time.time() - start) / 60}
