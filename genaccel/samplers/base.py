@@ -139,6 +139,18 @@ def target_probs(logits: torch.Tensor, opts: SamplingOptions, token_index) -> to
     return logits_to_probs(guided_logits(logits, opts, token_index), opts)
 
 
+def require_grid(model: ARModel, sampler: str) -> int:
+    """The side of a model's square 2-D token grid, or one clear error for samplers that decode by grid
+    geometry (rows, diagonals)."""
+    n, N = int(getattr(model, "grid_size", 0) or 0), model.num_image_tokens
+    if n < 2 or n * n != N:
+        raise ValueError(
+            f"sampler {sampler!r} needs a square 2-D token grid (it decodes by rows / diagonals); this model has "
+            f"grid_size {n} for {N} tokens (use a 2-D model such as llamagen, or sampler 'ar')"
+        )
+    return n
+
+
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One token per row of probs (…, V), exactly distributed as probs.
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from genaccel.models.nar import diagonal_cells
-from genaccel.samplers.base import Sampler, draw, target_probs
+from genaccel.samplers.base import Sampler, draw, require_grid, target_probs
 
 
 def neighbour_logits(
@@ -49,9 +49,7 @@ class NARSampler(Sampler):
         return target_probs(logits, self.options, generated + 1)
 
     def _generate(self, model, labels, generator, stats) -> torch.Tensor:
-        n, T, N = model.grid_size, model.cls_token_num, model.num_image_tokens
-        if n < 2 or n * n != N:
-            raise ValueError(f"sampler 'nar' needs a square 2-D token grid, got grid_size {n} for {N} tokens")
+        n, T, N = require_grid(model, self.name), model.cls_token_num, model.num_image_tokens
         B, device = labels.shape[0], labels.device
         batch_labels = self.batch_labels(model, labels)
         model.setup_cache(batch_labels.shape[0], T + N)

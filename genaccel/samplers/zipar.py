@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 
 from genaccel.models.contract import ARModel
-from genaccel.samplers.base import Sampler, SamplerStats, SamplingOptions, draw, target_probs
+from genaccel.samplers.base import Sampler, SamplerStats, SamplingOptions, draw, require_grid, target_probs
 
 
 # ----------------------------------------------------------------------------- options
@@ -155,17 +155,6 @@ def causal_slot_mask(positions: torch.Tensor, length: int) -> torch.Tensor:
     return (torch.arange(length, device=positions.device)[None, :] <= positions[:, None])[None]
 
 
-def require_grid(model: ARModel) -> int:
-    """The grid side of a model with a square 2-D token layout, else one clear error."""
-    n, N = int(getattr(model, "grid_size", 0) or 0), model.num_image_tokens
-    if n < 2 or n * n != N:
-        raise ValueError(
-            f"sampler 'zipar' needs a square 2-D token grid (rows decoded in parallel); this model has grid_size "
-            f"{n} for {N} tokens (use a 2-D model such as llamagen, or sampler 'ar')"
-        )
-    return n
-
-
 def fresh_cache(model: ARModel, batch: int, max_seq_len: int) -> None:
     """Allocate the cache and zero it, so unwritten slots hold zeros as in the reference's new caches."""
     model.setup_cache(batch, max_seq_len)
@@ -182,7 +171,7 @@ class ZipARSampler(Sampler):
     Options = ZipAROptions
 
     def _generate(self, model, labels, generator, stats: SamplerStats) -> torch.Tensor:
-        n = require_grid(model)
+        n = require_grid(model, self.name)
         self.options.check_grid(n)
         B, T, N, device = labels.shape[0], model.cls_token_num, model.num_image_tokens, labels.device
         batch_labels = self.batch_labels(model, labels)
@@ -208,5 +197,5 @@ class ZipARSampler(Sampler):
         tokens[:, [step.targets[i] for i in keep]] = draw(probs, generator)
 
 
-__all__ = ["ZipAROptions", "ZipARSampler", "ZipARStep", "causal_slot_mask", "sampler_cli_options",
+__all__ = ["ZipAROptions", "ZipARSampler", "ZipARStep", "causal_slot_mask", "require_grid", "sampler_cli_options",
            "zipar_forward_count", "zipar_schedule"]

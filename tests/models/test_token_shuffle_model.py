@@ -24,12 +24,7 @@ from genaccel.utils.io import save_safetensors
 BACKBONE = dict(dim=32, n_layer=2, n_head=2, vocab_size=24, num_classes=3, multiple_of=32)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_shuffle(grid: int = 4, window: int = 2, seed: int = 0, **kw) -> TokenShuffleGPT:

@@ -17,12 +17,7 @@ from genaccel.utils.io import save_safetensors, save_torch
 VOCAB, GRID = 24, 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_fake_token_cache(out_dir, images: int = 8) -> None:
