@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -23,12 +24,22 @@ from genaccel.models import (
 from genaccel.models.contract import check_labels
 from genaccel.samplers import Sampler, SamplerStats
 
-# Model families: name -> (loader of the generator checkpoint, bundled asset kind, default sampler).
-# Every family decodes with the same VQ tokenizer.
+class Family(NamedTuple):
+    """A model family: the loader of its generator checkpoint, its bundled asset kinds and default sampler."""
+
+    loader: Callable
+    asset: str
+    sampler: str
+    vq_asset: str = "vq"
+
+
+# The 64x64 families decode with the bundled VQ; the 128x128 Token-Shuffle model with the bundled VQ
+# fine-tuned at 128x128 (same codebook, docs/models.md).
 FAMILIES = {
-    "llamagen": (load_gpt, "gpt", "ar"),
-    "nar": (load_nar, "nar", "nar"),
-    "token-shuffle": (load_token_shuffle, "token_shuffle", "token-shuffle"),
+    "llamagen": Family(load_gpt, "gpt", "ar"),
+    "nar": Family(load_nar, "nar", "nar"),
+    "token-shuffle": Family(load_token_shuffle, "token_shuffle", "token-shuffle"),
+    "token-shuffle-128": Family(load_token_shuffle, "token_shuffle_128", "token-shuffle", "vq_128"),
 }
 MODELS = tuple(FAMILIES)
 
@@ -37,7 +48,7 @@ def default_sampler(family: str) -> str:
     """The sampler a family runs with when none is named (its own decoding order's baseline)."""
     if family not in FAMILIES:
         raise ValueError(f"unknown model {family!r}; available: {', '.join(MODELS)}")
-    return FAMILIES[family][2]
+    return FAMILIES[family].sampler
 
 
 @dataclass
@@ -90,12 +101,12 @@ def load_model(
     """Build a pipeline; without checkpoints it loads the bundled model trained in this repo."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(MODELS)}")
-    vq_path = vq_ckpt or require_bundled("vq")
+    family = FAMILIES[name]
+    vq_path = vq_ckpt or require_bundled(family.vq_asset)
     vq = load_vq(vq_path, device=device)
-    loader, asset, _ = FAMILIES[name]
-    gpt_path = ckpt or require_bundled(asset)
+    gpt_path = ckpt or require_bundled(family.asset)
     size = image_size or (256 if ckpt else 64)
-    gpt = loader(gpt_path, gpt_model=gpt_model, image_size=size, downsample=vq.downsample, device=device, dtype=dtype)
+    gpt = family.loader(gpt_path, gpt_model=gpt_model, image_size=size, downsample=vq.downsample, device=device, dtype=dtype)
     expected = gpt.grid_size * vq.downsample
     if image_size and image_size != expected:
         raise ValueError(f"image_size {image_size} does not match the GPT grid ({gpt.grid_size}x{gpt.grid_size} -> {expected})")
@@ -112,4 +123,4 @@ def labels_for(num_classes: int, classes: list[int] | None, num_images: int) -> 
     return torch.tensor(np.resize(labels.numpy(), num_images), dtype=torch.long)
 
 
-__all__ = ["BUNDLED", "FAMILIES", "ImagePipeline", "MODELS", "default_sampler", "labels_for", "load_model"]
+__all__ = ["BUNDLED", "FAMILIES", "Family", "ImagePipeline", "MODELS", "default_sampler", "labels_for", "load_model"]

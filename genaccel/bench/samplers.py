@@ -33,14 +33,17 @@ import torch
 import yaml
 
 from genaccel.bench.sections import write_section
-from genaccel.pipeline import labels_for, load_model
+from genaccel.pipeline import FAMILIES, labels_for, load_model
 from genaccel.samplers import available_samplers, build_sampler
 from genaccel.utils.dtypes import DTYPES
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m genaccel.bench samplers", description=__doc__.splitlines()[0])
-    p.add_argument("--samplers", default="ar,sjd,gsd,lantern,sd", help="comma list; 'ar' is the reference")
+    p.add_argument("--samplers", default="ar,sjd,gsd,lantern,sd",
+                   help="comma list of runs; 'ar' is the reference. A run is SAMPLER, or LABEL=SAMPLER[@FAMILY] for "
+                        "a second configuration or another model family (e.g. zipar-j4=zipar, "
+                        "ts128=token-shuffle@token-shuffle-128); --set addresses runs by label")
     p.add_argument("--num-images", type=int, default=64, help="images per sampler for throughput and quality")
     p.add_argument("--batch-size", type=int, default=8, help="batch size of the throughput run")
     p.add_argument("--latency-images", type=int, default=8, help="batch-1 runs for the latency median")
@@ -74,12 +77,35 @@ def sampler_options(sets: list[str], names: list[str], cfg_scale: float) -> dict
     return options
 
 
-# The model family a sampler runs on (default llamagen); every family decodes with the same VQ.
+# The model family a sampler runs on unless its run names one (default llamagen).
 SAMPLER_FAMILY = {"nar": "nar", "token-shuffle": "token-shuffle"}
 
 
 def family_of(name: str) -> str:
     return SAMPLER_FAMILY.get(name, "llamagen")
+
+
+def parse_runs(spec: str) -> dict[str, tuple[str, str]]:
+    """``--samplers`` -> {label: (sampler, family)}; 'ar' on llamagen is always first (the reference)."""
+    from genaccel.pipeline import MODELS
+
+    runs: dict[str, tuple[str, str]] = {}
+    for entry in (e.strip() for e in spec.split(",")):
+        if not entry:
+            continue
+        label, _, rest = entry.partition("=")
+        sampler, _, family = (rest or label).partition("@")
+        family = family or family_of(sampler)
+        if sampler not in available_samplers():
+            raise SystemExit(f"unknown sampler {sampler!r} in run {entry!r}; available: {available_samplers()}")
+        if family not in MODELS:
+            raise SystemExit(f"unknown model family {family!r} in run {entry!r}; available: {', '.join(MODELS)}")
+        if label in runs:
+            raise SystemExit(f"run label {label!r} appears twice in --samplers; give the second one LABEL=SAMPLER")
+        runs[label] = (sampler, family)
+    if runs.get("ar", ("ar", "llamagen")) != ("ar", "llamagen"):
+        raise SystemExit("the label 'ar' is the reference: the ar sampler on the llamagen model")
+    return {"ar": ("ar", "llamagen"), **{k: v for k, v in runs.items() if k != "ar"}}
 
 
 def measure_latency(pipes: dict, samplers: dict, labels: torch.Tensor, seed: int) -> dict[str, dict]:
@@ -94,9 +120,9 @@ def measure_latency(pipes: dict, samplers: dict, labels: torch.Tensor, seed: int
         for name, sampler in samplers.items():
             out = sampler.generate(pipes[name].gpt, label[None], torch.Generator().manual_seed(seed + i))
             runs[name].append(out.stats)
-    tokens = next(iter(pipes.values())).gpt.num_image_tokens
     results = {}
     for name, stats in runs.items():
+        tokens = pipes[name].gpt.num_image_tokens
         nfe = statistics.mean(s.nfe for s in stats)
         accepted = sum_hists([s.extra.get("accepted_length_hist", {}) for s in stats])
         results[name] = {
@@ -132,10 +158,10 @@ def measure_throughput(pipes: dict, samplers: dict, labels: torch.Tensor, batch_
             walls[name] += out.stats.wall_time_s
             nfes[name].append(out.stats.nfe)
             images[name].append(pipes[name].decode(out.tokens))
-    tokens = next(iter(pipes.values())).gpt.num_image_tokens
     return {
         name: ({"images_per_s": labels.numel() / walls[name], "nfe_per_batch": statistics.mean(nfes[name]),
-                "step_compression_batch": tokens / statistics.mean(nfes[name])}, torch.cat(images[name]))
+                "step_compression_batch": pipes[name].gpt.num_image_tokens / statistics.mean(nfes[name])},
+               torch.cat(images[name]))
         for name in samplers
     }
 
@@ -193,7 +219,7 @@ def markdown(results: dict, command: str, env: dict, png: str, batch_size: int, 
         fd_ratio = r["fd_domain"] / ar["fd_domain"]
         share = r["draft_time_s"] / max(r["wall_time_s"], 1e-9)
         rows.append(
-            f"| {name} | {family_of(name)} | {r['nfe']:.1f} | {r['step_compression']:.2f}x | {r['latency_s']:.3f} "
+            f"| {name} | {r['family']} ({r['image_size']}px) | {r['nfe']:.1f} | {r['step_compression']:.2f}x | {r['latency_s']:.3f} "
             f"| {speed:.2f}x | {speed / r['step_compression']:.2f} | {forward_cost_bound(results, name):.2f} "
             f"| {r['images_per_s']:.2f} | {r['images_per_s'] / ar['images_per_s']:.2f}x "
             f"| {r['step_compression_batch']:.2f}x | {r['fd_domain']:.2f} | {fd_ratio:.2f} | {r['class_accuracy']:.3f} "
@@ -212,8 +238,9 @@ def markdown(results: dict, command: str, env: dict, png: str, batch_size: int, 
         *rows,
         "",
         ("NFE = target forwards per image (prefill included, one CFG batch-2 forward = 1). Step compression = "
-        "256 tokens / NFE. Latency: median wall time of batch-1 images after one warm-up. FD-domain and class "
-        f"accuracy: the batch-{b} images vs held-out crops, bundled crop classifier. Forward-cost bound = AR's "
+        "image tokens (256, or 1024 at 128px) / NFE. Latency: median wall time of batch-1 images after one warm-up. FD-domain and class "
+        f"accuracy: the batch-{b} images vs held-out crops of the same size (128px images and crops both "
+        "resized to the classifier's 64x64, antialiased), bundled crop classifier. Forward-cost bound = AR's "
         "time per target forward / this sampler's: the wall speed-up / step compression reachable with free "
         "drafting and zero engine cost on this machine. Engine share = wall time outside target and drafter "
         f"forwards. Options: {opts}."),
@@ -263,11 +290,16 @@ def goal_lines(results: dict) -> list[str]:
                        f"{fd('token-shuffle'):.2f}x ar (<= 1.3x), images/s {thr:.2f}x ar's (>= 2.5x)",
                        r["step_compression"] >= 4.0 and fd("token-shuffle") <= 1.3 and thr >= 2.5))
     for name, r in results.items():
-        if name.startswith("zipar"):
+        if r["sampler"] == "token-shuffle" and r["image_size"] == 128:
+            checks.append((f"{name}: {r['image_size']}x{r['image_size']} images at {1 / speed(name):.2f}x ar's batch-1 "
+                           f"time per image (<= 1.2x), class accuracy {r['class_accuracy']:.1%} (>= 70%)",
+                           1 / speed(name) <= 1.2 and r["class_accuracy"] >= 0.7))
+    for name, r in results.items():
+        if r["sampler"] == "zipar":
             checks.append((f"{name} FD-domain {fd(name):.2f}x ar (<= 1.15x) at {r['nfe']:.0f} forwards, batch-1 latency "
                            f"{speed(name):.2f}x ar (> 1x)", fd(name) <= 1.15 and speed(name) > 1.0))
     for name, r in results.items():
-        if name != "ar" and family_of(name) == "llamagen" and not name.startswith("zipar"):
+        if name != "ar" and r["family"] == "llamagen" and r["sampler"] != "zipar":
             ratio = speed(name) / r["step_compression"]
             checks.append((f"{name} wall-clock speed-up / step compression = {ratio:.2f} >= 0.8 (forward-cost "
                            f"bound {forward_cost_bound(results, name):.2f}, engine share {engine_share(r):.0%})",
@@ -300,25 +332,24 @@ def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
-    names = [n.strip() for n in a.samplers.split(",") if n.strip()]
-    unknown = [n for n in names if n not in available_samplers()]
-    if unknown:
-        raise SystemExit(f"unknown sampler(s) {unknown}; available: {available_samplers()}")
-    if "ar" not in names:
-        names = ["ar", *names]
+    runs = parse_runs(a.samplers)
+    names = list(runs)
     options = sampler_options(a.set, names, a.cfg_scale)
-    samplers = {n: build_sampler(n, **options[n]) for n in names}
+    samplers = {n: build_sampler(runs[n][0], **options[n]) for n in names}
 
     from genaccel.eval.fd import reference_domain_stats
     from genaccel.eval.feature_extractor import load_feature_extractor
 
-    ckpts = {"llamagen": a.ckpt, "nar": a.nar_ckpt, "token-shuffle": None}
-    families = {family_of(n) for n in names}
-    loaded = {f: load_model(f, ckpt=ckpts[f], vq_ckpt=a.vq_ckpt, dtype=DTYPES[a.dtype]) for f in sorted(families)}
-    pipes = {n: loaded[family_of(n)] for n in names}
+    ckpts = {"llamagen": a.ckpt, "nar": a.nar_ckpt}
+    families = {family for _, family in runs.values()}
+    # --vq-ckpt replaces the 64x64 VQ; a family with its own bundled VQ (token-shuffle-128) keeps that one
+    vq = {f: a.vq_ckpt if FAMILIES[f].vq_asset == "vq" else None for f in families}
+    loaded = {f: load_model(f, ckpt=ckpts.get(f), vq_ckpt=vq[f], dtype=DTYPES[a.dtype]) for f in sorted(families)}
+    pipes = {n: loaded[runs[n][1]] for n in names}
     num_classes = pipes["ar"].num_classes
     extractor = load_feature_extractor(a.classifier)
-    reference = reference_domain_stats(a.reference_per_class, extractor=extractor)
+    references = {size: reference_domain_stats(a.reference_per_class, extractor=extractor, size=size)
+                  for size in sorted({pipe.image_size for pipe in pipes.values()})}
     labels = labels_for(num_classes, None, a.num_images)
     latency_labels = labels_for(num_classes, None, a.latency_images)
     latency = measure_latency(pipes, samplers, latency_labels, a.seed)
@@ -326,7 +357,10 @@ def main(argv: list[str] | None = None) -> dict:
     results = {}
     for name, sampler in samplers.items():
         thr, images = throughput[name]
-        r = {"options": dict(vars(sampler.options)), **latency[name], **thr, **score(images, labels, reference, extractor)}
+        size = pipes[name].image_size
+        r = {"sampler": runs[name][0], "family": runs[name][1], "image_size": size,
+             "options": dict(vars(sampler.options)), **latency[name], **thr,
+             **score(images, labels, references[size], extractor)}
         results[name] = r
         print(f"{name}: " + ", ".join(f"{k}={v:.3f}" for k, v in r.items() if isinstance(v, float)), flush=True)
 

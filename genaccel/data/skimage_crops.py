@@ -7,6 +7,12 @@ crop never shares a pixel with a training crop. The band is on the right edge un
 another edge for a photo whose right band shows content its training part lacks (held-out should measure
 generalisation to unseen pixels of the same scene, not to a different scene). Crops are deterministic given a
 seed; training crops get horizontal flips and a small scale jitter.
+
+Larger crops (``size`` = 64 * f, f a whole number; 128 for the 128x128 Token-Shuffle model) come from the
+same photos resized f times larger (short side ``SHORT_SIDE * f``), with the band, gap and crop all scaled by
+f: a 128x128 crop covers the field of view of a 64x64 one at twice the pixels, and its held-out band is the
+same part of each photo. Photos whose source is smaller than the resized size (page, coins, clock, chelsea
+at f = 2) are upsampled, so their 128x128 crops are softer than the rest.
 """
 
 from __future__ import annotations
@@ -47,9 +53,16 @@ class Region:
     y1: int
 
 
+def scale_factor(size: int) -> int:
+    """f such that ``size`` = CROP * f; one clear error for any other crop size."""
+    if size < CROP or size % CROP:
+        raise ValueError(f"crop size must be a multiple of {CROP} (64, 128, ...), got {size}")
+    return size // CROP
+
+
 @cache
-def load_photo(name: str) -> torch.Tensor:
-    """Photo ``name`` as float (3, H, W) in [-1, 1], short side resized to SHORT_SIDE (antialiased)."""
+def load_photo(name: str, factor: int = 1) -> torch.Tensor:
+    """Photo ``name`` as float (3, H, W) in [-1, 1], short side resized to SHORT_SIDE * factor (antialiased)."""
     import skimage.data
 
     arr = np.asarray(getattr(skimage.data, name)())
@@ -60,63 +73,67 @@ def load_photo(name: str) -> torch.Tensor:
     arr = arr[..., :3]
     img = torch.from_numpy(arr.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)
     h, w = img.shape[1:]
-    scale = SHORT_SIDE / min(h, w)
+    scale = SHORT_SIDE * factor / min(h, w)
     size = (round(h * scale), round(w * scale))
     return F.interpolate(img[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0].clamp(-1, 1)
 
 
-def split_regions(width: int, height: int, side: str = "right") -> dict[str, Region]:
-    """Held-out band of HELDOUT_WIDTH pixels along edge ``side``; training is the rest minus a GAP."""
-    w, h, b = width, height, HELDOUT_WIDTH
+def split_regions(width: int, height: int, side: str = "right", factor: int = 1) -> dict[str, Region]:
+    """Held-out band of HELDOUT_WIDTH * factor pixels along edge ``side``; training is the rest minus a GAP."""
+    w, h, b, g = width, height, HELDOUT_WIDTH * factor, GAP * factor
     if side == "right":
-        return {"train": Region(0, w - b - GAP, 0, h), "heldout": Region(w - b, w, 0, h)}
+        return {"train": Region(0, w - b - g, 0, h), "heldout": Region(w - b, w, 0, h)}
     if side == "left":
-        return {"train": Region(b + GAP, w, 0, h), "heldout": Region(0, b, 0, h)}
+        return {"train": Region(b + g, w, 0, h), "heldout": Region(0, b, 0, h)}
     if side == "bottom":
-        return {"train": Region(0, w, 0, h - b - GAP), "heldout": Region(0, w, h - b, h)}
+        return {"train": Region(0, w, 0, h - b - g), "heldout": Region(0, w, h - b, h)}
     if side == "top":
-        return {"train": Region(0, w, b + GAP, h), "heldout": Region(0, w, 0, b)}
+        return {"train": Region(0, w, b + g, h), "heldout": Region(0, w, 0, b)}
     raise ValueError(f"held-out side must be one of {SIDES}, got {side!r}")
 
 
-def photo_regions(name: str) -> dict[str, Region]:
-    """Training and held-out regions of photo ``name`` (see HELDOUT_SIDE)."""
+def photo_regions(name: str, factor: int = 1) -> dict[str, Region]:
+    """Training and held-out regions of photo ``name`` resized ``factor`` times (see HELDOUT_SIDE)."""
     if name not in PHOTO_NAMES:
         raise ValueError(f"unknown photo {name!r}; the dataset's photos are {PHOTO_NAMES}")
-    img = load_photo(name)
-    return split_regions(img.shape[2], img.shape[1], HELDOUT_SIDE.get(name, "right"))
+    img = load_photo(name, factor)
+    return split_regions(img.shape[2], img.shape[1], HELDOUT_SIDE.get(name, "right"), factor)
 
 
-def _crop(img: torch.Tensor, region: Region, rng: np.random.Generator, augment: bool) -> torch.Tensor:
-    side = CROP
+def _crop(img: torch.Tensor, region: Region, rng: np.random.Generator, augment: bool, crop: int = CROP) -> torch.Tensor:
+    side = crop
     if augment:
         max_side = min(region.x1 - region.x0, region.y1 - region.y0)
-        side = int(round(CROP * rng.uniform(*SCALE_JITTER)))
+        side = int(round(crop * rng.uniform(*SCALE_JITTER)))
         side = min(side, max_side)
     x = int(rng.integers(region.x0, region.x1 - side + 1))
     y = int(rng.integers(region.y0, region.y1 - side + 1))
     patch = img[:, y : y + side, x : x + side]
-    if side != CROP:
-        patch = F.interpolate(patch[None], size=(CROP, CROP), mode="bilinear", antialias=True, align_corners=False)[0]
+    if side != crop:
+        patch = F.interpolate(patch[None], size=(crop, crop), mode="bilinear", antialias=True, align_corners=False)[0]
     if augment and rng.random() < 0.5:
         patch = patch.flip(-1)
     return patch.clamp(-1, 1)
 
 
-def make_crops(split: str, per_class: int, seed: int = 0, augment: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Deterministic crops: images (N, 3, 64, 64) in [-1, 1] and labels (N,), class-major order.
+def make_crops(
+    split: str, per_class: int, seed: int = 0, augment: bool | None = None, size: int = CROP
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic crops: images (N, 3, size, size) in [-1, 1] and labels (N,), class-major order.
 
-    ``augment`` defaults to True for 'train' and False for 'heldout'.
+    ``augment`` defaults to True for 'train' and False for 'heldout'. ``size`` 64 * f crops the photos
+    resized f times (module docstring); at size 64 the crops are unchanged from before ``size`` existed.
     """
+    factor = scale_factor(size)
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
     augment = (split == "train") if augment is None else augment
     images, labels = [], []
     for label, name in enumerate(PHOTO_NAMES):
-        img = load_photo(name)
-        region = photo_regions(name)[split]
+        img = load_photo(name, factor)
+        region = photo_regions(name, factor)[split]
         rng = np.random.default_rng([seed, label, 0 if split == "train" else 1])
-        images += [_crop(img, region, rng, augment) for _ in range(per_class)]
+        images += [_crop(img, region, rng, augment, size) for _ in range(per_class)]
         labels += [label] * per_class
     return torch.stack(images), torch.tensor(labels, dtype=torch.long)
 
@@ -124,15 +141,17 @@ def make_crops(split: str, per_class: int, seed: int = 0, augment: bool | None =
 class RandomCropStream:
     """Endless training batches of fresh random crops (for the VQ and the classifier)."""
 
-    def __init__(self, split: str = "train", seed: int = 0, augment: bool = True):
-        self.photos = [load_photo(n) for n in PHOTO_NAMES]
-        self.regions = [photo_regions(n)[split] for n in PHOTO_NAMES]
+    def __init__(self, split: str = "train", seed: int = 0, augment: bool = True, crop_size: int = CROP):
+        factor = scale_factor(crop_size)
+        self.photos = [load_photo(n, factor) for n in PHOTO_NAMES]
+        self.regions = [photo_regions(n, factor)[split] for n in PHOTO_NAMES]
         self.rng = np.random.default_rng(seed)
         self.augment = augment
+        self.crop_size = crop_size
 
     def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         labels = self.rng.integers(0, len(self.photos), size=size)
-        imgs = [_crop(self.photos[c], self.regions[c], self.rng, self.augment) for c in labels]
+        imgs = [_crop(self.photos[c], self.regions[c], self.rng, self.augment, self.crop_size) for c in labels]
         return torch.stack(imgs), torch.from_numpy(labels).long()
 
 

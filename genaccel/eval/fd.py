@@ -86,20 +86,23 @@ def quantize_like_samples(images: torch.Tensor) -> torch.Tensor:
     return torch.clamp(127.5 * images.float() + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
 
-def heldout_reference_images(per_class: int = 64, seed: int = 123) -> torch.Tensor:
-    """The default FD-domain reference set: class-balanced held-out crops, quantised to uint8 NHWC."""
+def heldout_reference_images(per_class: int = 64, seed: int = 123, size: int = 64) -> torch.Tensor:
+    """The default FD-domain reference set: class-balanced held-out crops, quantised to uint8 NHWC.
+
+    ``size`` matches the generated images (128 for the 128x128 Token-Shuffle model): both sides then reach
+    the 64x64 classifier through the same antialiased resize (``feature_extractor.to_model_input``)."""
     from genaccel.data.skimage_crops import make_crops
 
-    images, _ = make_crops("heldout", per_class, seed=seed)
+    images, _ = make_crops("heldout", per_class, seed=seed, size=size)
     return quantize_like_samples(images)
 
 
-def reference_domain_stats(per_class: int = 64, seed: int = 123, extractor=None) -> FeatureStats:
+def reference_domain_stats(per_class: int = 64, seed: int = 123, extractor=None, size: int = 64) -> FeatureStats:
     """FD-domain reference statistics: held-out crops of the bundled dataset (class-balanced, fixed seed)."""
     from genaccel.eval.feature_extractor import load_feature_extractor
 
     extractor = extractor or load_feature_extractor()
-    return feature_stats(extractor.features(heldout_reference_images(per_class, seed)))
+    return feature_stats(extractor.features(heldout_reference_images(per_class, seed, size)))
 
 
 def save_stats(stats: FeatureStats, path: str | os.PathLike) -> Path:

@@ -64,15 +64,16 @@ def is_stats_file(path: Path) -> bool:
         return "mu" in z.files and "sigma" in z.files
 
 
-def domain_reference(spec: str, extractor, per_class: int = 64) -> Reference:
-    """FD-domain reference: 'heldout' (bundled held-out crops), a stats ``.npz`` (mu/sigma), or images."""
+def domain_reference(spec: str, extractor, per_class: int = 64, size: int = 64) -> Reference:
+    """FD-domain reference: 'heldout' (bundled held-out crops at ``size``, the generated images' side), a
+    stats ``.npz`` (mu/sigma), or images."""
     from genaccel.eval.images import load_images
 
     if spec == "heldout":
         from genaccel.eval.fd import heldout_reference_images
 
-        feats = extractor.features(heldout_reference_images(per_class, seed=123))
-        return Reference(feature_stats(feats), feats, f"heldout crops ({per_class}/class, seed 123, uint8)")
+        feats = extractor.features(heldout_reference_images(per_class, seed=123, size=size))
+        return Reference(feature_stats(feats), feats, f"heldout crops ({per_class}/class, {size}x{size}, seed 123, uint8)")
     path = Path(spec)
     if is_stats_file(path):
         return Reference(load_stats(path, dim=extractor.feature_dim), None, str(path))
@@ -116,7 +117,8 @@ def compute_metrics(
 
         extractor = load_feature_extractor(classifier_path)
         if "fd_domain" in metrics:
-            ref = domain_reference(domain_ref, extractor)
+            side = images.shape[1]  # held-out crops as large as the images (128px: same field of view as 64px)
+            ref = domain_reference(domain_ref, extractor, size=side if side % 64 == 0 and side <= 128 else 64)
             out["fd_domain"] = fd_from_stats(feature_stats(extractor.features(tensor, batch_size)), ref.stats)
             out["fd_domain_reference"] = ref.source
         if "class_accuracy" in metrics:

@@ -18,9 +18,11 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BUNDLED = {
     "gpt": ASSETS / "llamagen_tiny_gpt.safetensors",
     "vq": ASSETS / "llamagen_tiny_vq.safetensors",
+    "vq_128": ASSETS / "llamagen_tiny_vq_128.safetensors",
     "classifier": ASSETS / "crop_classifier.safetensors",
     "nar": ASSETS / "nar_tiny.safetensors",
     "token_shuffle": ASSETS / "token_shuffle_tiny.safetensors",
+    "token_shuffle_128": ASSETS / "token_shuffle_128_tiny.safetensors",
 }
 
 

@@ -47,7 +47,9 @@ from dataclasses import dataclass
 import torch
 
 from genaccel.models.contract import ARModel
+from genaccel.samplers.acceptance import ExactRule
 from genaccel.samplers.base import Sampler, SamplerStats, SamplingOptions, draw, require_grid, target_probs
+from genaccel.samplers.speculative import DecodeState, Draft, StepOutcome, verify_window
 
 
 # ----------------------------------------------------------------------------- options
@@ -56,12 +58,18 @@ class ZipAROptions(SamplingOptions):
     """Options of ZipAR: ``window`` = tokens a row must have before the row below starts (official default 8)."""
 
     window: int = 8
+    jacobi_window: int = 1
+    jacobi_init: str = "repeat_horizon"
 
     def validate(self) -> None:
         super().validate()
         if self.window < 1:
             raise ValueError(f"window must be >= 1 token (ZipAR default 8; it must also be below the grid side), "
                              f"got {self.window}")
+        if self.jacobi_window < 1:
+            raise ValueError(f"jacobi_window must be >= 1 (1 = ZipAR as published), got {self.jacobi_window}")
+        if self.jacobi_init not in ("random", "repeat_horizon"):
+            raise ValueError(f"jacobi_init must be 'random' or 'repeat_horizon', got {self.jacobi_init!r}")
 
     def check_grid(self, grid_size: int) -> None:
         """The window must be smaller than the grid side (the official schedule is only consistent for w < n)."""
@@ -75,7 +83,10 @@ class ZipAROptions(SamplingOptions):
 def sampler_cli_options() -> list[tuple[str, dict]]:
     """argparse ``(flag, kwargs)`` pairs; ``--window`` shares its ``dest`` with the Jacobi samplers' flag."""
     return [("--window", dict(type=int, dest="window", default=None,
-                              help="zipar: tokens a row needs before the next row starts (default 8)"))]
+                              help="zipar: tokens a row needs before the next row starts (default 8)")),
+            ("--jacobi-window", dict(type=int, dest="jacobi_window", default=None,
+                                     help="zipar: tokens each ongoing row verifies per forward (Jacobi drafts "
+                                          "+ 1; default 1 = ZipAR as published)"))]
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -173,6 +184,8 @@ class ZipARSampler(Sampler):
     def _generate(self, model, labels, generator, stats: SamplerStats) -> torch.Tensor:
         n = require_grid(model, self.name)
         self.options.check_grid(n)
+        if self.options.jacobi_window > 1:
+            return generate_rows_jacobi(self, model, labels, generator, stats, n)
         B, T, N, device = labels.shape[0], model.cls_token_num, model.num_image_tokens, labels.device
         batch_labels = self.batch_labels(model, labels)
         fresh_cache(model, batch_labels.shape[0], T + N)
@@ -197,5 +210,101 @@ class ZipARSampler(Sampler):
         tokens[:, [step.targets[i] for i in keep]] = draw(probs, generator)
 
 
+# ----------------------------------------------------------------------------- composition: Jacobi rows
+@dataclass
+class _RowPlan:
+    """What one ongoing row feeds in a forward: its fed tokens (B, L) at slot cells, and its draft."""
+
+    row: int
+    start: int  # first cell this forward predicts
+    slots: list[int]
+    fed: torch.Tensor
+    draft: Draft
+
+
+def generate_rows_jacobi(sampler: ZipARSampler, model, labels, generator, stats: SamplerStats, n: int) -> torch.Tensor:
+    """ZipAR's row schedule with a Jacobi window per ongoing row, verified by the speculative core.
+
+    Not in either paper (issue #11 item 5). Each forward feeds, for every ongoing row with c committed
+    tokens, its latest committed token (or, at c = 0, a start token at slot (r-1, n-1): the real last token of
+    row r-1 once it is complete, else row r-1's latest token) followed by ``jacobi_window - 1`` Jacobi drafts
+    (:class:`JacobiDrafter`: the previous forward's samples, new slots initialised by ``jacobi_init``). The
+    outputs at those slots give the target distributions of cells c .. c+L-1, and :func:`verify_window` with
+    the exact rule accepts a prefix of the drafts plus one residual / bonus token; with a batch every image
+    advances the row by the batch minimum, as the core does. A row starts once the row above has at least
+    ``window`` committed tokens; a completed row's last token is fed once more (logits discarded) when the
+    row below has already started. Attention is ZipAR's causal-by-slot mask over zeroed buffers, so later
+    rows also see earlier rows' draft K/V beyond their committed prefix (plain ZipAR: zeros there).
+
+    Exactness: each committed token is distributed as the target given the context visible in the forward
+    that verified it (the exact rule's guarantee); that context differs from plain ZipAR's, so images differ
+    from ``jacobi_window=1`` even in greedy mode. ``cfg_interval`` sees the number of tokens committed before
+    the forward, plus one.
+    """
+    from genaccel.samplers.drafting import JacobiDrafter
+
+    opts = sampler.options
+    B, T, N, device = labels.shape[0], model.cls_token_num, model.num_image_tokens, labels.device
+    batch_labels = sampler.batch_labels(model, labels)
+    fresh_cache(model, batch_labels.shape[0], T + N)
+    width = int(getattr(model, "max_seq_len", T + N))
+    tokens = torch.zeros(B, N, dtype=torch.long, device=device)
+    out = stats.target_forward(model.prefill, batch_labels)
+    tokens[:, 0] = draw(target_probs(out.logits[:, -1:], opts, 0), generator)[:, 0]
+    count = [1] + [0] * (n - 1)
+    drafters = {0: JacobiDrafter(opts.jacobi_window, opts.jacobi_init)}
+    refeed: list[int] = []
+    rule, accepted_hist = ExactRule(), {}
+    row_state = lambda r: DecodeState(model, opts, batch_labels, tokens, r * n + count[r], generator, stats)  # noqa: E731
+    for r, drafter in drafters.items():
+        drafter.start(row_state(r), None)
+    while count[n - 1] < n:
+        plans = [_plan_row(r, n, count, tokens, drafters[r], row_state(r), opts.jacobi_window) for r in drafters
+                 if count[r] < n]
+        slots = [cell for cell in refeed] + [cell for plan in plans for cell in plan.slots]
+        fed = torch.cat([tokens[:, refeed], *[plan.fed for plan in plans]], dim=1)
+        positions = T + torch.tensor(slots, device=device)
+        out = stats.target_forward(model.forward_tokens, sampler.duplicate_for_cfg(fed), positions,
+                                   causal_slot_mask(positions, width))
+        guide_index = sum(count)
+        offset = len(refeed)
+        for plan in plans:
+            L = len(plan.slots)
+            p = target_probs(out.logits[:, offset : offset + L], opts, guide_index)
+            offset += L
+            verification = verify_window(p, plan.draft, rule, generator)
+            m = int(verification.accepted.min())
+            tokens[:, plan.start : plan.start + m] = verification.tokens[:, :m]
+            r = plan.row
+            count[r] += m
+            accepted_hist[m] = accepted_hist.get(m, 0) + 1
+            drafters[r].observe(row_state(r), StepOutcome(verification, p, None, m))
+        # after every row has advanced: the row below may have started in this very forward
+        refeed = [r * n + n - 1 for r in (plan.row for plan in plans) if count[r] == n and r + 1 < n and count[r + 1] > 0]
+        for r in list(drafters):
+            if count[r] >= opts.window and r + 1 < n and r + 1 not in drafters:
+                drafters[r + 1] = JacobiDrafter(opts.jacobi_window, opts.jacobi_init)
+                drafters[r + 1].start(row_state(r + 1), None)
+    rows = sum(accepted_hist.values())
+    stats.extra.update(window=opts.window, jacobi_window=opts.jacobi_window, row_verifications=rows,
+                       mean_accepted_length=sum(a * c for a, c in accepted_hist.items()) / max(1, rows),
+                       accepted_length_hist=dict(sorted(accepted_hist.items())))
+    return tokens
+
+
+def _plan_row(r: int, n: int, count: list[int], tokens: torch.Tensor, drafter, state: DecodeState, jacobi: int) -> _RowPlan:
+    """Row r's feeds: its latest committed token (or start token) then its Jacobi drafts."""
+    c = count[r]
+    L = min(jacobi, n - c)
+    draft = drafter.propose(state, L - 1)
+    if c > 0:
+        first = tokens[:, r * n + c - 1 : r * n + c]
+    else:  # start token at slot (r-1, n-1): the real one once row r-1 is complete, else its latest token
+        above = r * n - 1 if count[r - 1] == n else (r - 1) * n + count[r - 1] - 1
+        first = tokens[:, above : above + 1]
+    slots = [r * n + c - 1 + i for i in range(L)]
+    return _RowPlan(r, r * n + c, slots, torch.cat([first, draft.tokens], dim=1), draft)
+
+
 __all__ = ["ZipAROptions", "ZipARSampler", "ZipARStep", "causal_slot_mask", "require_grid", "sampler_cli_options",
-           "zipar_forward_count", "zipar_schedule"]
+           "zipar_forward_count", "zipar_schedule", "generate_rows_jacobi"]

@@ -42,18 +42,22 @@ def model_args(cfg: dict, vocab_size: int, block_size: int) -> ModelArgs:
 
 
 @torch.no_grad()
-def tokenize_crops(vq_path: str, split: str, per_class: int, seed: int) -> dict:
+def tokenize_crops(vq_path: str, split: str, per_class: int, seed: int, size: int = 64) -> dict:
+    """VQ tokens (N, (size/downsample)^2) of ``make_crops(split, ...)`` at crop ``size``, the VQ run fully
+    convolutionally at sizes other than the one it was trained on."""
     vq = load_vq(vq_path)
-    images, labels = make_crops(split, per_class, seed=seed)
+    images, labels = make_crops(split, per_class, seed=seed, size=size)
     tokens = torch.cat([vq.encode(chunk) for chunk in tqdm(images.split(256), desc=f"tokenize {split}")])
     return {"tokens": tokens, "labels": labels, "vocab_size": vq.args.codebook_size}
 
 
 def cached_tokens(out: Path, cfg: dict, split: str, per_class: int) -> dict:
-    path = out / f"tokens_{split}.pt"
+    """Tokens of the recipe's crops (``cfg['image_size']``, default 64), encoded once and cached in ``out``."""
+    size = int(cfg.get("image_size", 64))
+    path = out / (f"tokens_{split}.pt" if size == 64 else f"tokens_{split}_{size}.pt")
     if path.exists():
         return torch.load(path, weights_only=True)
-    data = tokenize_crops(cfg["vq_path"], split, per_class, cfg["seed"])
+    data = tokenize_crops(cfg["vq_path"], split, per_class, cfg["seed"], size)
     save_torch(data, path)
     return data
 

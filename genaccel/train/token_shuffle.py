@@ -6,7 +6,13 @@ continues with s = 2 (shared/reference/parallel.md §5). The shuffle / unshuffle
 N(0, initializer_range) and the residual MLP blocks as identities (zero output layers). With ``gpt_path``
 empty the whole model is initialised fresh (LlamaGen's init, zero LM head) from ``dim`` / ``n_layer`` /
 ``n_head`` / ``multiple_of``; those four fields are ignored when a GPT is given (its sizes are kept; the
-dropout rates come from the recipe).
+dropout rates come from the recipe). ``shuffle_from`` (a Token-Shuffle export with the same window and width)
+replaces the fresh shuffle / unshuffle modules with its trained ones.
+
+Image size. ``image_size`` (64 or 128) picks the crops (``make_crops(size=...)``) that the bundled VQ
+encodes, fully convolutionally at 128 (32x32 tokens). The backbone has no learned positions, so a GPT
+trained on 16x16 tokens initialises a 128x128 model whose coarse grid of windows is again 16x16: the
+same 256 positions and RoPE table it was trained with, each now carrying 4 tokens.
 
 Objective: next-window prediction, cross-entropy on all n*n tokens (``TokenShuffleGPT.teacher_forced``),
 labels replaced by the null class with probability ``class_dropout_prob`` so guidance works. Optimiser as
@@ -26,7 +32,7 @@ import torch
 from genaccel.data.skimage_crops import NUM_CLASSES
 from genaccel.models import BUNDLED, load_gpt
 from genaccel.models.llamagen import LlamaGenGPT, ModelArgs
-from genaccel.models.token_shuffle import TokenShuffleArgs, TokenShuffleGPT, export_metadata
+from genaccel.models.token_shuffle import TokenShuffleArgs, TokenShuffleGPT, export_metadata, load_token_shuffle
 from genaccel.train.common import cosine_lr, start_run
 from genaccel.train.gpt import cached_tokens, heldout_nll, token_ce, train_on_tokens
 from genaccel.utils.io import save_json, save_safetensors
@@ -34,11 +40,14 @@ from genaccel.utils.io import save_json, save_safetensors
 DEFAULTS = dict(
     out_dir="checkpoints/token_shuffle", gpt_path=str(BUNDLED["gpt"]), vq_path=str(BUNDLED["vq"]), seed=0,
     steps=1200, batch_size=32, lr=1.0e-3, warmup=80, weight_decay=0.05, threads=2, bf16=False,
-    train_per_class=1024, heldout_per_class=64, window=2, shuffle_blocks=2, unshuffle_blocks=2,
+    train_per_class=1024, heldout_per_class=64, image_size=64, shuffle_from="", window=2, shuffle_blocks=2, unshuffle_blocks=2,
     dim=256, n_layer=6, n_head=4, multiple_of=256, class_dropout_prob=0.1, token_dropout_p=0.0,
     resid_dropout_p=0.0, ffn_dropout_p=0.0, ckpt_every=50, log_every=25, stop_at=None, max_minutes=55.0,
     export_path="",
 )
+
+
+SHUFFLE_PREFIXES = ("shuffle_proj.", "shuffle_mlps.", "unshuffle_mlps.", "unshuffle_proj.")
 
 
 def shuffle_args(cfg: dict) -> TokenShuffleArgs:
@@ -70,8 +79,7 @@ def token_shuffle_from_gpt(
     model = TokenShuffleGPT(ModelArgs(**fields), shuffle)
     model.init_weights(generator)  # shuffle / unshuffle modules; the backbone is overwritten next
     missing, unexpected = model.load_state_dict(gpt.state_dict(), strict=False)
-    added = ("shuffle_proj.", "shuffle_mlps.", "unshuffle_mlps.", "unshuffle_proj.")
-    if unexpected or any(not key.startswith(added) for key in missing):
+    if unexpected or any(not key.startswith(SHUFFLE_PREFIXES) for key in missing):
         raise ValueError(f"GPT backbone does not fit: unexpected {unexpected}, missing {missing}")
     return model
 
@@ -83,15 +91,31 @@ def build_model(cfg: dict, data: dict, log) -> TokenShuffleGPT:
     if not cfg["gpt_path"]:
         return fresh_model(cfg, data["vocab_size"], block_size, gen)
     gpt = load_gpt(cfg["gpt_path"])
-    if gpt.num_image_tokens != block_size or gpt.vocab_size != data["vocab_size"]:
-        raise SystemExit(f"GPT has {gpt.num_image_tokens} tokens / vocab {gpt.vocab_size} but the VQ gives "
-                         f"{block_size} / {data['vocab_size']}: pass a matching gpt_path, or gpt_path='' for fresh")
+    if gpt.vocab_size != data["vocab_size"]:
+        raise SystemExit(f"GPT has vocab {gpt.vocab_size} but the VQ gives {data['vocab_size']} codes: pass a "
+                         "matching gpt_path, or gpt_path='' for fresh")
     if (cfg["class_dropout_prob"] > 0) != (gpt.args.class_dropout_prob > 0):
         raise SystemExit("class_dropout_prob > 0 needs a GPT with a null-class row (and 0 one without): "
                          f"recipe {cfg['class_dropout_prob']}, GPT {gpt.args.class_dropout_prob}")
-    log.info(f"backbone from {cfg['gpt_path']}")
+    log.info(f"backbone from {cfg['gpt_path']} ({gpt.num_image_tokens} positions; this model has "
+             f"{block_size // cfg['window'] ** 2} positions of {cfg['window'] ** 2} tokens)")
     dropout = {k: cfg[k] for k in ("class_dropout_prob", "token_dropout_p", "resid_dropout_p", "ffn_dropout_p")}
-    return token_shuffle_from_gpt(gpt, shuffle_args(cfg), gen, **dropout)
+    model = token_shuffle_from_gpt(gpt, shuffle_args(cfg), gen, block_size=block_size, **dropout)
+    if cfg["shuffle_from"]:
+        copy_shuffle_modules(load_token_shuffle(cfg["shuffle_from"]), model)
+        log.info(f"shuffle / unshuffle modules from {cfg['shuffle_from']}")
+    return model
+
+
+def copy_shuffle_modules(source: TokenShuffleGPT, target: TokenShuffleGPT) -> None:
+    """Copy ``source``'s shuffle / unshuffle weights into ``target`` (same window, width and block counts)."""
+    if source.shuffle_args != target.shuffle_args or source.args.dim != target.args.dim:
+        raise SystemExit(f"shuffle_from has window/blocks {source.shuffle_args} and dim {source.args.dim}; the "
+                         f"recipe builds {target.shuffle_args} and dim {target.args.dim}: they must match")
+    weights = {k: v for k, v in source.state_dict().items() if k.startswith(SHUFFLE_PREFIXES)}
+    missing, unexpected = target.load_state_dict(weights, strict=False)
+    if unexpected or any(k.startswith(SHUFFLE_PREFIXES) for k in missing):
+        raise SystemExit(f"shuffle modules do not fit: unexpected {unexpected}, missing {missing}")
 
 
 def make_optimizer(model: TokenShuffleGPT, cfg: dict) -> torch.optim.Optimizer:
@@ -116,6 +140,8 @@ def export(model: TokenShuffleGPT, cfg: dict, out, metrics: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     cfg, out, log = start_run(argv, DEFAULTS, "token-shuffle")
+    if cfg["image_size"] not in (64, 128):
+        raise SystemExit(f"image_size must be 64 or 128 (the bundled VQ's 16x16 or 32x32 tokens), got {cfg['image_size']}")
     if cfg["max_minutes"] > 55:
         raise SystemExit(f"max_minutes {cfg['max_minutes']} exceeds the 55-minute budget of a bundled recipe")
     train = cached_tokens(out, cfg, "train", cfg["train_per_class"])
@@ -129,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
     step, start = train_on_tokens(model, opt, train, cfg, out / "last.pt", log, "token-shuffle", token_ce,
                                   lambda step: cosine_lr(step, cfg["steps"], cfg["lr"], cfg["warmup"]))
     metrics = {"heldout_nll_nats": heldout_nll(model, heldout), "heldout_nll_at_init": nll_start, "steps": step,
-               "params_m": params_m, "positions": model.num_positions,
+               "params_m": params_m, "positions": model.num_positions, "image_size": cfg["image_size"],
                "tokens_per_position": model.tokens_per_position, "minutes": (time.time() - start) / 60}
     log.info(f"final {json.dumps(metrics)}")
     export(model, cfg, out, metrics)

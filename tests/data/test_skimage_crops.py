@@ -66,3 +66,28 @@ def test_no_heldout_crop_equals_any_train_crop():
     held, _ = make_crops("heldout", 16, seed=0)
     dist = torch.cdist(held.flatten(1), train.flatten(1))
     assert dist.min() > 1.0
+
+
+def test_128_crops_cover_the_64_field_of_view_and_stay_disjoint():
+    """size = 64 f: the photo resized f times, band / gap / crop scaled alike, so the held-out band is the same part
+    of each photo; at size 64 nothing changed."""
+    a, la = make_crops("heldout", 2, seed=3, size=128)
+    assert a.shape == (2 * NUM_CLASSES, 3, 128, 128) and a.min() >= -1 and a.max() <= 1
+    assert torch.equal(make_crops("train", 2, seed=4)[0], make_crops("train", 2, seed=4, size=64)[0])
+    for name in PHOTO_NAMES:
+        small, big = photo_regions(name), photo_regions(name, 2)
+        img = load_photo(name, 2)
+        assert _separation(big["train"], big["heldout"]) >= 2 * GAP
+        for key in ("train", "heldout"):
+            box, half = big[key], small[key]
+            assert box.x1 - box.x0 >= 128 and box.y1 - box.y0 >= 128
+            assert 0 <= box.x0 and box.x1 <= img.shape[2] and 0 <= box.y0 and box.y1 <= img.shape[1]
+            # the same part of the photo, up to the 1-pixel rounding of the resized sizes
+            assert abs(box.x0 - 2 * half.x0) <= 2 and abs(box.x1 - 2 * half.x1) <= 2
+            assert abs(box.y0 - 2 * half.y0) <= 2 and abs(box.y1 - 2 * half.y1) <= 2
+
+
+def test_crop_size_must_be_a_multiple_of_64():
+    for bad in (32, 96):
+        with pytest.raises(ValueError, match="multiple of 64"):
+            make_crops("train", 1, size=bad)

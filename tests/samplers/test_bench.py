@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 
-from genaccel.bench.samplers import engine_share, forward_cost_bound, goal_lines, sampler_options
+import pytest
+
+from genaccel.bench.samplers import engine_share, forward_cost_bound, goal_lines, parse_runs, sampler_options
 from genaccel.bench.sections import write_section
 
 
@@ -27,16 +29,37 @@ def test_sampler_options_parse_per_sampler_overrides():
     assert opts["lantern"]["lantern_delta"] == 0.3 and opts["ar"] == {"cfg_scale": 4.0}
 
 
-def _result(nfe, target, draft, wall, latency):
+def _result(nfe, target, draft, wall, latency, sampler="ar", family="llamagen", size=64):
     return {"nfe": nfe, "target_time_s": target, "draft_time_s": draft, "wall_time_s": wall, "latency_s": latency,
-            "step_compression": 256 / nfe, "fd_domain": 1.0}
+            "step_compression": 256 / nfe, "fd_domain": 1.0, "sampler": sampler, "family": family, "image_size": size}
 
 
 def test_forward_cost_bound_and_engine_share():
     # ar: 256 forwards of 2 ms; sjd: 128 forwards of 5 ms (a verify costs 2.5x an AR forward), 0.1 s engine.
-    results = {"ar": _result(256, 0.512, 0.0, 0.6, 0.6), "sjd": _result(128, 0.64, 0.0, 0.74, 0.74)}
+    results = {"ar": _result(256, 0.512, 0.0, 0.6, 0.6), "sjd": _result(128, 0.64, 0.0, 0.74, 0.74, "sjd")}
     assert math.isclose(forward_cost_bound(results, "sjd"), 0.4)
     assert math.isclose(forward_cost_bound(results, "ar"), 1.0)
     assert math.isclose(engine_share(results["sjd"]), 0.1 / 0.74)
     line = [g for g in goal_lines(results) if "wall-clock" in g][0]
     assert line.startswith("- NOT met: sjd") and "forward-cost bound 0.40" in line
+
+
+def test_runs_take_labels_and_families_and_ar_comes_first():
+    runs = parse_runs("zipar,zipar-j4=zipar,ts128=token-shuffle@token-shuffle-128,nar")
+    assert list(runs) == ["ar", "zipar", "zipar-j4", "ts128", "nar"]
+    assert runs["zipar-j4"] == ("zipar", "llamagen") and runs["nar"] == ("nar", "nar")
+    assert runs["ts128"] == ("token-shuffle", "token-shuffle-128")
+    for bad, message in [("zipar,zipar", "appears twice"), ("x=nope", "unknown sampler 'nope'"),
+                         ("x=ar@nope", "unknown model family 'nope'"), ("ar=zipar", "'ar' is the reference")]:
+        with pytest.raises(SystemExit, match=message):
+            parse_runs(bad)
+
+
+def test_token_shuffle_128_goal_checks_time_per_image_and_class_accuracy():
+    results = {"ar": _result(256, 0.5, 0.0, 0.6, 0.6),
+               "ts128": {**_result(256, 0.6, 0.0, 0.66, 0.66, "token-shuffle", "token-shuffle-128", 128),
+                         "class_accuracy": 0.75}}
+    line = [g for g in goal_lines(results) if "ts128" in g][0]
+    assert line.startswith("- met: ts128: 128x128 images at 1.10x") and "75.0%" in line
+    results["ts128"]["class_accuracy"] = 0.6
+    assert [g for g in goal_lines(results) if "ts128" in g][0].startswith("- NOT met")

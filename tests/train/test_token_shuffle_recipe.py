@@ -86,3 +86,28 @@ def test_one_step_from_a_gpt_backbone(tmp_path):
 def test_budget_over_55_minutes_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="exceeds the 55-minute budget"):
         recipe.main(tiny_args(tmp_path, "max_minutes=60"))
+
+
+def test_a_gpt_initialises_a_model_with_4x_the_tokens_in_its_own_positions(tmp_path):
+    """The 128x128 recipe: a GPT on n x n tokens gives the backbone of a (2n x 2n)-token, s = 2 model whose
+    n x n coarse grid is the GPT's grid (same RoPE table), and shuffle modules copy from another export."""
+    gpt, _ = tiny_gpt_file(tmp_path)
+    gen = torch.Generator().manual_seed(0)
+    big = recipe.token_shuffle_from_gpt(gpt, TokenShuffleArgs(window=2), gen, block_size=4 * GRID * GRID)
+    assert (big.grid_size, big.num_positions) == (2 * GRID, GRID * GRID)
+    assert torch.equal(big.freqs_cis, gpt.freqs_cis)
+    donor = recipe.token_shuffle_from_gpt(gpt, TokenShuffleArgs(window=2), torch.Generator().manual_seed(9))
+    for block in donor.shuffle_mlps:
+        torch.nn.init.normal_(block.down.weight, generator=gen)
+    recipe.copy_shuffle_modules(donor, big)
+    for key, value in donor.state_dict().items():
+        if key.startswith(recipe.SHUFFLE_PREFIXES):
+            assert torch.equal(big.state_dict()[key], value)
+    with pytest.raises(SystemExit, match="must match"):
+        recipe.copy_shuffle_modules(
+            recipe.token_shuffle_from_gpt(gpt, TokenShuffleArgs(window=1), gen), big)
+
+
+def test_image_size_other_than_64_or_128_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="image_size must be 64 or 128"):
+        recipe.main(tiny_args(tmp_path, "image_size=96"))
