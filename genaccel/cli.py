@@ -9,8 +9,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
+import os
 import platform
+import re
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +29,20 @@ from genaccel.utils.dtypes import DTYPES
 
 class UsageError(Exception):
     """A user mistake, printed as one line without a traceback."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a command: printed as one line, exit status 130."""
+
+
+# Options common to all samplers: the command line's defaults (LlamaGen's sample_c2i.py values).
+SAMPLING_DEFAULTS: dict[str, Any] = dict(cfg_scale=4.0, cfg_interval=-1, top_k=0, top_p=1.0, temperature=1.0)
+# Files of a previous run in an --out folder: numbered PNGs, grid.png, stats.json.
+RUN_FILE = re.compile(r"^(\d{5}_class\d{4}\.png|grid\.png|stats\.json)$")
+OUT_NOTE = ("--out must be a folder you can write to; one that already holds a previous run's images "
+            "(NNNNN_classCCCC.png, grid.png, stats.json) is refused unless --overwrite is given, which removes "
+            "those files once sampling has succeeded, just before the new ones are written. Nothing is "
+            "written until all images are sampled (an error or Ctrl-C leaves --out as it was).")
 
 
 def sampler_flag_specs() -> list[tuple[str, dict]]:
@@ -49,50 +67,71 @@ def sampler_flag_specs() -> list[tuple[str, dict]]:
 
 
 def build_sample_parser(prog: str = "genaccel sample") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Sample class-conditional images with a chosen sampler.")
+    d = SAMPLING_DEFAULTS
+    p = argparse.ArgumentParser(prog=prog, description="Sample class-conditional images with a chosen sampler.",
+                                epilog=OUT_NOTE)
     p.add_argument("--model", default="llamagen", help=f"model family: {', '.join(MODEL_FAMILIES)} (default: llamagen)")
     p.add_argument("--sampler", default=None,
-                   help=f"one of: {', '.join(available_samplers())} (default: the model's baseline, ar or nar)")
-    p.add_argument("--sampler-config", default=None, help="YAML file of sampler options (configs/samplers/*.yaml)")
-    p.add_argument("--ckpt", default=None, help="GPT checkpoint (.pt or .safetensors); default: bundled model")
-    p.add_argument("--vq-ckpt", default=None, help="VQ checkpoint; default: bundled tokenizer")
-    p.add_argument("--gpt-model", default=None, help="GPT preset for --ckpt (GPT-B, GPT-L, ...); inferred if omitted")
+                   help=f"one of: {', '.join(available_samplers())} (default: the --sampler-config file's "
+                        "sampler, else the model's baseline, ar or nar)")
+    p.add_argument("--sampler-config", default=None,
+                   help="YAML file of sampler options (configs/samplers/*.yaml); flags you type win over it")
+    p.add_argument("--ckpt", default=None, help="GPT checkpoint (.pt or .safetensors) (default: bundled model)")
+    p.add_argument("--vq-ckpt", default=None, help="VQ checkpoint (default: bundled tokenizer)")
+    p.add_argument("--gpt-model", default=None,
+                   help="GPT preset for --ckpt (GPT-B, GPT-L, ...; NAR-B, ... for --model nar) (default: inferred)")
     p.add_argument("--image-size", type=int, default=None, help="image size for --ckpt (256 -> 16x16 tokens)")
     p.add_argument("--classes", type=int, nargs="+", default=None, help="class ids (cycled to --num-images)")
     p.add_argument("--num-images", type=int, default=None, help="number of images (default: one per class given)")
-    p.add_argument("--cfg-scale", type=float, default=4.0)
-    p.add_argument("--cfg-interval", type=int, default=-1)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--out", default="outputs/samples", help="output folder (PNGs, grid.png, stats.json)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--cfg-scale", type=float, default=None,
+                   help=f"classifier-free guidance scale; 1.0 = no guidance (default: {d['cfg_scale']})")
+    p.add_argument("--cfg-interval", type=int, default=None,
+                   help=f"guidance only for tokens 0..N+1, conditional logits after; -1 = every token (default: {d['cfg_interval']})")
+    p.add_argument("--top-k", type=int, default=None,
+                   help=f"sample among the k most likely tokens; 0 = no top-k filter (default: {d['top_k']})")
+    p.add_argument("--top-p", type=float, default=None,
+                   help=f"nucleus sampling: keep the most likely tokens up to this total probability; "
+                        f"1.0 = off (default: {d['top_p']})")
+    p.add_argument("--temperature", type=float, default=None,
+                   help=f"softmax temperature; 0 = greedy (argmax) (default: {d['temperature']})")
+    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same images (default: 0)")
+    p.add_argument("--batch-size", type=int, default=8, help="images sampled together per batch (default: 8)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="model dtype (default: fp32)")
+    p.add_argument("--out", default="outputs/samples",
+                   help="output folder for the numbered PNGs, grid.png and stats.json (default: outputs/samples)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous run in --out (its numbered PNGs, grid.png, stats.json)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     for flag, kwargs in sampler_flag_specs():
         p.add_argument(flag, **kwargs)
     return p
 
 
-def sampler_options(args: argparse.Namespace, specs: list[tuple[str, dict]]) -> dict[str, Any]:
-    """Common options plus sampler-specific ones given on the command line or in --sampler-config."""
-    opts: dict[str, Any] = dict(
-        cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval, top_k=args.top_k, top_p=args.top_p,
-        temperature=args.temperature,
-    )
-    cls = sampler_class(args.sampler)
-    known = set(cls.Options.__dataclass_fields__)
-    if args.sampler_config:
-        import yaml
+def resolve_sampler(args: argparse.Namespace) -> dict[str, Any]:
+    """Set ``args.sampler`` (flag, else the --sampler-config file's ``sampler:``, else the model's baseline) and
+    return the file's options ({} without a file)."""
+    from genaccel.samplers.speculative import read_sampler_config
 
-        path = Path(args.sampler_config)
-        if not path.is_file():
-            raise UsageError(f"sampler config not found: {path}")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        loaded.pop("sampler", None)
-        opts.update(loaded)
+    file_sampler, file_opts = None, {}
+    if args.sampler_config:
+        file_sampler, file_opts = read_sampler_config(args.sampler_config)
+    if args.sampler and file_sampler and args.sampler != file_sampler:
+        raise UsageError(f"--sampler {args.sampler} contradicts 'sampler: {file_sampler}' in {args.sampler_config}; "
+                         "drop --sampler or use a config file for that sampler")
+    args.sampler = args.sampler or file_sampler or default_sampler(args.model)
+    return file_opts
+
+
+def sampler_options(args: argparse.Namespace, specs: list[tuple[str, dict]],
+                    file_opts: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Options in increasing precedence: the command line's defaults, the --sampler-config file, the flags given."""
+    opts: dict[str, Any] = dict(SAMPLING_DEFAULTS)
+    opts.update(file_opts or {})
+    for dest in SAMPLING_DEFAULTS:
+        if getattr(args, dest) is not None:
+            opts[dest] = getattr(args, dest)
+    known = set(sampler_class(args.sampler).Options.__dataclass_fields__)
     for flag, kwargs in specs:
         dest = kwargs.get("dest") or flag.lstrip("-").replace("-", "_")
         value = getattr(args, dest, None)
@@ -104,24 +143,109 @@ def sampler_options(args: argparse.Namespace, specs: list[tuple[str, dict]]) -> 
     return opts
 
 
+def check_device(name: str) -> None:
+    """One clear line for a device this machine does not have (instead of a traceback mid-load)."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"unknown --device {name!r}: expected cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU was found"
+            raise UsageError(f"--device {name}: {why}; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise UsageError(f"--device {name}: MPS (Apple GPU) is not available here; use --device cpu")
+    elif dev.type != "cpu":
+        try:
+            torch.empty(1, device=dev)
+        except Exception as e:  # noqa: BLE001 - any backend failure is the same user-facing problem
+            raise UsageError(f"--device {name} is not usable here ({type(e).__name__}); use --device cpu") from None
+
+
+def check_gpt_model(model: str, gpt_model: str | None, ckpt: str | None) -> None:
+    """--gpt-model must name a preset of the model family, and only applies to --ckpt."""
+    if gpt_model is None:
+        return
+    from genaccel.models import GPT_PRESETS, NAR_PRESETS
+
+    presets = {"llamagen": (GPT_PRESETS, gpt_model), "nar": (NAR_PRESETS, gpt_model.replace("GPT-", "NAR-"))}
+    if model not in presets:
+        raise UsageError(f"--gpt-model does not apply to --model {model} (its checkpoints carry their config)")
+    table, name = presets[model]
+    if name not in table:
+        raise UsageError(f"unknown --gpt-model {gpt_model!r} for --model {model}; available: {', '.join(table)}")
+    if ckpt is None:
+        raise UsageError(f"--gpt-model {gpt_model} applies only with --ckpt (the bundled {model} model stores its "
+                         "own config)")
+
+
+def previous_run_files(out: Path) -> list[Path]:
+    return sorted(p for p in out.iterdir() if p.is_file() and RUN_FILE.match(p.name)) if out.is_dir() else []
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """Fail before sampling when --out is a file, not writable, or holds a previous run (without --overwrite)."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is an existing file, not a folder; give a folder path")
+    old = previous_run_files(out)
+    if old and not overwrite:
+        raise UsageError(f"--out {out} already holds a previous run ({len(old)} files: numbered PNGs, grid.png, "
+                         "stats.json); pass --overwrite to replace it, or choose another folder")
+    base = out
+    while not base.exists():
+        base = base.parent
+    if not base.is_dir():
+        raise UsageError(f"--out {out}: {base} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".genaccel-write-check.", dir=base)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise UsageError(f"cannot write to --out {out}: {base} is not writable ({e.strerror or e})") from None
+
+
 def environment() -> dict[str, Any]:
     return {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
             "machine": platform.machine()}
 
 
-def write_outputs(out: Path, images: torch.Tensor, labels: torch.Tensor, stats: dict) -> None:
+def write_outputs(out: Path, images: torch.Tensor, labels: torch.Tensor, stats: dict, overwrite: bool = False) -> None:
+    """Write everything into a staging folder beside ``out``, then move it into place: an error or Ctrl-C
+    leaves no half-written run. With ``overwrite`` the previous run's files in ``out`` are removed first."""
     from PIL import Image
     from torchvision.utils import make_grid
 
     from genaccel.utils.io import save_image, save_json
 
-    out.mkdir(parents=True, exist_ok=True)
-    for i, (img, lab) in enumerate(zip(images, labels)):
-        save_image(Image.fromarray(img.numpy()), out / f"{i:05d}_class{int(lab):04d}.png")
-    nrow = max(1, math.ceil(math.sqrt(len(images))))
-    grid = make_grid(images.permute(0, 3, 1, 2), nrow=nrow, padding=2, pad_value=255).permute(1, 2, 0)
-    save_image(Image.fromarray(grid.numpy()), out / "grid.png")
-    save_json(stats, out / "stats.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        for i, (img, lab) in enumerate(zip(images, labels)):
+            save_image(Image.fromarray(img.numpy()), stage / f"{i:05d}_class{int(lab):04d}.png")
+        nrow = max(1, math.ceil(math.sqrt(len(images))))
+        grid = make_grid(images.permute(0, 3, 1, 2), nrow=nrow, padding=2, pad_value=255).permute(1, 2, 0)
+        save_image(Image.fromarray(grid.numpy()), stage / "grid.png")
+        save_json(stats, stage / "stats.json")
+        if not out.exists():
+            os.chmod(stage, 0o777 & ~_umask())  # mkdtemp creates 0700
+            os.replace(stage, out)
+            return
+        if overwrite:
+            for old in previous_run_files(out):
+                old.unlink()
+        for f in sorted(stage.iterdir()):
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def run_sample(argv: list[str] | None = None, prog: str = "genaccel sample") -> dict:
@@ -131,23 +255,32 @@ def run_sample(argv: list[str] | None = None, prog: str = "genaccel sample") -> 
     args = build_sample_parser(prog).parse_args(argv)
     if args.model not in MODEL_FAMILIES:
         raise UsageError(f"unknown model {args.model!r}; available: {', '.join(MODEL_FAMILIES)}")
-    args.sampler = args.sampler or default_sampler(args.model)
+    file_opts = resolve_sampler(args)
     if args.sampler not in SAMPLERS:
         raise UsageError(f"unknown sampler {args.sampler!r}; available: {', '.join(available_samplers())}")
     if args.batch_size < 1 or (args.num_images is not None and args.num_images < 1):
         raise UsageError("--batch-size and --num-images must be >= 1")
-    sampler = sampler_class(args.sampler)(**sampler_options(args, specs))
+    check_gpt_model(args.model, args.gpt_model, args.ckpt)
+    check_device(args.device)
+    out = Path(args.out)
+    check_out(out, args.overwrite)
+    sampler = sampler_class(args.sampler)(**sampler_options(args, specs, file_opts))
     pipe = load_model(args.model, ckpt=args.ckpt, vq_ckpt=args.vq_ckpt, gpt_model=args.gpt_model,
                       image_size=args.image_size, device=args.device, dtype=DTYPES[args.dtype])
     num_images = args.num_images or (len(args.classes) if args.classes else pipe.num_classes)
     labels = labels_for(pipe.num_classes, args.classes, num_images)
     all_images, totals = [], {"nfe": 0, "wall_time_s": 0.0, "tokens": 0}
     start = time.perf_counter()
-    for chunk, images, st in pipe.generate_batches(labels, sampler, args.batch_size, args.seed, not args.no_progress):
-        all_images.append(images)
-        totals["nfe"] += st.nfe * len(chunk)
-        totals["tokens"] += st.tokens * len(chunk)
-        totals["wall_time_s"] += st.wall_time_s
+    try:
+        for chunk, images, st in pipe.generate_batches(labels, sampler, args.batch_size, args.seed,
+                                                       not args.no_progress):
+            all_images.append(images)
+            totals["nfe"] += st.nfe * len(chunk)
+            totals["tokens"] += st.tokens * len(chunk)
+            totals["wall_time_s"] += st.wall_time_s
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted after {sum(len(i) for i in all_images)} of {len(labels)} images; "
+                          f"nothing was written to {out}") from None
     elapsed = time.perf_counter() - start
     images = torch.cat(all_images)
     stats = {
@@ -159,7 +292,10 @@ def run_sample(argv: list[str] | None = None, prog: str = "genaccel sample") -> 
         "images_per_s": len(images) / elapsed, "device": args.device, "dtype": args.dtype,
         "environment": environment(),
     }
-    write_outputs(Path(args.out), images, labels, stats)
+    try:
+        write_outputs(out, images, labels, stats, args.overwrite)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted while writing; {out} was left as it was before this run") from None
     print(f"wrote {len(images)} images, grid.png and stats.json to {args.out} "
           f"(NFE/image {stats['nfe_per_image']:.1f}, {stats['images_per_s']:.2f} images/s)")
     return stats
@@ -181,31 +317,85 @@ COMMANDS = {
 }
 
 
+COMMAND_HELP = {
+    "sample": "sample class-conditional images (same flags as python sample.py)",
+    "eval": "resumable sampling jobs, FD-domain / FID / IS / precision-recall, throughput, stats",
+    "report": "table + speed-vs-quality plot across sampler runs",
+    "train": "training recipes of the bundled weights (genaccel train <recipe> --config FILE)",
+    "bench": "benchmarks recorded in docs/benchmarks.md (genaccel bench <name> ...)",
+}
+
+
+def top_help() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"usage: genaccel {{{','.join(COMMANDS)}}} [options]", "",
+             "Fast sampling for LlamaGen-class AR image generators.", "", "commands:"]
+    lines += [f"  {name:<{width}}  {COMMAND_HELP[name]}" for name in COMMANDS]
+    lines += ["", "genaccel <command> --help shows a command's options."]
+    return "\n".join(lines)
+
+
+def _train_usage(argv: list[str]) -> int | None:
+    """``genaccel train`` without a recipe, with --help, or with an unknown recipe (the recipes' own parsers
+    take over once one is named)."""
+    from genaccel.train.__main__ import RECIPES
+
+    usage = (f"usage: genaccel train {{{','.join(RECIPES)}}} --config FILE [--set key=value]\n"
+             "(genaccel train <recipe> --help for a recipe's options; recipes: docs/models.md)")
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage)
+        return 0
+    if not argv:
+        print(usage, file=sys.stderr)
+        return 2
+    if argv[0] not in RECIPES:
+        print(f"error: unknown training recipe {argv[0]!r}; available: {', '.join(RECIPES)}", file=sys.stderr)
+        return 2
+    return None
+
+
+def _run(fn, argv: list[str]) -> int:
+    try:
+        fn(argv)
+    except (UsageError, OSError, ValueError, TypeError) as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except (Interrupted, KeyboardInterrupt) as e:
+        print(f"{e}" if isinstance(e, Interrupted) else "interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _one_line(e: BaseException) -> str:
+    """Errors print as one line, except checkpoint mismatches, whose key lists are their point."""
+    from genaccel.models import CheckpointError
+
+    text = str(e) or type(e).__name__
+    return text if isinstance(e, CheckpointError) else " ".join(text.split())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print(f"usage: genaccel {{{','.join(COMMANDS)}}} [options]  (genaccel <command> --help for details)",
-              file=sys.stderr)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    try:
-        COMMANDS[argv[0]](argv[1:])
-    except (UsageError, FileNotFoundError, ValueError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    if argv and argv[0] in ("-h", "--help"):
+        print(top_help())
+        return 0
+    if not argv:
+        print(top_help(), file=sys.stderr)
         return 2
-    return 0
+    if argv[0] not in COMMANDS:
+        print(f"error: unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)} (genaccel --help)",
+              file=sys.stderr)
+        return 2
+    if argv[0] == "train":
+        code = _train_usage(argv[1:])
+        if code is not None:
+            return code
+    return _run(COMMANDS[argv[0]], argv[1:])
 
 
 def sample_script_main() -> int:
     """Entry of ``python sample.py``: the ``sample`` command with LlamaGen-style flags."""
-    try:
-        run_sample(sys.argv[1:], prog="sample.py")
-    except (UsageError, FileNotFoundError, ValueError, TypeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-
+    return _run(lambda argv: run_sample(argv, prog="sample.py"), sys.argv[1:])
 
 
 if __name__ == "__main__":

@@ -107,3 +107,214 @@ def test_nar_official_layout_checkpoint_through_sample_script(tiny_ckpts, tmp_pa
     stats = json.loads((out / "stats.json").read_text())
     assert stats["sampler"] == "nar" and stats["num_images"] == 3 and stats["nfe_per_image"] == 7
     assert len(list(out.glob("0*.png"))) == 3 and (out / "grid.png").is_file()
+
+
+# ----------------------------------------------------------------------------- issue #17: command line rough edges
+def tiny_args(tiny_ckpts):
+    return ["--ckpt", str(tiny_ckpts / "gpt.safetensors"), "--vq-ckpt", str(tiny_ckpts / "vq.pt"), "--no-progress"]
+
+
+def one_error_line(capsys, *fragments):
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    for f in fragments:
+        assert f in err, err
+    return err
+
+
+def test_sampler_config_names_the_sampler_and_typed_flags_win():
+    from genaccel.cli import build_sample_parser, resolve_sampler, sampler_flag_specs, sampler_options
+
+    lantern = str(ROOT / "configs/samplers/lantern.yaml")
+    args = build_sample_parser().parse_args(["--sampler-config", lantern])
+    file_opts = resolve_sampler(args)
+    assert args.sampler == "lantern"  # the file's sampler: key, not the model's baseline 'ar'
+    args = build_sample_parser().parse_args(["--sampler", "lantern", "--sampler-config", lantern,
+                                             "--cfg-scale", "1.0", "--draft-len", "2"])
+    opts = sampler_options(args, sampler_flag_specs(), resolve_sampler(args))
+    assert opts["cfg_scale"] == 1.0 and opts["draft_len"] == 2 and opts["lantern_delta"] == 0.3
+    assert file_opts["cfg_scale"] == 4.0
+
+
+def test_sampler_config_end_to_end_flags_over_file(tiny_ckpts, tmp_path):
+    cfg = tmp_path / "sjd.yaml"
+    cfg.write_text("sampler: sjd\ncfg_scale: 3.0\ntop_k: 5\nwindow: 4\n")
+    out = tmp_path / "o"
+    assert cli_main(["sample", *tiny_args(tiny_ckpts), "--sampler-config", str(cfg), "--cfg-scale", "1.0",
+                     "--classes", "0", "--out", str(out)]) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["sampler"] == "sjd" and stats["options"]["cfg_scale"] == 1.0
+    assert stats["options"]["top_k"] == 5 and stats["options"]["window"] == 4
+
+
+def test_sampler_contradicting_the_config_file_is_one_error(tiny_ckpts, tmp_path, capsys):
+    assert cli_main(["sample", *tiny_args(tiny_ckpts), "--sampler", "ar", "--sampler-config",
+                     str(ROOT / "configs/samplers/lantern.yaml"), "--out", str(tmp_path / "o")]) == 2
+    one_error_line(capsys, "--sampler ar contradicts 'sampler: lantern'")
+    assert not (tmp_path / "o").exists()
+
+
+def test_out_that_is_a_file_fails_before_sampling(tiny_ckpts, tmp_path, capsys, monkeypatch):
+    import genaccel.pipeline
+
+    monkeypatch.setattr(genaccel.pipeline, "load_model", lambda *a, **k: pytest.fail("sampled before checking --out"))
+    (tmp_path / "f").write_text("x")
+    assert cli_main(["sample", *tiny_args(tiny_ckpts), "--out", str(tmp_path / "f")]) == 2
+    one_error_line(capsys, "is an existing file")
+    assert cli_main(["sample", *tiny_args(tiny_ckpts), "--out", str(tmp_path / "f" / "sub")]) == 2
+    one_error_line(capsys, "is a file, not a folder")
+
+
+def test_unwritable_out_fails_before_sampling(tiny_ckpts, tmp_path, capsys, monkeypatch):
+    import os
+
+    import genaccel.pipeline
+
+    monkeypatch.setattr(genaccel.pipeline, "load_model", lambda *a, **k: pytest.fail("sampled before checking --out"))
+    if os.geteuid() == 0:  # root writes into read-only folders; /proc takes no new files
+        target = Path("/proc/genaccel-test/out")
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        target = ro / "out"
+    assert cli_main(["sample", *tiny_args(tiny_ckpts), "--out", str(target)]) == 2
+    one_error_line(capsys, "cannot write to --out")
+
+
+def test_previous_run_is_refused_then_replaced_with_overwrite(tiny_ckpts, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    for i in range(3):
+        (out / f"{i:05d}_class0001.png").write_bytes(b"old")
+    (out / "notes.txt").write_text("mine")
+    base = ["sample", *tiny_args(tiny_ckpts), "--classes", "2", "--out", str(out)]
+    assert cli_main(base) == 2
+    one_error_line(capsys, "already holds a previous run", "--overwrite")
+    assert cli_main(base + ["--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["00000_class0002.png", "grid.png", "notes.txt", "stats.json"]
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_help_documents_overwrite_and_defaults():
+    r = run_script(["--help"], ROOT)
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())
+    for fragment in ["--overwrite", "(default: 4.0)", "0 = greedy", "(default: 8)", "(default: cpu)",
+                     "(default: 0)", "refused unless --overwrite"]:
+        assert fragment in text, fragment
+
+
+def test_cuda_without_gpu_is_one_line(tiny_ckpts, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli_main(["sample", *tiny_args(tiny_ckpts), "--device", "cuda", "--out", str(tmp_path / "o")]) == 2
+    one_error_line(capsys, "--device cuda", "use --device cpu")
+    assert cli_main(["sample", *tiny_args(tiny_ckpts), "--device", "gpu0", "--out", str(tmp_path / "o")]) == 2
+    one_error_line(capsys, "unknown --device 'gpu0'")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--gpt-model", "GPT-Q"], "unknown --gpt-model 'GPT-Q' for --model llamagen; available: GPT-B"),
+    (["--gpt-model", "GPT-B"], "--gpt-model GPT-B applies only with --ckpt"),
+    (["--model", "nar", "--gpt-model", "NAR-Q"], "unknown --gpt-model 'NAR-Q' for --model nar"),
+])
+def test_gpt_model_with_the_bundled_model_is_not_ignored(tmp_path, capsys, args, message):
+    assert cli_main(["sample", "--no-progress", "--out", str(tmp_path / "o"), *args]) == 2
+    one_error_line(capsys, message)
+
+
+def test_checkpoint_of_the_wrong_kind_names_the_problem(tiny_ckpts, tmp_path, capsys):
+    gpt, vq = str(tiny_ckpts / "gpt.safetensors"), str(tiny_ckpts / "vq.pt")
+    assert cli_main(["sample", "--ckpt", gpt, "--vq-ckpt", gpt, "--out", str(tmp_path / "o")]) == 2
+    err = one_error_line(capsys, "is not a VQ tokenizer (--vq-ckpt) checkpoint", "pass it as --ckpt")
+    assert "unexpected keyword" not in err
+    from genaccel.models import BUNDLED
+
+    assert cli_main(["sample", "--ckpt", str(BUNDLED["vq"]), "--vq-ckpt", vq, "--out", str(tmp_path / "o")]) == 2
+    one_error_line(capsys, "is not a generator (--ckpt) checkpoint", "pass it as --vq-ckpt")
+
+
+def test_pickled_args_checkpoint_is_one_plain_line(tiny_ckpts, tmp_path, capsys):
+    import argparse
+
+    from genaccel.models import CheckpointError
+    from genaccel.models.loading import read_state_dict
+
+    gpt = build_gpt(None, dim=64, n_layer=2, n_head=4, vocab_size=32, num_classes=3, block_size=16, multiple_of=32)
+    torch.save({"model": gpt.state_dict(), "args": argparse.Namespace(lr=1e-4)}, tmp_path / "train.pt")
+    with pytest.raises(CheckpointError) as e:
+        read_state_dict(tmp_path / "train.pt")
+    msg = str(e.value)
+    assert "\x1b[" not in msg and "\n" not in msg and "argparse.Namespace" in msg and "plain state dict" in msg
+    assert cli_main(["sample", "--ckpt", str(tmp_path / "train.pt"), "--vq-ckpt", str(tiny_ckpts / "vq.pt"),
+                     "--out", str(tmp_path / "o")]) == 2
+    one_error_line(capsys, "weights_only=True")
+    # the README's conversion recipe turns it into a file that loads
+    obj = torch.load(tmp_path / "train.pt", map_location="cpu", weights_only=False)
+    torch.save(obj["model"], tmp_path / "plain.pt")
+    assert set(read_state_dict(tmp_path / "plain.pt")[0]) == set(gpt.state_dict()) - {"freqs_cis"}
+
+
+def test_top_level_help_lists_commands_and_unknown_command_is_named():
+    r = subprocess.run([sys.executable, "-m", "genaccel", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "sample" in r.stdout and "benchmarks" in r.stdout and "training" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "genaccel", "foo"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "unknown command 'foo'" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("argv", [["train", "--help"], ["bench", "--help"], ["train", "-h"]])
+def test_train_and_bench_help_exit_zero(argv, capsys):
+    assert cli_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "usage:" in out and ("vq" in out or "samplers" in out)
+
+
+def test_bench_sections_is_not_a_benchmark(capsys):
+    from genaccel.bench.__main__ import available
+    from genaccel.bench.__main__ import main as bench_main
+
+    assert "sections" not in available() and "samplers" in available()
+    with pytest.raises(SystemExit) as e:
+        bench_main(["sections", "--help"])
+    assert e.value.code == 2 and "unknown benchmark 'sections'" in capsys.readouterr().err
+    assert cli_main(["train", "nope"]) == 2 and "unknown training recipe 'nope'" in capsys.readouterr().err
+
+
+def test_ctrl_c_during_sampling_is_one_line_exit_130_and_writes_nothing(tiny_ckpts, tmp_path, capsys, monkeypatch):
+    from genaccel.pipeline import ImagePipeline
+
+    real = ImagePipeline.generate_batches
+
+    def interrupted(self, *a, **k):
+        for i, item in enumerate(real(self, *a, **k)):
+            if i == 1:
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(ImagePipeline, "generate_batches", interrupted)
+    out = tmp_path / "o"
+    assert cli_main(["sample", *tiny_args(tiny_ckpts), "--classes", "0", "1", "2", "--batch-size", "1",
+                     "--out", str(out)]) == 130
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "interrupted after 1 of 3 images" in err and "Traceback" not in err
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_ctrl_c_while_writing_leaves_no_half_run(tmp_path, monkeypatch):
+    import genaccel.utils.io as io
+    from genaccel.cli import write_outputs
+
+    calls = {"n": 0}
+    real = io.save_image
+
+    def flaky(img, path):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(img, path)
+
+    monkeypatch.setattr(io, "save_image", flaky)
+    images = torch.zeros(3, 8, 8, 3, dtype=torch.uint8)
+    with pytest.raises(KeyboardInterrupt):
+        write_outputs(tmp_path / "o", images, torch.tensor([0, 1, 2]), {"x": 1})
+    assert not list(tmp_path.iterdir())

@@ -126,6 +126,7 @@ def _load_generator(path, model_cls, args_from_shapes, suggest, image_size, down
     sd, meta = read_state_dict(path, prefer=prefer)
     config = config_from_metadata(meta)
     if config:
+        _check_config_kind(path, config, ModelArgs, "generator (--ckpt)", "a VQ tokenizer: pass it as --vq-ckpt")
         args = ModelArgs(**{**config, **overrides})
     else:
         if image_size % downsample:
@@ -134,6 +135,19 @@ def _load_generator(path, model_cls, args_from_shapes, suggest, image_size, down
     model = model_cls(args)
     load_strict(model, sd, str(path), suggest)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def _check_config_kind(path, config: dict, args_cls, wanted: str, other: str) -> None:
+    """A stored config with fields ``args_cls`` lacks means the file is another kind of checkpoint."""
+    fields = set(getattr(args_cls, "__dataclass_fields__", {}))
+    unknown = sorted(set(config) - fields)
+    if fields and unknown:
+        looks_gpt = {"dim", "n_layer", "n_head"} & set(unknown)
+        looks_vq = {"codebook_size", "encoder_ch_mult", "z_channels"} & set(unknown)
+        hint = other if (looks_gpt or looks_vq) else "check which file this is"
+        raise CheckpointError(
+            f"{path} is not a {wanted} checkpoint: its stored config has fields {unknown[:5]} (looks like {hint})"
+        )
 
 
 def _nar_facts(sd: dict) -> dict:
@@ -216,6 +230,7 @@ def load_vq(
     sd, meta = read_state_dict(path)
     config = config_from_metadata(meta)
     if config:
+        _check_config_kind(path, config, VQArgs, "VQ tokenizer (--vq-ckpt)", "a GPT generator: pass it as --ckpt")
         args = VQArgs(**{**config, **overrides})
     else:
         fields = infer_vq_fields(sd)

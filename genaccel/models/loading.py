@@ -49,11 +49,26 @@ def read_state_dict(path: str | os.PathLike, prefer: str | None = None) -> tuple
     except CheckpointError:
         raise
     except Exception as e:  # truncated file, not a checkpoint, pickled code objects...
-        raise CheckpointError(
-            f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-            "(is the file complete? re-download or re-export it; pickles with code need a plain state dict)"
-        ) from e
+        raise CheckpointError(_read_error(path, e)) from e
     return _clean(sd), meta
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def _read_error(path: Path, e: Exception) -> str:
+    """One line saying why ``path`` could not be read (never PyTorch's multi-paragraph weights_only text)."""
+    text = ANSI.sub("", str(e))
+    if "Weights only load failed" in text or "weights_only" in text:
+        found = UNSUPPORTED_GLOBAL.search(text)
+        what = f"a pickled Python object ({found.group(1)})" if found else "pickled Python objects"
+        return (f"cannot read checkpoint {path}: it holds {what} besides tensors, which safe loading "
+                "(weights_only=True) refuses; if you trust the file, re-save it as a plain state dict "
+                "(README: 'Checkpoints that carry args')")
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return (f"cannot read checkpoint {path}: {type(e).__name__}: {first} "
+            "(is the file complete? re-download or re-export it)")
 
 
 def _unwrap(obj, prefer: str | None, path: Path) -> dict:

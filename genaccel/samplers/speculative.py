@@ -119,18 +119,29 @@ def load_sampler_config(path: str | Path, **overrides: Any) -> Sampler:
     ``overrides`` (e.g. command-line flags that were given) win over the file; unknown or out-of-range
     options raise the sampler's one clear error.
     """
-    import yaml
-
     from genaccel.samplers import build_sampler
+
+    name, config = read_sampler_config(path)
+    if name is None:
+        raise ValueError(f"{path} must name its sampler with a 'sampler:' key (e.g. sampler: gsd)")
+    return build_sampler(name, **{**config, **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def read_sampler_config(path: str | Path) -> tuple[str | None, dict[str, Any]]:
+    """(the file's ``sampler:`` name or None, its other keys = the sampler's options) of a sampler YAML file."""
+    import yaml
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"sampler config not found: {path} (see configs/samplers/)")
-    config = yaml.safe_load(path.read_text()) or {}
-    if "sampler" not in config:
-        raise ValueError(f"{path} must name its sampler with a 'sampler:' key (e.g. sampler: gsd)")
-    name = config.pop("sampler")
-    return build_sampler(name, **{**config, **{k: v for k, v in overrides.items() if v is not None}})
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"sampler config {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"sampler config {path} must be a mapping of option: value, got {type(config).__name__}")
+    name = config.pop("sampler", None)
+    return (str(name) if name is not None else None), config
 
 
 # ----------------------------------------------------------------------------- state passed to draft sources
@@ -345,5 +356,5 @@ def load_codebook(path: str = "") -> torch.Tensor:
 
 __all__ = [
     "CodebookMixin", "DecodeState", "Draft", "DraftSource", "DrafterOptions", "JacobiOptions", "SpeculativeSampler",
-    "StepOutcome", "Verification", "load_codebook", "load_sampler_config", "one_hot_q", "sampler_cli_options", "verify_window",
+    "StepOutcome", "Verification", "load_codebook", "load_sampler_config", "read_sampler_config", "one_hot_q", "sampler_cli_options", "verify_window",
 ]
