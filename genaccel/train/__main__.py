@@ -1,4 +1,4 @@
-"""``python -m genaccel.train {vq,gpt,classifier,drafter,nar,token-shuffle} --config configs/train/<name>.yaml``."""
+"""``python -m genaccel.train {vq,gpt,classifier,drafter,nar,token-shuffle,flextok} --config configs/train/<name>.yaml``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 RECIPES = {"vq": "genaccel.train.vq", "gpt": "genaccel.train.gpt", "classifier": "genaccel.train.classifier",
            "drafter": "genaccel.train.drafter", "nar": "genaccel.train.nar",
-           "token-shuffle": "genaccel.train.token_shuffle"}
+           "token-shuffle": "genaccel.train.token_shuffle", "flextok": "genaccel.train.flextok"}
 
 
 def main(argv: list[str] | None = None) -> None:
