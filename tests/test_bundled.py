@@ -96,3 +96,26 @@ def test_bundled_token_shuffle_samples_64px_images_in_64_forwards():
     images = pipe.decode(out.tokens)
     assert images.shape == (2, 64, 64, 3) and out.stats.nfe == 64 and out.stats.step_compression == 4.0
     assert images.float().std() > 5
+
+
+def test_bundled_token_shuffle_128_samples_128px_images_in_256_forwards():
+    pipe = load_model("token-shuffle-128")
+    assert pipe.image_size == 128 and pipe.gpt.num_image_tokens == 1024 and pipe.gpt.num_positions == 256
+    assert pipe.info["vq"].endswith("llamagen_tiny_vq_128.safetensors")
+    out = build_sampler("token-shuffle", cfg_scale=4.0).generate(pipe.gpt, torch.tensor([3]),
+                                                                 torch.Generator().manual_seed(0))
+    images = pipe.decode(out.tokens)
+    assert images.shape == (1, 128, 128, 3) and out.stats.nfe == 256 and out.stats.step_compression == 4.0
+    assert images.float().std() > 5
+
+
+@torch.no_grad()
+def test_bundled_128_vq_keeps_the_codebook_and_reconstructs_128px_crops():
+    from genaccel.models import BUNDLED, load_vq
+
+    small, big = load_vq(BUNDLED["vq"]), load_vq(BUNDLED["vq_128"])
+    assert torch.equal(small.quantize.embedding.weight, big.quantize.embedding.weight)  # frozen while fine-tuning
+    x, _ = make_crops("heldout", 2, seed=99, size=128)
+    rec, _ = big(x)
+    mse = ((rec.clamp(-1, 1) - x) / 2).pow(2).flatten(1).mean(1)
+    assert float((10 * torch.log10(1 / mse)).mean()) >= 25.0
