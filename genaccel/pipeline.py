@@ -24,6 +24,7 @@ from genaccel.models import (
 from genaccel.models.contract import check_labels
 from genaccel.samplers import Sampler, SamplerStats
 
+
 class Family(NamedTuple):
     """A model family: the loader of its generator checkpoint, its bundled asset kinds and default sampler."""
 

@@ -255,13 +255,17 @@ def generate_rows_jacobi(sampler: ZipARSampler, model, labels, generator, stats:
     drafters = {0: JacobiDrafter(opts.jacobi_window, opts.jacobi_init)}
     refeed: list[int] = []
     rule, accepted_hist = ExactRule(), {}
-    row_state = lambda r: DecodeState(model, opts, batch_labels, tokens, r * n + count[r], generator, stats)  # noqa: E731
+
+    def row_state(r: int) -> DecodeState:
+        """Row r as the drafter sees it: the whole grid, decoding standing at the row's next cell."""
+        return DecodeState(model, opts, batch_labels, tokens, r * n + count[r], generator, stats)
+
     for r, drafter in drafters.items():
         drafter.start(row_state(r), None)
     while count[n - 1] < n:
         plans = [_plan_row(r, n, count, tokens, drafters[r], row_state(r), opts.jacobi_window) for r in drafters
                  if count[r] < n]
-        slots = [cell for cell in refeed] + [cell for plan in plans for cell in plan.slots]
+        slots = [*refeed, *(cell for plan in plans for cell in plan.slots)]
         fed = torch.cat([tokens[:, refeed], *[plan.fed for plan in plans]], dim=1)
         positions = T + torch.tensor(slots, device=device)
         out = stats.target_forward(model.forward_tokens, sampler.duplicate_for_cfg(fed), positions,
