@@ -175,6 +175,18 @@ def fresh_cache(model: ARModel, batch: int, max_seq_len: int) -> None:
     clear()
 
 
+def start_decoding(sampler: Sampler, model, labels, generator, stats: SamplerStats) -> tuple:
+    """Both ZipAR paths begin alike: zeroed cache, prefill, cell (0, 0) sampled. Returns (CFG batch labels,
+    tokens (B, N) with cell 0 set, mask width)."""
+    T, N = model.cls_token_num, model.num_image_tokens
+    batch_labels = sampler.batch_labels(model, labels)
+    fresh_cache(model, batch_labels.shape[0], T + N)
+    tokens = torch.zeros(labels.shape[0], N, dtype=torch.long, device=labels.device)
+    out = stats.target_forward(model.prefill, batch_labels)
+    tokens[:, 0] = draw(target_probs(out.logits[:, -1:], sampler.options, 0), generator)[:, 0]
+    return batch_labels, tokens, int(getattr(model, "max_seq_len", T + N))
+
+
 class ZipARSampler(Sampler):
     """Fixed-window ZipAR; every option of ``ar`` applies per sampled position."""
 
@@ -186,16 +198,9 @@ class ZipARSampler(Sampler):
         self.options.check_grid(n)
         if self.options.jacobi_window > 1:
             return generate_rows_jacobi(self, model, labels, generator, stats, n)
-        B, T, N, device = labels.shape[0], model.cls_token_num, model.num_image_tokens, labels.device
-        batch_labels = self.batch_labels(model, labels)
-        fresh_cache(model, batch_labels.shape[0], T + N)
-        width = int(getattr(model, "max_seq_len", T + N))
-        tokens = torch.empty(B, N, dtype=torch.long, device=device)
-        schedule = zipar_schedule(n, self.options.window)
-        out = stats.target_forward(model.prefill, batch_labels)
-        tokens[:, 0] = draw(target_probs(out.logits[:, -1:], self.options, 0), generator)[:, 0]
-        for step in schedule[1:]:
-            self._run_step(model, step, tokens, T, width, generator, stats)
+        _, tokens, width = start_decoding(self, model, labels, generator, stats)
+        for step in zipar_schedule(n, self.options.window)[1:]:
+            self._run_step(model, step, tokens, model.cls_token_num, width, generator, stats)
         stats.extra["window"] = self.options.window
         return tokens
 
@@ -243,16 +248,10 @@ def generate_rows_jacobi(sampler: ZipARSampler, model, labels, generator, stats:
     """
     from genaccel.samplers.drafting import JacobiDrafter
 
-    opts = sampler.options
-    B, T, N, device = labels.shape[0], model.cls_token_num, model.num_image_tokens, labels.device
-    batch_labels = sampler.batch_labels(model, labels)
-    fresh_cache(model, batch_labels.shape[0], T + N)
-    width = int(getattr(model, "max_seq_len", T + N))
-    tokens = torch.zeros(B, N, dtype=torch.long, device=device)
-    out = stats.target_forward(model.prefill, batch_labels)
-    tokens[:, 0] = draw(target_probs(out.logits[:, -1:], opts, 0), generator)[:, 0]
+    opts, T, device = sampler.options, model.cls_token_num, labels.device
+    batch_labels, tokens, width = start_decoding(sampler, model, labels, generator, stats)
     count = [1] + [0] * (n - 1)
-    drafters = {0: JacobiDrafter(opts.jacobi_window, opts.jacobi_init)}
+    drafters: dict[int, JacobiDrafter] = {}
     refeed: list[int] = []
     rule, accepted_hist = ExactRule(), {}
 
@@ -260,8 +259,11 @@ def generate_rows_jacobi(sampler: ZipARSampler, model, labels, generator, stats:
         """Row r as the drafter sees it: the whole grid, decoding standing at the row's next cell."""
         return DecodeState(model, opts, batch_labels, tokens, r * n + count[r], generator, stats)
 
-    for r, drafter in drafters.items():
-        drafter.start(row_state(r), None)
+    def start_row(r: int) -> None:
+        drafters[r] = JacobiDrafter(opts.jacobi_window, opts.jacobi_init)
+        drafters[r].start(row_state(r), None)
+
+    start_row(0)
     while count[n - 1] < n:
         plans = [_plan_row(r, n, count, tokens, drafters[r], row_state(r), opts.jacobi_window) for r in drafters
                  if count[r] < n]
@@ -287,8 +289,7 @@ def generate_rows_jacobi(sampler: ZipARSampler, model, labels, generator, stats:
         refeed = [r * n + n - 1 for r in (plan.row for plan in plans) if count[r] == n and r + 1 < n and count[r + 1] > 0]
         for r in list(drafters):
             if count[r] >= opts.window and r + 1 < n and r + 1 not in drafters:
-                drafters[r + 1] = JacobiDrafter(opts.jacobi_window, opts.jacobi_init)
-                drafters[r + 1].start(row_state(r + 1), None)
+                start_row(r + 1)
     rows = sum(accepted_hist.values())
     stats.extra.update(window=opts.window, jacobi_window=opts.jacobi_window, row_verifications=rows,
                        mean_accepted_length=sum(a * c for a, c in accepted_hist.items()) / max(1, rows),
