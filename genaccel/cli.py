@@ -16,6 +16,8 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ import torch
 from genaccel.pipeline import MODELS as MODEL_FAMILIES
 from genaccel.pipeline import default_sampler
 from genaccel.samplers import SAMPLERS, available_samplers, sampler_class
-from genaccel.utils.dtypes import DTYPES
+from genaccel.utils.dtypes import DTYPE_NAMES, DTYPES, dtype_arg
 
 
 class UsageError(Exception):
@@ -33,6 +35,10 @@ class UsageError(Exception):
 
 class Interrupted(Exception):
     """Ctrl-C during a command: printed as one line, exit status 130."""
+
+
+# Exit statuses of every command (sample, eval, report, train, bench), as argparse uses 2 for bad usage.
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 # Options common to all samplers: the command line's defaults (LlamaGen's sample_c2i.py values).
@@ -67,7 +73,6 @@ def sampler_flag_specs() -> list[tuple[str, dict]]:
 
 
 def build_sample_parser(prog: str = "genaccel sample") -> argparse.ArgumentParser:
-    d = SAMPLING_DEFAULTS
     p = argparse.ArgumentParser(prog=prog, description="Sample class-conditional images with a chosen sampler.",
                                 epilog=OUT_NOTE)
     p.add_argument("--model", default="llamagen", help=f"model family: {', '.join(MODEL_FAMILIES)} (default: llamagen)")
@@ -83,6 +88,31 @@ def build_sample_parser(prog: str = "genaccel sample") -> argparse.ArgumentParse
     p.add_argument("--image-size", type=int, default=None, help="image size for --ckpt (256 -> 16x16 tokens)")
     p.add_argument("--classes", type=int, nargs="+", default=None, help="class ids (cycled to --num-images)")
     p.add_argument("--num-images", type=int, default=None, help="number of images (default: one per class given)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same images (default: 0)")
+    p.add_argument("--batch-size", type=int, default=8, help="images sampled together per batch (default: 8)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
+    add_dtype_flag(p)
+    p.add_argument("--out", default="outputs/samples",
+                   help="output folder for the numbered PNGs, grid.png and stats.json (default: outputs/samples)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous run in --out (its numbered PNGs, grid.png, stats.json)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_sampler_flags(p)
+    return p
+
+
+def add_dtype_flag(p: argparse.ArgumentParser | argparse._ArgumentGroup, default: str = "fp32",
+                   choices: tuple[str, ...] = DTYPE_NAMES, help: str = "model dtype") -> None:
+    """``--dtype`` as every command takes it: fp32/bf16/fp16 or float32/bfloat16/float16, stored canonical (short)."""
+    p.add_argument("--dtype", default=default, type=dtype_arg, choices=choices,
+                   help=f"{help}: {', '.join(choices)} (float32, bfloat16, float16 also accepted) (default: {default})")
+
+
+def add_sampler_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The sampler option flags shared by ``sample``, ``eval sample|throughput`` and the sampler benchmarks:
+    the options every sampler has, then each sampler's own (``sampler_cli_options()``); all default to None so
+    that only what the user typed overrides the config file or the sampler's defaults."""
+    d = SAMPLING_DEFAULTS
     p.add_argument("--cfg-scale", type=float, default=None,
                    help=f"classifier-free guidance scale; 1.0 = no guidance (default: {d['cfg_scale']})")
     p.add_argument("--cfg-interval", type=int, default=None,
@@ -94,18 +124,8 @@ def build_sample_parser(prog: str = "genaccel sample") -> argparse.ArgumentParse
                         f"1.0 = off (default: {d['top_p']})")
     p.add_argument("--temperature", type=float, default=None,
                    help=f"softmax temperature; 0 = greedy (argmax) (default: {d['temperature']})")
-    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same images (default: 0)")
-    p.add_argument("--batch-size", type=int, default=8, help="images sampled together per batch (default: 8)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="model dtype (default: fp32)")
-    p.add_argument("--out", default="outputs/samples",
-                   help="output folder for the numbered PNGs, grid.png and stats.json (default: outputs/samples)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a previous run in --out (its numbered PNGs, grid.png, stats.json)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     for flag, kwargs in sampler_flag_specs():
         p.add_argument(flag, **kwargs)
-    return p
 
 
 def resolve_sampler(args: argparse.Namespace) -> dict[str, Any]:
@@ -126,21 +146,31 @@ def resolve_sampler(args: argparse.Namespace) -> dict[str, Any]:
 def sampler_options(args: argparse.Namespace, specs: list[tuple[str, dict]],
                     file_opts: dict[str, Any] | None = None) -> dict[str, Any]:
     """Options in increasing precedence: the command line's defaults, the --sampler-config file, the flags given."""
-    opts: dict[str, Any] = dict(SAMPLING_DEFAULTS)
-    opts.update(file_opts or {})
-    for dest in SAMPLING_DEFAULTS:
-        if getattr(args, dest) is not None:
-            opts[dest] = getattr(args, dest)
+    return {**SAMPLING_DEFAULTS, **given_sampler_options(args, specs, file_opts)}
+
+
+def given_sampler_options(args: argparse.Namespace, specs: list[tuple[str, dict]],
+                          file_opts: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The options a command line sets (the --sampler-config file's, then the flags typed, which win); a
+    sampler-specific flag that ``args.sampler`` does not have is a UsageError."""
+    opts: dict[str, Any] = dict(file_opts or {})
     known = set(sampler_class(args.sampler).Options.__dataclass_fields__)
-    for flag, kwargs in specs:
-        dest = kwargs.get("dest") or flag.lstrip("-").replace("-", "_")
-        value = getattr(args, dest, None)
-        if value is None:
-            continue
+    for flag, dest, value in typed_sampler_flags(args, specs):
         if dest not in known:
             raise UsageError(f"option {flag} does not apply to sampler {args.sampler!r} (its options: {sorted(known)})")
         opts[dest] = value
     return opts
+
+
+def typed_sampler_flags(args: argparse.Namespace, specs: list[tuple[str, dict]]) -> list[tuple[str, str, Any]]:
+    """(flag, option name, value) of each sampler option flag of :func:`add_sampler_flags` that was given."""
+    shared = [("--" + dest.replace("_", "-"), {"dest": dest}) for dest in SAMPLING_DEFAULTS]
+    typed = []
+    for flag, kwargs in shared + specs:
+        dest = kwargs.get("dest") or flag.lstrip("-").replace("-", "_")
+        if getattr(args, dest, None) is not None:
+            typed.append((flag, dest, getattr(args, dest)))
+    return typed
 
 
 def check_device(name: str) -> None:
@@ -335,35 +365,41 @@ def top_help() -> str:
     return "\n".join(lines)
 
 
-def _train_usage(argv: list[str]) -> int | None:
-    """``genaccel train`` without a recipe, with --help, or with an unknown recipe (the recipes' own parsers
-    take over once one is named)."""
-    from genaccel.train.__main__ import RECIPES
-
-    usage = (f"usage: genaccel train {{{','.join(RECIPES)}}} --config FILE [--set key=value]\n"
-             "(genaccel train <recipe> --help for a recipe's options; recipes: docs/models.md)")
-    if argv and argv[0] in ("-h", "--help"):
-        print(usage)
-        return 0
-    if not argv:
-        print(usage, file=sys.stderr)
-        return 2
-    if argv[0] not in RECIPES:
-        print(f"error: unknown training recipe {argv[0]!r}; available: {', '.join(RECIPES)}", file=sys.stderr)
-        return 2
-    return None
+# Exceptions that mean bad input, exit 2: besides UsageError, values the code rejects and the OSErrors of a
+# path the user gave (other OSErrors, e.g. disk full or an I/O error, are failures while running, exit 1).
+USAGE_ERRORS = (UsageError, ValueError, TypeError, FileNotFoundError, FileExistsError, IsADirectoryError,
+                NotADirectoryError, PermissionError)
 
 
-def _run(fn, argv: list[str]) -> int:
+def run_command(fn: Callable[[list[str]], Any], argv: list[str] | None = None) -> int:
+    """Run a command's ``main(argv)`` and return its exit status, the one convention of every entry point:
+
+    0 done; 2 bad input or usage (UsageError, ValueError, TypeError, a missing or unwritable path, argparse's
+    own errors, and ``SystemExit("message")``, how the recipes and benchmarks reject a config while staying
+    callable from Python); 1 a failure while running (other OSErrors in one line, anything else with its
+    traceback); 130 Ctrl-C. Errors print as one ``error: ...`` line on stderr.
+    """
+    argv = sys.argv[1:] if argv is None else argv
     try:
         fn(argv)
-    except (UsageError, OSError, ValueError, TypeError) as e:
+    except USAGE_ERRORS as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except OSError as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_FAILURE
     except (Interrupted, KeyboardInterrupt) as e:
         print(f"{e}" if isinstance(e, Interrupted) else "interrupted", file=sys.stderr)
-        return 130
-    return 0
+        return EXIT_INTERRUPTED
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            return e.code or EXIT_OK  # argparse: 0 after --help, 2 after its usage message
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception:  # noqa: BLE001 - a bug or a runtime failure: keep the traceback, exit 1
+        traceback.print_exc()
+        return EXIT_FAILURE
+    return EXIT_OK
 
 
 def _one_line(e: BaseException) -> str:
@@ -378,24 +414,20 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("-h", "--help"):
         print(top_help())
-        return 0
+        return EXIT_OK
     if not argv:
         print(top_help(), file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     if argv[0] not in COMMANDS:
         print(f"error: unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)} (genaccel --help)",
               file=sys.stderr)
-        return 2
-    if argv[0] == "train":
-        code = _train_usage(argv[1:])
-        if code is not None:
-            return code
-    return _run(COMMANDS[argv[0]], argv[1:])
+        return EXIT_USAGE
+    return run_command(COMMANDS[argv[0]], argv[1:])
 
 
 def sample_script_main() -> int:
     """Entry of ``python sample.py``: the ``sample`` command with LlamaGen-style flags."""
-    return _run(lambda argv: run_sample(argv, prog="sample.py"), sys.argv[1:])
+    return run_command(lambda argv: run_sample(argv, prog="sample.py"))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from genaccel.models import (
 )
 from genaccel.models.contract import check_labels
 from genaccel.samplers import Sampler, SamplerStats
+from genaccel.utils.io import stored_path
 
 
 class Family(NamedTuple):
@@ -113,8 +114,8 @@ def load_model(
         raise ValueError(f"image_size {image_size} does not match the GPT grid ({gpt.grid_size}x{gpt.grid_size} -> {expected})")
     if gpt.vocab_size != vq.args.codebook_size:
         raise ValueError(f"GPT vocab_size {gpt.vocab_size} != VQ codebook_size {vq.args.codebook_size}: mismatched pair")
-    bundled = ckpt is None
-    return ImagePipeline(gpt=gpt, vq=vq, name=name, info={"gpt": str(gpt_path), "vq": str(vq_path), "bundled": bundled})
+    info = {"gpt": stored_path(gpt_path), "vq": stored_path(vq_path), "bundled": ckpt is None}
+    return ImagePipeline(gpt=gpt, vq=vq, name=name, info=info)
 
 
 def labels_for(num_classes: int, classes: list[int] | None, num_images: int) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """CLI: a smoke run on a tiny random model through ``sample.py``, and one-line errors for bad input."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -318,3 +319,198 @@ def test_ctrl_c_while_writing_leaves_no_half_run(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         write_outputs(tmp_path / "o", images, torch.tensor([0, 1, 2]), {"x": 1})
     assert not list(tmp_path.iterdir())
+
+
+# ----------------------------------------------------------------------------- issue #17 item 7: one set of conventions
+def test_dtype_takes_both_spellings_everywhere_and_keeps_the_short_one():
+    from genaccel.bench.samplers import parse_args as bench_samplers_args
+    from genaccel.cli import build_sample_parser
+    from genaccel.eval.__main__ import build_parser as build_eval_parser
+    from genaccel.eval.throughput import environment
+
+    assert build_sample_parser().parse_args(["--dtype", "bfloat16"]).dtype == "bf16"
+    assert build_sample_parser().parse_args(["--dtype", "fp16"]).dtype == "fp16"
+    eval_sample = ["sample", "--out", "o", "--num-images", "1"]
+    assert build_eval_parser().parse_args([*eval_sample, "--dtype", "bf16"]).dtype == "bf16"
+    assert build_eval_parser().parse_args([*eval_sample, "--dtype", "float32"]).dtype == "fp32"
+    assert build_eval_parser().parse_args(["throughput", "--out", "o.json"]).dtype == "fp32"  # the default
+    assert bench_samplers_args(["--dtype", "bfloat16"]).dtype == "bf16"
+    with pytest.raises(SystemExit) as e:
+        bench_samplers_args(["--dtype", "fp16"])  # this benchmark runs fp32 and bf16 only
+    assert e.value.code == 2
+    assert environment("cpu", torch.bfloat16)["dtype"] == "bf16"
+
+
+def test_dtype_help_lists_the_short_names_and_the_accepted_aliases(capsys):
+    from genaccel.bench.forward import main as bench_forward_main
+    from genaccel.cli import build_sample_parser
+
+    for show_help in (lambda: build_sample_parser().parse_args(["--help"]), lambda: bench_forward_main(["--help"])):
+        with pytest.raises(SystemExit) as e:
+            show_help()
+        assert e.value.code == 0
+        text = " ".join(capsys.readouterr().out.split())
+        assert "{fp32,bf16,fp16}" in text and "(float32, bfloat16, float16 also accepted)" in text
+
+
+def eval_args(*argv: str):
+    from genaccel.eval.__main__ import build_parser
+
+    return build_parser().parse_args(["sample", "--out", "o", "--num-images", "1", *argv])
+
+
+def test_eval_takes_sample_py_sampler_flags_and_keeps_opt_as_alias(tmp_path):
+    from genaccel.cli import UsageError
+    from genaccel.eval.__main__ import sampler_options_given
+
+    a = eval_args("--sampler", "sjd", "--cfg-scale", "2.0", "--top-k", "5", "--temperature", "0", "--window", "4")
+    assert sampler_options_given(a) == {"cfg_scale": 2.0, "top_k": 5, "temperature": 0.0, "window": 4}
+    a = eval_args("--opt", "cfg_scale=2.0", "--top-p", "0.9")
+    assert a.sampler is None and sampler_options_given(a) == {"cfg_scale": 2.0, "top_p": 0.9}
+    assert a.sampler == "ar"  # the model's baseline, as in sample.py
+    cfg = tmp_path / "gsd.yaml"
+    cfg.write_text("sampler: gsd\ncfg_scale: 3.0\ngroup_size: 50\n")
+    a = eval_args("--sampler-config", str(cfg), "--cfg-scale", "1.5")
+    assert sampler_options_given(a) == {"cfg_scale": 1.5, "group_size": 50} and a.sampler == "gsd"
+    with pytest.raises(UsageError, match=r"option --window does not apply to sampler 'ar'"):
+        sampler_options_given(eval_args("--window", "4"))
+    with pytest.raises(UsageError, match=r"\['cfg_scale'\] given twice"):
+        sampler_options_given(eval_args("--cfg-scale", "2.0", "--opt", "cfg_scale=3.0"))
+
+
+def test_eval_sample_end_to_end_records_flags_canonical_dtype_and_absolute_paths(tiny_ckpts, tmp_path, monkeypatch):
+    from genaccel.eval.__main__ import main as eval_main
+
+    monkeypatch.chdir(tiny_ckpts)
+    out = tmp_path / "job"
+    argv = ["sample", "--out", str(out), "--num-images", "2", "--batch-size", "2", "--metrics", "none",
+            "--no-progress", "--threads", "1", "--ckpt", "gpt.safetensors", "--vq-ckpt", "vq.pt",
+            "--dtype", "float32", "--sampler", "sjd", "--window", "4", "--cfg-scale", "2.0", "--top-k", "5"]
+    run = eval_main(argv)
+    assert run["sampler"]["options"]["window"] == 4 and run["sampler"]["options"]["cfg_scale"] == 2.0
+    assert run["sampler"]["options"]["top_k"] == 5
+    assert run["model"]["gpt"] == str(tiny_ckpts / "gpt.safetensors") and run["samples"] == str(out / "samples.npz")
+    assert run["job"]["model"]["vq_ckpt"] == str(tiny_ckpts / "vq.pt") and run["job"]["model"]["dtype"] == "fp32"
+    assert run["environment"]["dtype"] == "fp32"
+    # the same job typed another way resumes: the other dtype spelling, the checkpoint by its absolute path,
+    # and a job.json written before this convention (path as typed, dtype 'float32')
+    job_file = out / "job.json"
+    old = json.loads(job_file.read_text())
+    old["model"].update(ckpt="gpt.safetensors", vq_ckpt="vq.pt", dtype="float32")
+    job_file.write_text(json.dumps(old))
+    again = [*argv[:argv.index("--ckpt")], "--ckpt", str(tiny_ckpts / "gpt.safetensors"), "--vq-ckpt", "vq.pt",
+             "--dtype", "fp32", *argv[argv.index("--sampler"):]]
+    assert eval_main(again)["speed"]["resumed_shards"] == 1
+
+
+def test_bench_samplers_takes_the_shared_flags_and_keeps_set_per_run():
+    from genaccel.bench.samplers import parse_args, sampler_options
+    from genaccel.cli import sampler_flag_specs, typed_sampler_flags
+
+    a = parse_args(["--samplers", "ar,sjd,zipar", "--temperature", "0", "--window", "4", "--cfg-scale", "2",
+                    "--set", "sjd.window=8"])
+    runs = {"ar": "ar", "sjd": "sjd", "zipar": "zipar"}
+    opts = sampler_options(a.set, runs, typed_sampler_flags(a, sampler_flag_specs()))
+    assert opts["ar"] == {"cfg_scale": 2.0, "temperature": 0.0}  # ar has no window: not given one
+    assert opts["zipar"] == {"cfg_scale": 2.0, "temperature": 0.0, "window": 4}
+    assert opts["sjd"]["window"] == 8  # --set wins for its run
+    a = parse_args(["--samplers", "ar,sjd", "--draft-len", "2"])
+    with pytest.raises(SystemExit, match="option --draft-len applies to none of the runs"):
+        sampler_options(a.set, {"ar": "ar", "sjd": "sjd"}, typed_sampler_flags(a, sampler_flag_specs()))
+
+
+def test_bench_eval_passes_the_shared_flags_on_and_checks_them_first():
+    from genaccel.bench.eval import eval_command, parse_args
+    from genaccel.cli import UsageError
+
+    a = parse_args(["--sampler", "sjd", "--cfg-scale", "2.0", "--window", "4", "--opt", "top_k=5"])
+    cmd = eval_command(1, 1, Path("o"), a)
+    assert cmd[cmd.index("--cfg-scale") + 1] == "2.0" and cmd[cmd.index("--window") + 1] == "4"
+    assert cmd[cmd.index("--opt") + 1] == "top_k=5"
+    with pytest.raises(UsageError, match="--window does not apply to sampler 'ar'"):
+        parse_args(["--window", "4"])
+
+
+def test_bench_quality_takes_cfg_scale_and_keeps_cfg(capsys):
+    from genaccel.bench.quality import main as quality_main
+
+    with pytest.raises(SystemExit):
+        quality_main(["--help"])
+    assert "--cfg-scale CFG [CFG ...], --cfg CFG [CFG ...]" in capsys.readouterr().out
+
+
+def test_sample_records_absolute_checkpoint_paths_like_the_bundled_ones(tiny_ckpts, tmp_path, monkeypatch):
+    monkeypatch.chdir(tiny_ckpts)
+    out = tmp_path / "o"
+    assert cli_main(["sample", "--ckpt", "gpt.safetensors", "--vq-ckpt", "./vq.pt", "--classes", "0", "--no-progress",
+                     "--dtype", "float32", "--out", str(out)]) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["checkpoints"]["gpt"] == str(tiny_ckpts / "gpt.safetensors")
+    assert stats["checkpoints"]["vq"] == str(tiny_ckpts / "vq.pt") and stats["dtype"] == "fp32"
+    from genaccel.pipeline import load_model
+
+    assert Path(load_model("llamagen").info["gpt"]).is_absolute()  # bundled: absolute too
+
+
+def test_report_records_absolute_paths(tmp_path, monkeypatch):
+    from genaccel.eval.report import RUN_SCHEMA, build_report
+
+    monkeypatch.chdir(tmp_path)
+    Path("a.json").write_text(json.dumps({"schema": RUN_SCHEMA, "name": "ar", "sampler": {"name": "ar"},
+                                          "speed": {"images_per_s": 2.0}, "metrics": {"fd_domain": 1.0}}))
+    report = build_report(["*.json"], Path("rep/r"))
+    assert report["runs"] == [str(tmp_path / "a.json")] and report["plot"] == str(tmp_path / "rep/r.png")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "metrics", "missing.npz"], "image set not found: missing.npz"),
+    (["report", "missing.json", "--out", "r"], "run file(s) not found: missing.json"),
+    (["train", "gpt", "--config", "missing.yaml"], "config file not found: missing.yaml"),
+    (["train", "gpt", "--set", "lr_typo=1"], "unknown field 'lr_typo'"),
+    (["bench", "samplers", "--threads", "1", "--samplers", "x=nope"], "unknown sampler 'nope'"),
+    (["eval", "sample", "--out", "o", "--num-images", "1", "--window", "4"], "--window does not apply to sampler 'ar'"),
+])
+def test_bad_input_exits_2_with_one_line_in_every_command(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    try:
+        assert cli_main(argv) == 2
+    finally:
+        torch.set_num_threads(threads)
+    one_error_line(capsys, message)
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_run_command_exit_statuses():
+    import errno
+
+    from genaccel.cli import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, run_command
+
+    def raising(exc):
+        def fn(argv):
+            raise exc
+
+        return fn
+
+    assert (EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED) == (0, 1, 2, 130)
+    assert run_command(lambda argv: None, []) == 0
+    assert run_command(raising(SystemExit(0)), []) == 0  # --help
+    assert run_command(raising(SystemExit(2)), []) == 2  # argparse's usage error
+    assert run_command(raising(SystemExit("unknown field 'x'")), []) == 2
+    assert run_command(raising(FileNotFoundError("no such file")), []) == 2
+    assert run_command(raising(OSError(errno.ENOSPC, "No space left on device")), []) == 1
+    assert run_command(raising(RuntimeError("CUDA out of memory")), []) == 1
+    assert run_command(raising(KeyboardInterrupt()), []) == 130
+
+
+@pytest.mark.parametrize("argv", [
+    ["-m", "genaccel.eval", "metrics", "missing.npz"],
+    ["-m", "genaccel.train", "gpt", "--config", "missing.yaml"],
+    ["-m", "genaccel.train"],
+    ["-m", "genaccel.eval.report", "missing.json"],
+])
+def test_module_entry_points_exit_2_on_bad_input(argv, tmp_path):
+    r = subprocess.run([sys.executable, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.startswith(("error: ", "usage: ")), r.stderr

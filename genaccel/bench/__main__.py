@@ -37,4 +37,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from genaccel.cli import run_command
+
+    sys.exit(run_command(main))

@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from genaccel.cli import add_sampler_flags, given_sampler_options, sampler_flag_specs, typed_sampler_flags
 from genaccel.eval.throughput import environment
 from genaccel.utils.io import save_json
 
@@ -35,6 +36,8 @@ def eval_command(procs: int, threads: int, out: Path, a: argparse.Namespace) -> 
             cmd += [flag, str(value)]
     for opt in a.opt:
         cmd += ["--opt", opt]
+    for flag, _, value in typed_sampler_flags(a, sampler_flag_specs()):
+        cmd += [flag, str(value)]
     return cmd
 
 
@@ -62,20 +65,30 @@ def run_config(procs: int, threads: int, a: argparse.Namespace, workdir: Path) -
             "command": shlex.join(["torchrun", *cmd[3:]])}
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The benchmark's options; a sampler flag that ``--sampler`` does not have fails here, not in every layout."""
     p = argparse.ArgumentParser(prog="python -m genaccel.bench eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--layouts", type=parse_layout, nargs="+", default=[(1, 2), (2, 1), (1, 1)],
                    help="process x thread layouts to compare (first one is the baseline)")
     p.add_argument("--num-images", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--sampler", default="ar")
-    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--sampler", default="ar", help="sampler of every layout (default: ar)")
+    p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="sampler option by field name, passed on to genaccel eval (same as the option's own flag)")
     p.add_argument("--metrics", default="fd_domain,class_accuracy")
     p.add_argument("--ckpt", default=None)
     p.add_argument("--vq-ckpt", default=None)
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--out", default="runs/bench_eval.json")
-    a = p.parse_args(sys.argv[1:] if argv is None else argv)
+    add_sampler_flags(p.add_argument_group("sampler options", "as genaccel eval sample's, passed on to it"))
+    a = p.parse_args(argv)
+    given_sampler_options(a, sampler_flag_specs())
+    return a
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    a = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench_eval_") as tmp:
         results = [run_config(n, t, a, Path(tmp)) for n, t in a.layouts]
     base = results[0]
@@ -83,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
         r["end_to_end_speedup_vs_first"] = base["end_to_end_wall_s"] / r["end_to_end_wall_s"]
         if base["sampling_images_per_s"] and r["sampling_images_per_s"]:
             r["sampling_speedup_vs_first"] = r["sampling_images_per_s"] / base["sampling_images_per_s"]
-    record = {"benchmark": "eval", "command": "python -m genaccel.bench eval " + shlex.join(sys.argv[1:] if argv is None else argv),
+    record = {"benchmark": "eval", "command": "python -m genaccel.bench eval " + shlex.join(argv),
               "num_images": a.num_images, "batch_size": a.batch_size, "sampler": a.sampler, "results": results,
               "environment": environment("cpu")}
     save_json(record, a.out)

@@ -13,7 +13,7 @@ import time
 import torch
 
 from genaccel.bench.sections import write_section
-from genaccel.cli import DTYPES, environment
+from genaccel.cli import DTYPES, add_dtype_flag, environment
 from genaccel.models.llamagen import build_gpt
 
 
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    add_dtype_flag(p)
     p.add_argument("--write", action="store_true", help="record the result in docs/benchmarks.md")
     a = p.parse_args(argv)
     r = run(a.gpt_model, a.batch, a.context, a.tokens, a.repeats, a.warmup, a.threads, a.dtype)

@@ -93,7 +93,8 @@ def markdown(r: dict, cmd: str) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m genaccel.bench quality")
-    p.add_argument("--cfg", type=float, nargs="+", default=[1.0, 4.0])
+    p.add_argument("--cfg-scale", "--cfg", dest="cfg", type=float, nargs="+", default=[1.0, 4.0],
+                   help="classifier-free guidance scales to compare, as sample's --cfg-scale (default: 1.0 4.0)")
     p.add_argument("--num-samples", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)

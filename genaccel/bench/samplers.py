@@ -33,8 +33,9 @@ import torch
 import yaml
 
 from genaccel.bench.sections import write_section
+from genaccel.cli import SAMPLING_DEFAULTS, add_dtype_flag, add_sampler_flags, sampler_flag_specs, typed_sampler_flags
 from genaccel.pipeline import FAMILIES, labels_for, load_model
-from genaccel.samplers import available_samplers, build_sampler
+from genaccel.samplers import available_samplers, build_sampler, sampler_class
 from genaccel.utils.dtypes import DTYPES
 
 
@@ -47,32 +48,42 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-images", type=int, default=64, help="images per sampler for throughput and quality")
     p.add_argument("--batch-size", type=int, default=8, help="batch size of the throughput run")
     p.add_argument("--latency-images", type=int, default=8, help="batch-1 runs for the latency median")
-    p.add_argument("--cfg-scale", type=float, default=4.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--set", action="append", default=[], metavar="SAMPLER.OPTION=VALUE",
-                   help="sampler option, e.g. gsd.group_size=25 (value parsed as YAML)")
+    p.add_argument("--set", action="append", default=[], metavar="LABEL.OPTION=VALUE",
+                   help="option of one run, e.g. gsd.group_size=25 (value parsed as YAML); wins over the flags below")
     p.add_argument("--ckpt", default=None, help="GPT checkpoint of the llamagen samplers (default: bundled)")
     p.add_argument("--nar-ckpt", default=None, help="NAR checkpoint of the nar sampler (default: bundled)")
     p.add_argument("--section", default=None, help="docs section to write (default samplers[-bf16])")
     p.add_argument("--vq-ckpt", default=None, help="VQ checkpoint (default: bundled)")
     p.add_argument("--classifier", default=None, help="crop classifier for FD-domain/accuracy (default: bundled)")
     p.add_argument("--reference-per-class", type=int, default=64, help="held-out crops per class for FD-domain")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="GPT compute dtype (the drafter head stays float32)")
+    add_dtype_flag(p, choices=("fp32", "bf16"), help="GPT compute dtype (the drafter head stays fp32)")
+    g = p.add_argument_group("sampler options", "as sample's flags: the shared ones apply to every run, a sampler's "
+                             "own to the runs whose sampler has that option")
+    add_sampler_flags(g)
     p.add_argument("--doc", default="docs/benchmarks.md", help="markdown file to update ('' = none)")
     p.add_argument("--png", default=None, help="default docs/samplers_speed_quality[_bf16].png ('' = none)")
     p.add_argument("--json", default=None, help="default runs/bench_samplers[_bf16].json ('' = none)")
     return p.parse_args(argv)
 
 
-def sampler_options(sets: list[str], names: list[str], cfg_scale: float) -> dict[str, dict[str, Any]]:
-    """Per-sampler options: cfg_scale for all, then ``--set name.option=value`` overrides."""
-    options: dict[str, dict[str, Any]] = {n: {"cfg_scale": cfg_scale} for n in names}
+def sampler_options(sets: list[str], runs: dict[str, str], typed: list[tuple[str, str, Any]] = ()
+                    ) -> dict[str, dict[str, Any]]:
+    """Options per run label (``runs``: label -> sampler): cfg_scale 4.0, then the sampler flags typed
+    (``(flag, option, value)``; a flag that no run's sampler has is an error), then ``--set label.option=value``."""
+    options: dict[str, dict[str, Any]] = {label: {"cfg_scale": SAMPLING_DEFAULTS["cfg_scale"]} for label in runs}
+    for flag, dest, value in typed:
+        takers = [label for label, name in runs.items() if dest in sampler_class(name).Options.__dataclass_fields__]
+        if not takers:
+            raise SystemExit(f"option {flag} applies to none of the runs {list(runs)}")
+        for label in takers:
+            options[label][dest] = value
     for item in sets:
         key, _, value = item.partition("=")
         name, _, field = key.partition(".")
         if name not in options or not field:
-            raise SystemExit(f"--set {item!r}: expected SAMPLER.OPTION=VALUE with SAMPLER in {names}")
+            raise SystemExit(f"--set {item!r}: expected LABEL.OPTION=VALUE with LABEL in {list(runs)}")
         options[name][field] = yaml.safe_load(value)
     return options
 
@@ -334,7 +345,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(a.threads)
     runs = parse_runs(a.samplers)
     names = list(runs)
-    options = sampler_options(a.set, names, a.cfg_scale)
+    options = sampler_options(a.set, {n: runs[n][0] for n in names}, typed_sampler_flags(a, sampler_flag_specs()))
     samplers = {n: build_sampler(runs[n][0], **options[n]) for n in names}
 
     from genaccel.eval.fd import reference_domain_stats

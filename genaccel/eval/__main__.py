@@ -24,7 +24,17 @@ from typing import Any
 import torch
 import yaml
 
+from genaccel.cli import (
+    UsageError,
+    add_dtype_flag,
+    add_sampler_flags,
+    given_sampler_options,
+    resolve_sampler,
+    run_command,
+    sampler_flag_specs,
+)
 from genaccel.utils.dtypes import DTYPES
+from genaccel.utils.io import stored_path
 
 RUN_SCHEMA = "genaccel.run/1"
 
@@ -37,11 +47,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gpt-model", default=None, help="GPT preset name for checkpoints without a stored config")
     g.add_argument("--image-size", type=int, default=None, help="image size the GPT was trained at")
     g.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_dtype_flag(g)
     g.add_argument("--threads", type=int, default=None, help="torch threads per process (default: torch's choice)")
-    g.add_argument("--sampler", default="ar", help="sampler name (see genaccel.samplers.available_samplers())")
+    g.add_argument("--sampler", default=None,
+                   help="sampler name (see genaccel.samplers.available_samplers()) (default: the --sampler-config "
+                        "file's sampler, else the model's baseline, ar or nar)")
+    g.add_argument("--sampler-config", default=None,
+                   help="YAML file of sampler options (configs/samplers/*.yaml); flags you type win over it")
     g.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
-                   help="sampler option, value parsed as YAML (repeatable), e.g. --opt cfg_scale=4.0")
+                   help="sampler option by its field name, value parsed as YAML (repeatable), e.g. --opt "
+                        "window=8; the same as the option's own flag (--window 8)")
+    add_sampler_flags(g)
 
 
 def _add_metric_args(p: argparse.ArgumentParser, default: str = "auto") -> None:
@@ -110,6 +126,19 @@ def parse_options(items: list[str]) -> dict[str, Any]:
     return opts
 
 
+def sampler_options_given(a: argparse.Namespace) -> dict[str, Any]:
+    """Set ``a.sampler`` and return the options the command line sets (the --sampler-config file's, then the
+    flags and ``--opt KEY=VALUE`` items typed, which win); unset options keep the sampler's defaults.
+    The same option given as a flag and as ``--opt`` with two values is an error."""
+    file_opts = resolve_sampler(a)
+    typed = given_sampler_options(a, sampler_flag_specs())
+    items = parse_options(a.opt)
+    clash = sorted(k for k in set(typed) & set(items) if typed[k] != items[k])
+    if clash:
+        raise UsageError(f"sampler option(s) {clash} given twice with different values (a flag and --opt)")
+    return {**file_opts, **items, **typed}
+
+
 def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
     if spec == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
@@ -119,8 +148,11 @@ def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
 
 
 def model_spec(a: argparse.Namespace) -> dict:
-    return {"model": a.model, "ckpt": a.ckpt, "vq_ckpt": a.vq_ckpt, "gpt_model": a.gpt_model,
-            "image_size": a.image_size, "dtype": a.dtype}
+    """How the pipeline is built, as the job file records it (paths absolute, dtype canonical)."""
+    from genaccel.eval.job import canonical_model_spec
+
+    return canonical_model_spec({"model": a.model, "ckpt": a.ckpt, "vq_ckpt": a.vq_ckpt, "gpt_model": a.gpt_model,
+                                 "image_size": a.image_size, "dtype": a.dtype})
 
 
 def load_pipeline(a: argparse.Namespace, device: torch.device):
@@ -184,7 +216,7 @@ def _sample_and_score(a: argparse.Namespace, argv: list[str], metrics: list[str]
     if a.threads:
         torch.set_num_threads(a.threads)
     device = resolve_device(a.device, info.local_rank)
-    options = parse_options(a.opt)
+    options = sampler_options_given(a)
     sampler = build_sampler(a.sampler, **options)
     job = SampleJob(out_dir=a.out, num_images=a.num_images, batch_size=a.batch_size, seed=a.seed, labels=a.labels,
                     classes=a.classes, sampler=a.sampler, sampler_options=options, model=model_spec(a))
@@ -208,7 +240,7 @@ def _sample_and_score(a: argparse.Namespace, argv: list[str], metrics: list[str]
     if a.latency_repeats:
         lat = measure_latency(pipeline, sampler, repeats=a.latency_repeats)
         speed.update({k: lat[k] for k in ("latency_median_s", "latency_mean_s", "latency_min_s", "latencies_s")})
-    run = {"schema": RUN_SCHEMA, "name": a.name or a.sampler, "command": command_line(argv), "samples": str(npz),
+    run = {"schema": RUN_SCHEMA, "name": a.name or a.sampler, "command": command_line(argv), "samples": stored_path(npz),
            "sampler": {"name": a.sampler, "options": _jsonable(sampler.options)}, "model": pipeline.info,
            "job": job.fingerprint(), "speed": speed,
            "metrics": compute_metrics(images, labels, metrics, **_metric_kwargs(a)) if metrics else {},
@@ -263,8 +295,8 @@ def run_throughput(a: argparse.Namespace, argv: list[str]) -> dict:
     if a.threads:
         torch.set_num_threads(a.threads)
     device = resolve_device(a.device)
+    sampler = build_sampler(a.sampler, **sampler_options_given(a))
     pipeline = load_pipeline(a, device)
-    sampler = build_sampler(a.sampler, **parse_options(a.opt))
     decode = not a.no_decode
     lat = measure_latency(pipeline, sampler, warmup=a.warmup, repeats=a.repeats, include_decode=decode)
     thr = measure_throughput(pipeline, sampler, batch_size=a.batch_size, num_batches=a.num_batches,
@@ -301,7 +333,7 @@ def run_stats(a: argparse.Namespace) -> dict:
         feats = inception_features(load_inception(a.inception_weights), images)[POOL]
     stats = feature_stats(feats)
     save_stats(stats, a.out)
-    return {"out": a.out, "num": stats.num, "dim": stats.dim, "features": a.features}
+    return {"out": stored_path(a.out), "num": stats.num, "dim": stats.dim, "features": a.features}
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -317,8 +349,8 @@ def main(argv: list[str] | None = None) -> dict | None:
             result = run_throughput(a, argv)
         else:
             result = run_stats(a)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"genaccel eval {a.command}: error: {e}") from e
+    except (UsageError, ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"genaccel eval {a.command}: {e}") from e
     if result is not None:
         print(json.dumps(_summary(result), indent=2))
     return result
@@ -333,4 +365,4 @@ def _summary(result: dict) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(main))

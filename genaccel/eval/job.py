@@ -27,10 +27,26 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from genaccel.eval.images import save_adm_npz
+from genaccel.utils.dtypes import canonical_dtype
+from genaccel.utils.io import stored_path
 
 SHARD_DIR = "shards"
 JOB_FILE = "job.json"
 SAMPLES_FILE = "samples.npz"
+MODEL_PATH_KEYS = ("ckpt", "vq_ckpt")
+
+
+def canonical_model_spec(model: dict) -> dict:
+    """A job's ``model`` entry with checkpoint paths absolute and the dtype canonical, so that a job resumes
+    whichever spelling of the same file or dtype is typed (and job files written before, with the path as
+    typed and ``float32``-style dtypes, still match when resumed from the folder they were started in)."""
+    out = dict(model)
+    for key in MODEL_PATH_KEYS:
+        if out.get(key) is not None:
+            out[key] = stored_path(out[key])
+    if out.get("dtype") is not None:
+        out["dtype"] = canonical_dtype(out["dtype"])
+    return out
 
 
 @dataclass
@@ -198,6 +214,8 @@ def prepare_job_dir(job: SampleJob, info: DistInfo) -> None:
             save_json(job.fingerprint(), path)
     barrier(info)
     recorded = json.loads(path.read_text())
+    if isinstance(recorded.get("model"), dict):
+        recorded["model"] = canonical_model_spec(recorded["model"])
     if recorded != json.loads(json.dumps(job.fingerprint())):
         changed = sorted(k for k in set(recorded) | set(job.fingerprint()) if recorded.get(k) != job.fingerprint().get(k))
         raise ValueError(

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from genaccel.eval.fd import FeatureStats, fd_from_stats, feature_stats, load_stats
+from genaccel.utils.io import stored_path
 
 DOMAIN_METRICS = ("fd_domain", "class_accuracy")
 INCEPTION_METRICS = ("fid", "is", "prc")
@@ -76,9 +77,9 @@ def domain_reference(spec: str, extractor, per_class: int = 64, size: int = 64) 
         return Reference(feature_stats(feats), feats, f"heldout crops ({per_class}/class, {size}x{size}, seed 123, uint8)")
     path = Path(spec)
     if is_stats_file(path):
-        return Reference(load_stats(path, dim=extractor.feature_dim), None, str(path))
+        return Reference(load_stats(path, dim=extractor.feature_dim), None, stored_path(path))
     feats = extractor.features(torch.from_numpy(load_images(path)))
-    return Reference(feature_stats(feats), feats, str(path))
+    return Reference(feature_stats(feats), feats, stored_path(path))
 
 
 def inception_reference(path: str | os.PathLike, model, batch_size: int = 32) -> Reference:
@@ -94,9 +95,9 @@ def inception_reference(path: str | os.PathLike, model, batch_size: int = 32) ->
         feats = None
         if "arr_0" in npz_keys(path):
             feats = inception_features(model, load_images(path), batch_size)[POOL]
-        return Reference(stats, feats, str(path))
+        return Reference(stats, feats, stored_path(path))
     feats = inception_features(model, load_images(path), batch_size)[POOL]
-    return Reference(feature_stats(feats), feats, str(path))
+    return Reference(feature_stats(feats), feats, stored_path(path))
 
 
 def compute_metrics(

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from genaccel.utils.io import atomic_write, save_json
+from genaccel.utils.io import atomic_write, save_json, stored_path
 
 RUN_SCHEMA = "genaccel.run/1"
 
@@ -149,7 +149,8 @@ def build_report(paths: list[str], out: Path, title: str = "genaccel report") ->
     md = f"# {title}\n\n" + markdown_table(rows)
     plot = speed_quality_plot(rows, out.with_suffix(".png"))
     atomic_write(out.with_suffix(".md"), lambda tmp: Path(tmp).write_text(md))
-    report = {"title": title, "runs": files, "rows": rows, "plot": str(plot) if plot else None}
+    report = {"title": title, "runs": [stored_path(f) for f in files], "rows": rows,
+              "plot": stored_path(plot) if plot else None}
     save_json(report, out.with_suffix(".json"))
     return report
 
@@ -164,10 +165,12 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         report = build_report(a.runs, Path(a.out), a.title)
     except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"genaccel report: error: {e}") from e
+        raise SystemExit(f"genaccel report: {e}") from e
     print(Path(a.out).with_suffix(".md").read_text())
     return report
 
 
 if __name__ == "__main__":
-    main()
+    from genaccel.cli import run_command
+
+    sys.exit(run_command(main))

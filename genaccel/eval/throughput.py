@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from genaccel.samplers.base import Sampler, SamplerStats
+from genaccel.utils.dtypes import dtype_name
 
 
 def _parts(pipeline_or_model) -> tuple[Any, Any]:
@@ -59,7 +60,7 @@ def environment(device: torch.device | str | None = None, dtype: torch.dtype | N
     device = torch.device(device or "cpu")
     env: dict[str, Any] = {
         "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
-        "device": str(device), "dtype": str(dtype).replace("torch.", "") if dtype else None,
+        "device": str(device), "dtype": dtype_name(dtype) if dtype else None,
         "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "cpu": platform.processor() or platform.machine(),
         "world_size": int(os.environ.get("WORLD_SIZE", "1")),

@@ -10,12 +10,26 @@ RECIPES = {"vq": "genaccel.train.vq", "gpt": "genaccel.train.gpt", "classifier":
            "token-shuffle": "genaccel.train.token_shuffle", "flextok": "genaccel.train.flextok"}
 
 
+def usage() -> str:
+    return (f"usage: genaccel train {{{','.join(RECIPES)}}} --config FILE [--set key=value]\n"
+            "(genaccel train <recipe> --help for a recipe's options; recipes: docs/models.md)")
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Run a recipe's ``main``; --help prints the recipes (exit 0), no recipe or an unknown one is bad usage (2)."""
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in RECIPES:
-        raise SystemExit(f"usage: python -m genaccel.train {{{','.join(RECIPES)}}} --config FILE [--set key=value]")
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage())
+        return
+    if not argv:
+        print(usage(), file=sys.stderr)
+        raise SystemExit(2)
+    if argv[0] not in RECIPES:
+        raise SystemExit(f"unknown training recipe {argv[0]!r}; available: {', '.join(RECIPES)}")
     importlib.import_module(RECIPES[argv[0]]).main(argv[1:])
 
 
 if __name__ == "__main__":
-    main()
+    from genaccel.cli import run_command
+
+    sys.exit(run_command(main))

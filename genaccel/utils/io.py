@@ -18,6 +18,13 @@ def _umask() -> int:
     return mask
 
 
+def stored_path(path: str | os.PathLike) -> str:
+    """How stats.json, run records, job files and reports record a file path: absolute (``os.path.abspath``,
+    symlinks kept), whether it was typed relative, absolute or is a bundled asset, so the record still names
+    the same file when read from another folder."""
+    return os.path.abspath(os.fspath(path))
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` on a temp file in the target folder, then rename it onto ``path``."""
     path = Path(path)

@@ -35,4 +35,4 @@ def test_environment_names_dtype_and_versions():
     import torch
 
     env = environment("cpu", torch.bfloat16)
-    assert env["dtype"] == "bfloat16" and env["torch"] == torch.__version__
+    assert env["dtype"] == "bf16" and env["torch"] == torch.__version__  # the canonical (short) dtype name

@@ -24,7 +24,8 @@ def test_write_section_replaces_only_its_section(tmp_path):
 
 
 def test_sampler_options_parse_per_sampler_overrides():
-    opts = sampler_options(["gsd.group_size=50", "lantern.lantern_delta=0.3"], ["ar", "gsd", "lantern"], 4.0)
+    runs = {"ar": "ar", "gsd": "gsd", "lantern": "lantern"}
+    opts = sampler_options(["gsd.group_size=50", "lantern.lantern_delta=0.3"], runs)
     assert opts["gsd"] == {"cfg_scale": 4.0, "group_size": 50}
     assert opts["lantern"]["lantern_delta"] == 0.3 and opts["ar"] == {"cfg_scale": 4.0}
 
