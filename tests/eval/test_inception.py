@@ -39,7 +39,9 @@ def test_cli_fid_equals_torch_fidelity_and_reports_is_prc(tmp_path, random_incep
                                save_cpu_ram=True)
     assert ours["fid"] == pytest.approx(theirs["frechet_inception_distance"], rel=1e-3)
     assert ours["fid"] > 0
-    assert ours["inception_score_mean"] >= 1.0
+    # IS = exp(E KL(p(y|x) || p(y))) >= 1; a random network's near-uniform predictions put it at 1 up to
+    # float rounding (0.9999999999999998 measured on an AMD EPYC), so the bound allows 1e-9.
+    assert ours["inception_score_mean"] >= 1.0 - 1e-9
     assert 0.0 <= ours["precision"] <= 1.0 and 0.0 <= ours["recall"] <= 1.0
     assert "fd_domain" not in ours
 
