@@ -1,16 +1,22 @@
-"""Acceptance rules for speculative verification: exact, LANTERN-relaxed and GSD-grouped.
+"""Acceptance rules for speculative verification: exact, LANTERN-relaxed (+ a bounded variant) and GSD-grouped.
 
-A rule answers two questions about a draft token ``x`` at one window position, given the target
+A rule answers three questions about a draft token ``x`` at one window position, given the target
 distribution ``p`` and the draft distribution ``q`` (both (..., V), after CFG, temperature, top-k/p):
 
-* ``target(p, x)`` -- the target vector the position is verified against (``p`` itself for exact
-  speculative sampling; ``p`` with nearby mass moved onto ``x`` for LANTERN). On rejection the core
-  samples from the residual ``norm((target - q)+)``.
+* ``target(p, x, q)`` -- the target vector the position is verified against (``p`` itself for exact
+  speculative sampling; ``p`` with nearby mass moved onto ``x`` for LANTERN; a draft-independent
+  relaxation of ``p`` towards ``q`` for :class:`BoundedRelaxRule`).
 * ``ratio(target, q, x)`` -- accept ``x`` with probability ``min(1, ratio)``.
+* ``residual(p, target, q, x)`` -- the distribution sampled at the first rejection (Leviathan/Chen
+  ``norm((target - q)+)`` unless a rule reproduces an official code's resampling).
 
 Rules are pure tensor functions without a model, so they are tested on hand-made distributions.
 They compose: ``GroupedRule(inner=LanternRule(...))`` runs the GSD group test on LANTERN's relaxed
 target (shared/reference/speculative.md §6.1).
+
+Truncation (top-k / top-p): a token outside the support of ``p`` (p = 0 after filtering) is never
+accepted or credited by the relaxed rules unless ``respect_truncation=False``, which is what the
+official LANTERN and GSD code do (they credit a filtered draft with its neighbours' / group's mass).
 """
 
 from __future__ import annotations
@@ -23,15 +29,30 @@ import torch
 
 TINY = torch.finfo(torch.float32).tiny
 
+TRUNCATION_MODES = ("auto", "respect", "ignore")  # auto: respect, except in an official-faithful mode
+LANTERN_RESAMPLE = ("ours", "official", "official-v1")
+LANTERN_RELAX = ("lantern", "bounded")
+GSD_GROUP_MODES = ("ours", "official")
+GSD_OFFICIAL_HALF = 7  # official GSD: ``order[r - 7 : r + 7]`` around the draft's logit rank r
+
 
 class AcceptanceRule(Protocol):
     """What the verify core needs from an acceptance rule (see module docstring)."""
 
     name: str
 
-    def target(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor: ...
+    def target(self, p: torch.Tensor, x: torch.Tensor, q: torch.Tensor | None = None) -> torch.Tensor: ...
 
     def ratio(self, target: torch.Tensor, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor: ...
+
+    def residual(self, p: torch.Tensor, target: torch.Tensor, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor: ...
+
+
+def respects_truncation(truncation: str, official: bool) -> bool:
+    """Resolve a sampler's ``truncation`` option: ``auto`` respects top-k/top-p except in an official mode."""
+    if truncation not in TRUNCATION_MODES:
+        raise ValueError(f"truncation must be one of {TRUNCATION_MODES}, got {truncation!r}")
+    return truncation == "respect" or (truncation == "auto" and not official)
 
 
 def gather_token(probs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -49,19 +70,29 @@ def residual_distribution(target: torch.Tensor, q: torch.Tensor) -> torch.Tensor
     return torch.where(total > 1e-12, r / total.clamp_min(TINY), target)
 
 
+def normalise_or_uniform(weights: torch.Tensor) -> torch.Tensor:
+    """``weights / sum`` per row, uniform over the vocabulary where the row is all zero (LANTERN's fallback)."""
+    total = weights.sum(-1, keepdim=True)
+    return torch.where(total > 0, weights / total.clamp_min(TINY), torch.full_like(weights, 1.0 / weights.shape[-1]))
+
+
 @dataclass
 class ExactRule:
     """Standard speculative sampling: accept with ``min(1, p(x)/q(x))``; lossless."""
 
     name: str = "exact"
 
-    def target(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def target(self, p: torch.Tensor, x: torch.Tensor, q: torch.Tensor | None = None) -> torch.Tensor:
         return p
 
     def ratio(self, target: torch.Tensor, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return gather_token(target, x) / gather_token(q, x).clamp_min(TINY)
 
+    def residual(self, p: torch.Tensor, target: torch.Tensor, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return residual_distribution(target, q)
 
+
+# ----------------------------------------------------------------------------- LANTERN
 def lantern_neighbours(codebook: torch.Tensor, k: int) -> torch.Tensor:
     """(V, k) table: for every code, the k other codes nearest in L2 distance (self excluded), nearest first.
 
@@ -76,22 +107,41 @@ def lantern_neighbours(codebook: torch.Tensor, k: int) -> torch.Tensor:
     return dist.topk(k, dim=-1, largest=False).indices
 
 
-def lantern_relax(p: torch.Tensor, x: torch.Tensor, neighbours: torch.Tensor, delta: float) -> torch.Tensor:
+def lantern_merged(
+    p: torch.Tensor, x: torch.Tensor, neighbours: torch.Tensor, delta: float, respect_truncation: bool = False
+) -> torch.Tensor:
+    """Which of x's neighbours (..., k) LANTERN merges into x: the first J, J = max{j : c_j <= bound}.
+
+    ``c_j`` is the cumulative target mass of the j nearest neighbours; the bound is ``delta`` (delta <= 1,
+    total-variation bound) or ``(delta - 1) p(x)`` (LANTERN++ lambda mode, delta > 1). With
+    ``respect_truncation`` nothing is merged into an x outside the support of p.
+    """
+    nb = neighbours[x]
+    cum = p.gather(-1, nb).cumsum(-1)
+    px = gather_token(p, x).unsqueeze(-1)
+    bound = delta if delta <= 1 else (delta - 1) * px
+    merged = cum <= bound  # a prefix, since cum is non-decreasing
+    if respect_truncation:
+        merged &= px > 0
+    return merged
+
+
+def lantern_relax(
+    p: torch.Tensor, x: torch.Tensor, neighbours: torch.Tensor, delta: float, respect_truncation: bool = False
+) -> torch.Tensor:
     """LANTERN's relaxed target: move the mass of x's nearest latent neighbours onto x.
 
-    ``c_j`` is the cumulative target mass of the j nearest neighbours of x. The first J neighbours are
-    merged into x, with J the largest j such that ``c_j <= delta`` (LANTERN, delta <= 1: total variation
-    to p is c_J <= delta) or ``c_j <= (delta - 1) p(x)`` (LANTERN++ lambda mode, delta > 1: the relaxed
-    probability of x is at most lambda = delta times p(x)). delta = 0 returns p unchanged.
-    Returns a full distribution (..., V), so the residual on rejection never resamples merged tokens.
+    The neighbours :func:`lantern_merged` selects give their mass to x (LANTERN, ``delta <= 1``: total
+    variation to p is c_J <= delta; LANTERN++, ``delta > 1``: the relaxed probability of x is at most
+    lambda = delta times p(x)). delta = 0 returns p unchanged. Returns a full distribution (..., V), so the
+    residual on rejection never resamples merged tokens. The default ``respect_truncation=False`` is the
+    official definition (a filtered x gains its neighbours' mass).
     """
     if delta <= 0:
         return p
     nb = neighbours[x]  # (..., k)
     pn = p.gather(-1, nb)
-    cum = pn.cumsum(-1)
-    bound = delta if delta <= 1 else (delta - 1) * gather_token(p, x).unsqueeze(-1)
-    moved = cum <= bound  # a prefix, since cum is non-decreasing
+    moved = lantern_merged(p, x, neighbours, delta, respect_truncation)
     mass = (pn * moved).sum(-1, keepdim=True)
     relaxed = p.scatter(-1, nb, pn * ~moved)
     return relaxed.scatter_add(-1, x.unsqueeze(-1), mass)
@@ -99,16 +149,123 @@ def lantern_relax(p: torch.Tensor, x: torch.Tensor, neighbours: torch.Tensor, de
 
 @dataclass
 class LanternRule(ExactRule):
-    """Exact speculative sampling against :func:`lantern_relax`'s target (LANTERN / LANTERN++); lossy by <= delta."""
+    """Exact speculative sampling against :func:`lantern_relax`'s target (LANTERN / LANTERN++); lossy.
+
+    The relaxed target is within ``delta`` of p for each draft (delta <= 1); the distribution a step
+    emits is not bounded by delta when q is a stochastic drafter (the target depends on the drafted
+    token; docs/speculative.md). ``resample`` chooses what a rejection samples from:
+
+    * ``ours``: ``norm((p~ - q)+)``, the exact residual of the relaxed target;
+    * ``official``: LANTERN's ``evaluate_posterior`` (dynamic tree, one-hot q): the unrelaxed p with x and,
+      when any neighbour was merged, x's first k+1 neighbours zeroed; for a stochastic q we subtract q as
+      the exact residual does (identical for one-hot q);
+    * ``official-v1``: LANTERN++'s ``evaluate_posterior_v1`` (static tree, sampled drafts):
+      ``norm((p - q')+)`` with q' = q zeroed on x's first k+1 neighbours when any was merged.
+
+    Both official modes fall back to the uniform distribution when nothing is left, as the official code
+    does. ``neighbours`` may hold more columns than ``k`` (the official modes need k+1).
+    """
 
     neighbours: torch.Tensor | None = None
     delta: float = 0.1
     name: str = "lantern"
+    resample: str = "ours"
+    respect_truncation: bool = True
+    k: int | None = None
 
-    def target(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return lantern_relax(p, x, self.neighbours.to(x.device), self.delta)
+    def __post_init__(self) -> None:
+        if self.resample not in LANTERN_RESAMPLE:
+            raise ValueError(f"resample must be one of {LANTERN_RESAMPLE}, got {self.resample!r}")
+
+    def _table(self, device: torch.device) -> torch.Tensor:
+        return self.neighbours.to(device)
+
+    def _relax_table(self, device: torch.device) -> torch.Tensor:
+        return self._table(device)[:, : self.k or self.neighbours.shape[1]]
+
+    def target(self, p: torch.Tensor, x: torch.Tensor, q: torch.Tensor | None = None) -> torch.Tensor:
+        return lantern_relax(p, x, self._relax_table(x.device), self.delta, self.respect_truncation)
+
+    def residual(self, p: torch.Tensor, target: torch.Tensor, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.resample == "ours" or self.delta <= 0:
+            return residual_distribution(target, q)
+        merged_any = lantern_merged(p, x, self._relax_table(x.device), self.delta, self.respect_truncation).any(-1)
+        k1 = min((self.k or self.neighbours.shape[1]) + 1, self.neighbours.shape[1])
+        zero = torch.zeros_like(p, dtype=torch.bool).scatter_(-1, self._table(x.device)[x][..., :k1], True)
+        zero &= merged_any.unsqueeze(-1)
+        if self.resample == "official":
+            return normalise_or_uniform((p.masked_fill(zero, 0.0) - q).clamp_min(0))
+        return normalise_or_uniform((p - q.masked_fill(zero, 0.0)).clamp_min(0))
 
 
+# ----------------------------------------------------------------------------- bounded relaxation
+def bounded_relax(
+    p: torch.Tensor, q: torch.Tensor, neighbours: torch.Tensor, delta: float, respect_truncation: bool = True
+) -> torch.Tensor:
+    """A relaxed target r within ``delta`` of p (TV) that depends on (p, q), never on the drafted token.
+
+    Mass moves only from a token t where p exceeds q (a donor) to a token s where q exceeds p (a
+    receiver) whose latent neighbour t is (``t in neighbours[s]``), nearest neighbour slots first, never
+    beyond what q asks for: ``min(p, q) <= r <= max(p, q)`` pointwise, so the acceptance rate
+    ``1 - TV(r, q)`` grows by exactly the moved mass, and the moved mass is capped at ``delta``.
+    A donor asked by several receivers in one slot splits its surplus in proportion to their requests,
+    so no mass is credited twice (LANTERN's per-draft relaxation credits a neighbour's mass to every
+    draft that has it as a neighbour). With ``respect_truncation`` a receiver must have p > 0.
+
+    Speculative sampling against r emits exactly r whatever q is (r is fixed before x is drawn), so the
+    emitted token distribution is within delta of p (docs/speculative.md, "Bounded relaxation").
+    Cost: k vectorised passes over (..., V).
+    """
+    if delta <= 0:
+        return p
+    shape, V = p.shape, p.shape[-1]
+    dtype = torch.promote_types(p.dtype, torch.float32)  # never accumulate transport in half precision
+    p2, q2 = p.reshape(-1, V).to(dtype), q.reshape(-1, V).to(dtype)
+    need = (q2 - p2).clamp_min(0)
+    if respect_truncation:
+        need = need * (p2 > 0)
+    have = (p2 - q2).clamp_min(0)
+    budget = torch.full((p2.shape[0], 1), float(delta), device=p.device, dtype=dtype)
+    gained, lost = torch.zeros_like(p2), torch.zeros_like(p2)
+    nb = neighbours.to(p.device)
+    for j in range(nb.shape[1]):
+        if not bool((need > 0).any()) or not bool((budget > 0).any()):
+            break
+        donor = nb[:, j]  # the j-th nearest neighbour of every receiver
+        asked = torch.zeros_like(p2).index_add_(1, donor, need)
+        frac = torch.where(asked > 0, (have / asked.clamp_min(TINY)).clamp(max=1.0), torch.zeros_like(asked))
+        got = need * frac[:, donor]
+        slot = got.sum(-1, keepdim=True)
+        got = got * torch.where(slot > budget, budget / slot.clamp_min(TINY), torch.ones_like(slot))
+        given = torch.zeros_like(p2).index_add_(1, donor, got)
+        need = (need - got).clamp_min(0)
+        have = (have - given).clamp_min(0)
+        budget = (budget - got.sum(-1, keepdim=True)).clamp_min(0)
+        gained += got
+        lost += given
+    return (p2 + gained - lost).clamp_min(0).reshape(shape).to(p.dtype)
+
+
+@dataclass
+class BoundedRelaxRule(ExactRule):
+    """Exact speculative sampling against :func:`bounded_relax`: every emitted token is within delta of p."""
+
+    neighbours: torch.Tensor | None = None
+    delta: float = 0.1
+    respect_truncation: bool = True
+    name: str = "lantern-bounded"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.delta <= 1:
+            raise ValueError(f"the bounded relaxation needs lantern_delta in [0, 1] (a TV budget), got {self.delta}")
+
+    def target(self, p: torch.Tensor, x: torch.Tensor, q: torch.Tensor | None = None) -> torch.Tensor:
+        if q is None:
+            raise ValueError("BoundedRelaxRule.target needs the draft distributions q")
+        return bounded_relax(p, q, self.neighbours, self.delta, self.respect_truncation)
+
+
+# ----------------------------------------------------------------------------- GSD
 def gsd_group(
     p: torch.Tensor,
     x: torch.Tensor,
@@ -117,7 +274,7 @@ def gsd_group(
     codebook: torch.Tensor | None = None,
     embed_threshold: float = math.inf,
 ) -> torch.Tensor:
-    """GSD's dynamic cluster of x as a boolean mask (..., V).
+    """GSD's dynamic cluster of x as a boolean mask (..., V) (``--group-mode ours``, the paper's rule).
 
     Candidates are the ``group_size`` tokens around x in the ranking by p (``group_size // 2`` more
     probable, the rest less probable, cut at the ends of the vocabulary; tokens tied with x in p are not
@@ -144,9 +301,47 @@ def gsd_group(
     return torch.zeros_like(p, dtype=torch.bool).scatter_(-1, cand, keep)
 
 
+def gsd_official_group(
+    p: torch.Tensor,
+    x: torch.Tensor,
+    prob_threshold: float,
+    codebook: torch.Tensor | None = None,
+    embed_threshold: float = math.inf,
+    half: int = GSD_OFFICIAL_HALF,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official GSD code's group of x: (mask (..., V), empty (...)) (``--group-mode official``).
+
+    The official code sorts the processed logits ascending, finds x's rank r and takes the Python slice
+    ``order[r - 7 : r + 7]``: the 7 lower-ranked tokens, x, and the 6 higher-ranked ones (fewer at the top
+    of the ranking). For r < 7 the negative start wraps around, which leaves the slice empty for any
+    vocabulary of 14 or more tokens; the official code then falls back to the exact test (``empty``).
+    Members must pass ``|p(t) - p(x)| < prob_threshold`` and the embedding filter as in ours. Ranks are by
+    p (softmax is monotone in the processed logits); ties, e.g. the zeros of top-k, are ordered by token id.
+    """
+    V = p.shape[-1]
+    rank = p.argsort(dim=-1, stable=True).argsort(dim=-1)  # ascending rank of every token
+    r = gather_token(rank, x)
+    start = r - half
+    start = torch.where(start < 0, (start + V).clamp_min(0), start)  # Python slice semantics
+    stop = (r + half).clamp(max=V)
+    empty = start >= stop
+    member = (rank >= start.unsqueeze(-1)) & (rank < stop.unsqueeze(-1))
+    member &= (p - gather_token(p, x).unsqueeze(-1)).abs() < prob_threshold
+    if codebook is not None and math.isfinite(embed_threshold):
+        cb = codebook.to(p.device, torch.float32)
+        member &= (cb[x].unsqueeze(-2) - cb).pow(2).sum(-1) < embed_threshold
+    return member, empty
+
+
 @dataclass
 class GroupedRule:
-    """GSD: accept with ``min(1, sum_C target / sum_C q)`` over x's dynamic group C; composes with ``inner``."""
+    """GSD: accept with ``min(1, sum_C target / sum_C q)`` over x's dynamic group C; composes with ``inner``.
+
+    ``mode='ours'`` builds C with :func:`gsd_group` (the paper's G/2 tokens on each side); ``'official'``
+    with :func:`gsd_official_group` (the released code's fixed 14-token slice, exact test when it is
+    empty, raw division as the official code: a zero group denominator gives NaN = reject).
+    ``respect_truncation`` rejects a draft outside the support of the target (ratio 0).
+    """
 
     inner: AcceptanceRule
     # Rule defaults follow the GSD paper/code (G 25, p 0.15, d 0.5 on its LM embeddings); the ``gsd`` sampler's
@@ -156,10 +351,27 @@ class GroupedRule:
     codebook: torch.Tensor | None = None
     embed_threshold: float = 0.5
     name: str = "gsd"
+    mode: str = "ours"
+    respect_truncation: bool = True
 
-    def target(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self.inner.target(p, x)
+    def __post_init__(self) -> None:
+        if self.mode not in GSD_GROUP_MODES:
+            raise ValueError(f"group_mode must be one of {GSD_GROUP_MODES}, got {self.mode!r}")
+
+    def target(self, p: torch.Tensor, x: torch.Tensor, q: torch.Tensor | None = None) -> torch.Tensor:
+        return self.inner.target(p, x, q)
 
     def ratio(self, target: torch.Tensor, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        group = gsd_group(target, x, self.group_size, self.prob_threshold, self.codebook, self.embed_threshold)
-        return (target * group).sum(-1) / (q * group).sum(-1).clamp_min(TINY)
+        if self.mode == "official":
+            group, empty = gsd_official_group(target, x, self.prob_threshold, self.codebook, self.embed_threshold)
+            grouped = (target * group).sum(-1) / (q * group).sum(-1)
+            ratio = torch.where(empty, gather_token(target, x) / gather_token(q, x), grouped)
+        else:
+            group = gsd_group(target, x, self.group_size, self.prob_threshold, self.codebook, self.embed_threshold)
+            ratio = (target * group).sum(-1) / (q * group).sum(-1).clamp_min(TINY)
+        if self.respect_truncation:
+            ratio = torch.where(gather_token(target, x) > 0, ratio, torch.zeros_like(ratio))
+        return ratio
+
+    def residual(self, p: torch.Tensor, target: torch.Tensor, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.inner.residual(p, target, q, x)

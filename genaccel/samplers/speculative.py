@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import torch
 
 from genaccel.models.contract import ARModel
-from genaccel.samplers.acceptance import AcceptanceRule, ExactRule, residual_distribution
+from genaccel.samplers.acceptance import AcceptanceRule, ExactRule
 from genaccel.samplers.base import Sampler, SamplerStats, SamplingOptions, draw, target_probs
 
 INIT_SCHEMES = ("random", "repeat_horizon")
@@ -214,9 +214,10 @@ def verify_window(
     """Accept a prefix of ``draft`` per row against target distributions ``p`` (B, L, V), L = drafts + 1.
 
     Draft i (for the position of p[:, i]) is accepted with probability ``min(1, rule.ratio)``; the first
-    rejected position gets a sample from ``norm((rule.target - q)+)``; if every draft is accepted the
-    bonus token comes from ``p[:, -1]``. With :class:`ExactRule` each emitted token is distributed
-    exactly as p given its prefix (Leviathan et al. 2023, Chen et al. 2023).
+    rejected position gets a sample from ``rule.residual`` (``norm((rule.target - q)+)`` unless the rule
+    reproduces an official resampling); if every draft is accepted the bonus token comes from
+    ``p[:, -1]``. With :class:`ExactRule` each emitted token is distributed exactly as p given its prefix
+    (Leviathan et al. 2023, Chen et al. 2023).
     """
     B, L, _ = p.shape
     K = L - 1
@@ -224,12 +225,12 @@ def verify_window(
     if K == 0:
         return Verification(accepted=torch.ones(B, dtype=torch.long, device=p.device), tokens=draw(p, generator))
     x = draft.tokens
-    target = rule.target(p[:, :K], x)
+    target = rule.target(p[:, :K], x, draft.q)
     ratio = rule.ratio(target, draft.q, x)
     u = torch.rand(B, K, generator=generator, device=p.device)
     run = (u < ratio).long().cumprod(-1).sum(-1)  # leading accepted drafts, 0..K
     stop = run.clamp(max=K - 1)
-    residual = residual_distribution(target[rows, stop], draft.q[rows, stop])
+    residual = rule.residual(p[rows, stop], target[rows, stop], draft.q[rows, stop], x[rows, stop])
     last_dist = torch.where((run < K)[:, None], residual, p[:, K])
     tokens = torch.cat([x, x.new_zeros(B, 1)], dim=1)
     tokens[rows, run] = draw(last_dist, generator)

@@ -1,0 +1,165 @@
+"""GSD groups: the official code's slice and fallback vs ours, truncation, and the sampler's options."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from spec_helpers import tiny_gpt
+
+from genaccel.samplers import build_sampler
+from genaccel.samplers.acceptance import ExactRule, GroupedRule, gsd_group, gsd_official_group
+from genaccel.samplers.base import SamplingOptions, target_probs
+
+
+def filtered_tokens(model, tokens: torch.Tensor, labels: torch.Tensor, opts: SamplingOptions) -> int:
+    """How many emitted tokens have probability 0 under the AR target (outside top-k / top-p)."""
+    with torch.no_grad():
+        logits = model.teacher_forced(labels, tokens).logits
+        if opts.use_cfg:
+            uncond = model.teacher_forced(torch.full_like(labels, model.null_class), tokens).logits
+            logits = torch.cat([logits, uncond])
+        probs = target_probs(logits, opts, torch.arange(tokens.shape[1]))
+    return int((probs.gather(-1, tokens[..., None]) == 0).sum())
+
+
+def official_gsd_ratio(logits, p, q, x: int, p_thr: float, sims=None, d_thr: float = math.inf) -> float:
+    """Acceptance probability of the released GSD code (``SpeculativeSampler.__call__``) for one draft x.
+
+    The processed logits are sorted ascending, the slice ``order[r - 7 : r + 7]`` around x's rank r forms the
+    candidates (Python slicing: a negative start wraps), members need ``|p(t) - p(x)| < p_thr`` and an
+    embedding distance below ``d_thr``; an empty slice raises inside the official ``try`` and falls back to
+    ``min(1, p(x)/q(x))``.
+    """
+    order = logits.argsort(stable=True).tolist()
+    r = order.index(x)
+    chosen = order[r - 7 : r + 7]
+    if not chosen:
+        return min(1.0, float(p[x] / q[x]))
+    mask = [abs(float(p[t] - p[x])) < p_thr and (sims is None or float(sims[x, t]) < d_thr) for t in chosen]
+    num = sum(float(p[t]) for t, m in zip(chosen, mask) if m)
+    den = sum(float(q[t]) for t, m in zip(chosen, mask) if m)
+    ratio = num / den if den else (math.inf if num else math.nan)
+    return min(1.0, ratio) if not math.isnan(ratio) else math.nan
+
+
+@settings(max_examples=120, deadline=None)
+@given(seed=st.integers(0, 100_000), V=st.sampled_from([5, 10, 13, 14, 15, 32, 64]), top_k=st.sampled_from([0, 3, 20]),
+       thr=st.sampled_from([0.01, 0.15, 0.3, 1.0]), dthr=st.sampled_from([0.5, 2.0, math.inf]),
+       one_hot=st.booleans(), data=st.data())
+def test_official_group_matches_the_released_code(seed, V, top_k, thr, dthr, one_hot, data):
+    gen = torch.Generator().manual_seed(seed)
+    logits = 2.0 * torch.randn(V, generator=gen, dtype=torch.float64)
+    if 0 < top_k < V:
+        logits[logits.argsort()[: V - top_k]] = -torch.inf
+    p = logits.softmax(-1)
+    x = data.draw(st.integers(0, V - 1))
+    if one_hot:
+        q = torch.nn.functional.one_hot(torch.tensor(x), V).double()
+    else:
+        q = (torch.randn(V, generator=gen, dtype=torch.float64)).softmax(-1)
+    codebook = torch.nn.functional.normalize(torch.randn(V, 4, generator=gen, dtype=torch.float64), dim=-1)
+    sims = (codebook[:, None] - codebook[None]).pow(2).sum(-1)
+    expected = official_gsd_ratio(logits, p, q, x, thr, sims if math.isfinite(dthr) else None, dthr)
+    rule = GroupedRule(inner=ExactRule(), prob_threshold=thr, codebook=codebook, embed_threshold=dthr,
+                       mode="official", respect_truncation=False)
+    got = float(rule.ratio(p, q, torch.tensor(x)).clamp(max=1.0))
+    if math.isnan(expected):
+        assert math.isnan(got)
+    else:
+        assert got == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_official_slice_is_seven_below_x_and_six_above():
+    p = torch.arange(1, 31, dtype=torch.float64)
+    p = p / p.sum()  # token t has rank t
+    member, empty = gsd_official_group(p, torch.tensor(15), prob_threshold=1.0)
+    assert not empty and torch.equal(torch.nonzero(member).flatten(), torch.arange(8, 22))
+    member, empty = gsd_official_group(p, torch.tensor(27), prob_threshold=1.0)
+    assert torch.equal(torch.nonzero(member).flatten(), torch.arange(20, 30))  # cut at the top
+    member, empty = gsd_official_group(p, torch.tensor(6), prob_threshold=1.0)
+    assert empty and not member.any()  # start wraps to -1: empty slice
+    q = torch.full((30,), 1 / 30, dtype=torch.float64)
+    rule = GroupedRule(inner=ExactRule(), mode="official", prob_threshold=1.0, embed_threshold=math.inf)
+    assert float(rule.ratio(p, q, torch.tensor(6))) == pytest.approx(float(p[6] * 30))  # exact-test fallback
+
+
+def test_our_group_is_the_papers_symmetric_window():
+    p = torch.arange(1, 31, dtype=torch.float64)
+    p = p / p.sum()
+    ours = gsd_group(p, torch.tensor(15), 14, 1.0)
+    assert torch.equal(torch.nonzero(ours).flatten(), torch.arange(9, 23))  # 7 above (more probable), 6 below + x
+    assert gsd_group(p, torch.tensor(6), 14, 1.0)[:6].all()  # no empty group at low ranks
+
+
+def test_gsd_never_accepts_a_filtered_draft_by_default():
+    p = torch.tensor([0.5, 0.3, 0.2, 0.0, 0.0], dtype=torch.float64)
+    x = torch.tensor(3)
+    q = torch.nn.functional.one_hot(x, 5).double()
+    ours = GroupedRule(inner=ExactRule(), group_size=10, prob_threshold=0.5, embed_threshold=math.inf)
+    assert float(ours.ratio(p, q, x)) == 0.0
+    ignore = GroupedRule(inner=ExactRule(), group_size=10, prob_threshold=0.5, embed_threshold=math.inf,
+                         respect_truncation=False)
+    assert float(ignore.ratio(p, q, x)) > 0.0  # the group's mass credits the filtered draft
+    p15 = torch.cat([p, torch.zeros(10, dtype=torch.float64)]).roll(10)  # 15 tokens
+    x = torch.tensor(13)  # p = 0, ascending rank 10 (ties by token id): the slice holds tokens 10, 11, 12
+    q = torch.nn.functional.one_hot(x, 15).double()
+    official = GroupedRule(inner=ExactRule(), mode="official", prob_threshold=0.5, embed_threshold=math.inf,
+                           respect_truncation=False)
+    assert float(official.ratio(p15, q, x)) > 0.0
+
+
+@pytest.mark.parametrize("options,mode,respect", [
+    ({}, "ours", True),
+    ({"group_mode": "official"}, "official", False),
+    ({"group_mode": "official", "truncation": "respect"}, "official", True),
+    ({"truncation": "ignore", "lantern_delta": 0.2}, "ours", False),
+])
+def test_sampler_options_choose_the_group(options, mode, respect):
+    model = tiny_gpt(block=16)
+    sampler = build_sampler("gsd", lantern_k=4, **options)
+    sampler.set_codebook(torch.randn(model.vocab_size, 4, generator=torch.Generator().manual_seed(0)))
+    rule = sampler.acceptance_rule(model)
+    assert rule.mode == mode and rule.respect_truncation is respect
+    if "lantern_delta" in options:
+        assert rule.inner.respect_truncation is respect
+
+
+@pytest.mark.parametrize("options,needle", [
+    ({"group_mode": "paper"}, "group_mode"),
+    ({"group_mode": "official", "group_size": 25}, "group_size applies"),
+    ({"truncation": "maybe"}, "truncation"),
+])
+def test_bad_gsd_options_give_one_clear_error(options, needle):
+    with pytest.raises(ValueError, match=needle):
+        build_sampler("gsd", **options)
+
+
+def test_gsd_flags_reach_the_sampler_from_the_command_line():
+    from genaccel.bench.samplers import sampler_options
+    from genaccel.cli import build_sample_parser
+
+    args = build_sample_parser().parse_args(["--sampler", "gsd", "--group-mode", "official", "--truncation", "ignore"])
+    assert (args.group_mode, args.truncation) == ("official", "ignore")
+    opts = sampler_options(["gsd.group_mode=official"], {"gsd": "gsd"})["gsd"]
+    assert build_sampler("gsd", **opts).options.group_mode == "official"
+
+
+def test_top_k_is_respected_unless_an_official_mode_is_chosen():
+    """Random-init Jacobi drafts are mostly outside top-k; ours never emits them, the official group does."""
+    model = tiny_gpt(block=16, seed=2)
+    labels = torch.tensor([0, 1, 2, 3])
+    counts = {}
+    for mode in ("ours", "official"):
+        sampler = build_sampler("gsd", group_mode=mode, top_k=3, init="random", prob_threshold=1.0,
+                                embed_threshold=math.inf)
+        bad = 0
+        for seed in range(3):
+            out = sampler.generate(model, labels, torch.Generator().manual_seed(seed))
+            bad += filtered_tokens(model, out.tokens, labels, sampler.options)
+        counts[mode] = bad
+    assert counts["ours"] == 0
+    assert counts["official"] > 0
