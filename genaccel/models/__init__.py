@@ -89,9 +89,17 @@ def gpt_args_for_checkpoint(
         if name not in presets:
             raise ValueError(f"unknown preset {name!r}; available: {', '.join(presets)}")
         return ModelArgs(**{**presets[name], **fields})
+    if "n_head" not in fields:
+        # A guess (e.g. dim // 64) would load without a shape error and give a silently wrong model.
+        raise CheckpointError(
+            f"the checkpoint's shapes (dim={f['dim']}, n_layer={f['n_layer']}) match no preset of {', '.join(presets)}, "
+            f"and n_head cannot be read from shapes (the fused wqkv weight is (3*dim, dim) for every head count): "
+            f"pass the ModelArgs field n_head, e.g. load_gpt(path, n_head=H) in Python (load_nar likewise), or pass "
+            f"--gpt-model PRESET if it was trained as one; a .safetensors file with a 'config' metadata entry "
+            f"(as genaccel saves) carries n_head and needs neither"
+        )
     fields.setdefault("dim", f["dim"])
     fields.setdefault("n_layer", f["n_layer"])
-    fields.setdefault("n_head", max(1, f["dim"] // 64))
     if "multiple_of" not in fields and f["ffn_hidden"]:
         fields["multiple_of"] = _multiple_of_for(f["dim"], f["ffn_hidden"])
     return ModelArgs(**fields)

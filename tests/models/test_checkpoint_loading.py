@@ -129,3 +129,12 @@ def test_official_kv_cache_buffers_are_ignored_with_a_notice(tmp_path, capsys):
     assert torch.equal(loaded.tok_embeddings.weight, gpt.tok_embeddings.weight)
     err = capsys.readouterr().err
     assert "ignored 4 KV-cache buffers" in err and err.count("\n") == 1
+
+
+def test_custom_size_without_n_head_says_so_and_names_the_field(tmp_path):
+    """A custom-size checkpoint's head count is not in its shapes: the loader refuses to guess."""
+    torch.save({"model": tiny_gpt().state_dict()}, tmp_path / "custom.pt")
+    with pytest.raises(CheckpointError, match=r"(?s)match no preset.*n_head cannot be read from shapes.*n_head=H"):
+        load_gpt(tmp_path / "custom.pt", image_size=16, downsample=4, multiple_of=32)
+    loaded = load_gpt(tmp_path / "custom.pt", image_size=16, downsample=4, multiple_of=32, n_head=4)
+    assert loaded.args.n_head == 4
