@@ -35,6 +35,13 @@ Choices the paper leaves open, and what this file does:
    predicted independently given that prefix (cross-entropy over all tokens).
 7. Token dropout (``token_dropout_p``) acts on the fused sequence, where LlamaGen applies it to embeddings.
 8. ``ModelOutput.hidden`` is per token, (B, L, s**2, d): the normed state the LM head reads for each part.
+9. Optional intra-window head (``intra_window_head``; the issue's "sequential within the window" option, not
+   in the paper). :class:`IntraWindowHead` lets part k also see the tokens of parts j < k of its own window:
+   each of those tokens' embeddings is compressed d -> d/s**2 (its own map), placed in channel block j of a
+   width-d context (blocks j >= k zero), and one residual MLP on [part k's expanded state + context] adjusts
+   the state before the shared norm and LM head. Its output layer starts at zero, so a fresh head gives the
+   independent logits. Trained jointly (the recipe adds its teacher-forced cross-entropy, ground-truth
+   earlier parts, to the independent one), used by ``token-shuffle --window-sampling sequential``.
 
 Identity at s = 1 (checked by the tests). With s = 1 the compression and expansion are d x d maps; set both
 to the identity and zero every residual block's ``W_down`` (:func:`make_identity_shuffle`) and the model
@@ -70,12 +77,14 @@ class TokenShuffleArgs:
     """The fields Token-Shuffle adds to a LlamaGen backbone's :class:`ModelArgs`.
 
     ``window`` is the shuffle window s (tokens fused per position = s * s; the paper's default 2);
-    ``shuffle_blocks`` / ``unshuffle_blocks`` count the residual MLP blocks on each side (paper: 2).
+    ``shuffle_blocks`` / ``unshuffle_blocks`` count the residual MLP blocks on each side (paper: 2);
+    ``intra_window_head`` adds the optional head for sequential sampling inside a window (docstring item 9).
     """
 
     window: int = 2
     shuffle_blocks: int = 2
     unshuffle_blocks: int = 2
+    intra_window_head: bool = False
 
     def check(self, args: ModelArgs) -> None:
         """Raise one clear error when the window does not fit the backbone's grid or width."""
@@ -134,6 +143,32 @@ class ResidualMLP(nn.Module):
         return x + self.down(F.gelu(self.up(self.norm(x))))
 
 
+class IntraWindowHead(nn.Module):
+    """Part k's expanded state adjusted by the tokens of parts j < k of the same window (docstring item 9).
+
+    ``forward(state, windows)``: state (..., s*s, d) before the final norm, windows (..., s*s) token ids; part k
+    reads only windows[..., j] for j < k, so the other entries may hold anything. ``part`` computes one part.
+    """
+
+    def __init__(self, dim: int, parts: int, eps: float = 1e-5):
+        super().__init__()
+        self.parts = parts
+        self.proj = nn.Linear(dim, dim // parts, bias=False)
+        self.norm = RMSNorm(dim, eps)
+        self.up = nn.Linear(dim, dim, bias=False)
+        self.down = nn.Linear(dim, dim, bias=False)
+        self.register_buffer("earlier", torch.ones(parts, parts).tril(-1), persistent=False)  # [k, j] = j < k
+
+    def forward(self, state: torch.Tensor, embedded: torch.Tensor, part: int | None = None) -> torch.Tensor:
+        """``embedded`` = token embeddings of the window (..., s*s, d); returns the adjusted state(s)."""
+        ctx = self.proj(embedded)  # (..., s*s [j], d/s²)
+        earlier = self.earlier if part is None else self.earlier[part : part + 1]
+        ctx = (earlier[..., None] * ctx.unsqueeze(-3)).flatten(-2)  # (..., parts [k], d): block j = token j < k
+        if part is not None:
+            state = state[..., part : part + 1, :]
+        return state + self.down(F.gelu(self.up(self.norm(state) + ctx)))
+
+
 class TokenShuffleGPT(LlamaGenGPT):
     """LlamaGen backbone over fused s x s windows, implementing the sampler contract with ``tokens_per_position``."""
 
@@ -151,6 +186,8 @@ class TokenShuffleGPT(LlamaGenGPT):
             ResidualMLP(args.dim, args.norm_eps) for _ in range(shuffle.unshuffle_blocks)
         )
         self.unshuffle_proj = nn.Linear(part, args.dim, bias=False)
+        self.intra_window = (IntraWindowHead(args.dim, self.tokens_per_position, args.norm_eps)
+                             if shuffle.intra_window_head else None)
         # RoPE over window positions: the coarse (n/s) x (n/s) grid, class slots zero as in LlamaGen.
         self.freqs_cis = precompute_freqs_cis_2d(self.position_grid, args.head_dim, args.rope_base, args.cls_token_num)
 
@@ -178,7 +215,8 @@ class TokenShuffleGPT(LlamaGenGPT):
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """LlamaGen's initialisation (N(0, initializer_range), zero LM head) plus zero residual-block outputs."""
         super().init_weights(generator)
-        for block in [*self.shuffle_mlps, *self.unshuffle_mlps]:
+        head = [] if self.intra_window is None else [self.intra_window]
+        for block in [*self.shuffle_mlps, *self.unshuffle_mlps, *head]:
             nn.init.zeros_(block.down.weight)
 
     # ----------------------------------------------------------------- shuffle / unshuffle
@@ -190,12 +228,31 @@ class TokenShuffleGPT(LlamaGenGPT):
         return h
 
     def unshuffle(self, h: torch.Tensor) -> ModelOutput:
-        """Token-unshuffle: last-block hidden (B, L, d) -> logits (B, L, s*s, V) and normed hidden (B, L, s*s, d)."""
+        """Token-unshuffle: last-block hidden (B, L, d) -> logits (B, L, s*s, V) and normed hidden (B, L, s*s, d).
+
+        With the intra-window head, ``extra["window_state"]`` holds the parts' states before the final norm
+        (B, L, s*s, d), the input of :meth:`intra_window_logits`.
+        """
         for block in self.unshuffle_mlps:
             h = block(h)
         parts = h.unflatten(-1, (self.tokens_per_position, -1))  # (B, L, s*s, d/s²), part k = token k
-        h = self.norm(self.unshuffle_proj(parts))
-        return ModelOutput(logits=self.output(h).float(), hidden=h)
+        state = self.unshuffle_proj(parts)
+        h = self.norm(state)
+        extra = {"window_state": state} if self.intra_window is not None else {}
+        return ModelOutput(logits=self.output(h).float(), hidden=h, extra=extra)
+
+    def intra_window_logits(self, state: torch.Tensor, windows: torch.Tensor, part: int | None = None) -> torch.Tensor:
+        """Logits of the intra-window head: part k given its window's state and the window's tokens j < k.
+
+        ``state`` (..., s*s, d) from ``extra["window_state"]``, ``windows`` (..., s*s) token ids (entries
+        j >= k are not read). Returns (..., s*s, V), or (..., V) for one ``part``.
+        """
+        if self.intra_window is None:
+            raise ValueError("this Token-Shuffle model has no intra-window head (trained with "
+                             "intra_window_head: false); sample its windows independently")
+        adjusted = self.intra_window(state, self.tok_embeddings(windows), part)
+        logits = self.output(self.norm(adjusted)).float()
+        return logits if part is None else logits[..., 0, :]
 
     def _run_blocks(self, h, freqs, positions=None, mask=None, kv_len=None) -> ModelOutput:
         for layer in self.layers:
@@ -207,7 +264,9 @@ class TokenShuffleGPT(LlamaGenGPT):
         """Logits (B, n*n, V) in RASTER order predicting every token of ``tokens`` (B, n*n), no cache.
 
         One causal forward over [class, windows 0..P-2]; position p's s*s outputs (window p) come from
-        [class, windows 0..p-1] and are put back in raster order (``hidden`` likewise, (B, n*n, d)).
+        [class, windows 0..p-1] and are put back in raster order (``hidden`` likewise, (B, n*n, d)). With the
+        intra-window head, ``extra["sequential_logits"]`` (B, n*n, V) adds, for part k, the true tokens of
+        parts j < k of its window.
         """
         T = self.cls_token_num
         windows = shuffle_tokens(tokens, self.shuffle_window)
@@ -216,8 +275,12 @@ class TokenShuffleGPT(LlamaGenGPT):
         freqs = self.freqs_cis[: h.shape[1]].to(h.device)[None]
         out = self._run_blocks(h, freqs)
         window = self.shuffle_window
+        extra = {}
+        if self.intra_window is not None:  # every part given the true earlier tokens of its window
+            sequential = self.intra_window_logits(out.extra["window_state"][:, T - 1 :], windows)
+            extra["sequential_logits"] = unshuffle_tokens(sequential, window)
         return ModelOutput(logits=unshuffle_tokens(out.logits[:, T - 1 :], window),
-                           hidden=unshuffle_tokens(out.hidden[:, T - 1 :], window))
+                           hidden=unshuffle_tokens(out.hidden[:, T - 1 :], window), extra=extra)
 
     # ----------------------------------------------------------------- sampler contract
     def setup_cache(self, batch_size: int, max_seq_len: int | None = None, dtype=None, device=None) -> None:
@@ -284,8 +347,9 @@ def suggest_token_shuffle_config(sd: dict) -> str | None:
     s2 = proj.shape[1] // max(proj.shape[0], 1)
     blocks = {side: len({k.split(".")[1] for k in sd if k.startswith(f"{side}.")})
               for side in ("shuffle_mlps", "unshuffle_mlps")}
+    head = any(k.startswith("intra_window.") for k in sd)
     return (f"the weights have window**2 = {s2}, shuffle_blocks={blocks['shuffle_mlps']}, "
-            f"unshuffle_blocks={blocks['unshuffle_mlps']}; build the model with those")
+            f"unshuffle_blocks={blocks['unshuffle_mlps']}, intra_window_head={head}; build the model with those")
 
 
 def load_token_shuffle(
@@ -323,6 +387,6 @@ def load_token_shuffle(
     return model.to(device=device, dtype=dtype).eval()
 
 
-__all__ = ["ResidualMLP", "TokenShuffleArgs", "TokenShuffleGPT", "build_token_shuffle", "export_metadata",
+__all__ = ["IntraWindowHead", "ResidualMLP", "TokenShuffleArgs", "TokenShuffleGPT", "build_token_shuffle", "export_metadata",
            "load_token_shuffle", "make_identity_shuffle", "shuffle_tokens", "suggest_token_shuffle_config",
            "unshuffle_tokens"]

@@ -19,6 +19,14 @@ Guidance schedule (``cfg_schedule``), for step p of P = (n/s)**2 and target scal
   in tokens, this is the paper's ramp over the first half of the visual tokens evaluated at the window's
   first token (2 * p * s*s / N = 2p / P).
 
+Window sampling (``window_sampling``):
+
+* ``"independent"`` (default, the paper's reading above): all s*s tokens from the forward's marginals.
+* ``"sequential"``: token k of the window is drawn after tokens 0..k-1, from the model's intra-window head
+  (``TokenShuffleGPT.intra_window_logits``: the window's state plus the tokens already drawn), guided and
+  filtered like any token. Same forwards; s*s - 1 extra small head calls per step. Needs a model trained
+  with ``intra_window_head``.
+
 The paper uses the half-linear scheduler by default (§5; second-hand summaries), so it is the default here.
 ``cfg_interval`` keeps LlamaGen's token rule (token t guided while t <= cfg_interval + 1), counting tokens in
 generation order: token k of window p is token p * s*s + k.
@@ -36,6 +44,7 @@ from genaccel.models.token_shuffle import unshuffle_tokens
 from genaccel.samplers.base import Sampler, SamplerStats, SamplingOptions, draw, guidance_active, logits_to_probs
 
 CFG_SCHEDULES = ("constant", "half-linear")
+WINDOW_SAMPLING = ("independent", "sequential")
 
 
 @dataclass
@@ -43,18 +52,25 @@ class TokenShuffleOptions(SamplingOptions):
     """Options of ``token-shuffle``: every ``ar`` option per token, plus the guidance schedule over windows."""
 
     cfg_schedule: str = "half-linear"
+    window_sampling: str = "independent"
 
     def validate(self) -> None:
         super().validate()
         if self.cfg_schedule not in CFG_SCHEDULES:
             raise ValueError(f"cfg_schedule must be one of {', '.join(CFG_SCHEDULES)}, got {self.cfg_schedule!r}")
+        if self.window_sampling not in WINDOW_SAMPLING:
+            raise ValueError(f"window_sampling must be one of {', '.join(WINDOW_SAMPLING)}, "
+                             f"got {self.window_sampling!r}")
 
 
 def sampler_cli_options() -> list[tuple[str, dict]]:
     """argparse ``(flag, kwargs)`` pairs of the token-shuffle options."""
     return [("--cfg-schedule", dict(type=str, dest="cfg_schedule", default=None, choices=CFG_SCHEDULES,
                                     help="token-shuffle: guidance over windows, constant or half-linear "
-                                         "(1 -> cfg-scale over the first half; default half-linear)"))]
+                                         "(1 -> cfg-scale over the first half; default half-linear)")),
+            ("--window-sampling", dict(type=str, dest="window_sampling", default=None, choices=WINDOW_SAMPLING,
+                                       help="token-shuffle: the s*s tokens of a step independently (default) or "
+                                            "sequentially through the model's intra-window head"))]
 
 
 def scheduled_cfg_scale(position: int, num_positions: int, target: float, schedule: str) -> float:
@@ -85,33 +101,52 @@ class TokenShuffleSampler(Sampler):
     Options = TokenShuffleOptions
     orders = ("shuffle",)
 
-    def window_probs(self, logits: torch.Tensor, position: int, num_positions: int) -> torch.Tensor:
-        """Distributions (B, s*s, V) of window ``position``'s tokens from its logits ((2B or B), s*s, V)."""
+    def window_probs(
+        self, logits: torch.Tensor, position: int, num_positions: int, per_window: int, part: int | None = None
+    ) -> torch.Tensor:
+        """Distributions (B, m, V) of window ``position``'s tokens from logits ((2B or B), m, V): all m = s*s
+        parts, or the one ``part`` (m = 1)."""
         opts = self.options
         if opts.use_cfg:
             scale = scheduled_cfg_scale(position, num_positions, opts.cfg_scale, opts.cfg_schedule)
-            per_window = logits.shape[1]
-            first = position * per_window
-            token_index = torch.arange(first, first + per_window, device=logits.device)
+            first = position * per_window + (part or 0)
+            token_index = torch.arange(first, first + logits.shape[1], device=logits.device)
             active = guidance_active(token_index, opts.cfg_interval).view(1, -1, 1)
             logits = torch.where(active, combine_cfg(logits, scale, True), logits.chunk(2, dim=0)[0])
         return logits_to_probs(logits, opts)
 
+    def draw_window(self, model, out, index: int, position: int, num_positions: int, generator) -> torch.Tensor:
+        """The s*s tokens (B, s*s) of window ``position`` from the forward output's entry ``index``."""
+        per_window = out.logits.shape[2]
+        if self.options.window_sampling == "independent":
+            return draw(self.window_probs(out.logits[:, index], position, num_positions, per_window), generator)
+        state = out.extra["window_state"][:, index]  # ((2B or B), s*s, d)
+        window = torch.zeros(state.shape[:2], dtype=torch.long, device=state.device)
+        for k in range(per_window):
+            logits = model.intra_window_logits(state, window, k)[:, None]
+            token = draw(self.window_probs(logits, position, num_positions, per_window, k), generator)[:, 0]
+            window[:, k] = token.repeat(window.shape[0] // token.shape[0])  # CFG halves share the window
+        return window[: window.shape[0] // (2 if self.options.use_cfg else 1)]
+
     def _generate(self, model, labels, generator, stats: SamplerStats) -> torch.Tensor:
         s, P = window_layout(model)
+        if self.options.window_sampling == "sequential" and getattr(model, "intra_window", None) is None:
+            raise ValueError("token-shuffle --window-sampling sequential needs a model trained with an "
+                             "intra-window head (intra_window_head: true); this one has none: use independent")
         B, T, device = labels.shape[0], model.cls_token_num, labels.device
         batch_labels = self.batch_labels(model, labels)
         model.setup_cache(batch_labels.shape[0], T + P)
         windows = torch.empty(B, P, s * s, dtype=torch.long, device=device)
         out = stats.target_forward(model.prefill, batch_labels)
-        windows[:, 0] = draw(self.window_probs(out.logits[:, -1], 0, P), generator)
+        windows[:, 0] = self.draw_window(model, out, -1, 0, P, generator)
         for p in range(1, P):
             slot = torch.tensor([T + p - 1], device=device)
             out = stats.target_forward(model.forward_tokens, self.duplicate_for_cfg(windows[:, p - 1 : p]), slot)
-            windows[:, p] = draw(self.window_probs(out.logits[:, 0], p, P), generator)
-        stats.extra.update(cfg_schedule=self.options.cfg_schedule, tokens_per_position=s * s)
+            windows[:, p] = self.draw_window(model, out, 0, p, P, generator)
+        stats.extra.update(cfg_schedule=self.options.cfg_schedule, window_sampling=self.options.window_sampling,
+                           tokens_per_position=s * s)
         return unshuffle_tokens(windows, s)
 
 
-__all__ = ["CFG_SCHEDULES", "TokenShuffleOptions", "TokenShuffleSampler", "sampler_cli_options",
+__all__ = ["CFG_SCHEDULES", "WINDOW_SAMPLING", "TokenShuffleOptions", "TokenShuffleSampler", "sampler_cli_options",
            "scheduled_cfg_scale", "window_layout"]

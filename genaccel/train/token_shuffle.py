@@ -28,31 +28,58 @@ import json
 import time
 
 import torch
+import torch.nn.functional as F
 
 from genaccel.data.skimage_crops import NUM_CLASSES
 from genaccel.models import BUNDLED, load_gpt
 from genaccel.models.llamagen import LlamaGenGPT, ModelArgs
 from genaccel.models.token_shuffle import TokenShuffleArgs, TokenShuffleGPT, export_metadata, load_token_shuffle
 from genaccel.train.common import cosine_lr, start_run
-from genaccel.train.gpt import cached_tokens, heldout_nll, token_ce, train_on_tokens
+from genaccel.train.gpt import cached_tokens, heldout_nll, train_on_tokens
 from genaccel.utils.io import save_json, save_safetensors
 
 DEFAULTS = dict(
     out_dir="checkpoints/token_shuffle", gpt_path=str(BUNDLED["gpt"]), vq_path=str(BUNDLED["vq"]), seed=0,
     steps=1200, batch_size=32, lr=1.0e-3, warmup=80, weight_decay=0.05, threads=2, bf16=False,
     train_per_class=1024, heldout_per_class=64, image_size=64, shuffle_from="", window=2, shuffle_blocks=2, unshuffle_blocks=2,
+    intra_window_head=False,
     dim=256, n_layer=6, n_head=4, multiple_of=256, class_dropout_prob=0.1, token_dropout_p=0.0,
     resid_dropout_p=0.0, ffn_dropout_p=0.0, ckpt_every=50, log_every=25, stop_at=None, max_minutes=55.0,
     export_path="",
 )
 
 
-SHUFFLE_PREFIXES = ("shuffle_proj.", "shuffle_mlps.", "unshuffle_mlps.", "unshuffle_proj.")
+SHUFFLE_PREFIXES = ("shuffle_proj.", "shuffle_mlps.", "unshuffle_mlps.", "unshuffle_proj.", "intra_window.")
 
 
 def shuffle_args(cfg: dict) -> TokenShuffleArgs:
     return TokenShuffleArgs(window=cfg["window"], shuffle_blocks=cfg["shuffle_blocks"],
-                            unshuffle_blocks=cfg["unshuffle_blocks"])
+                            unshuffle_blocks=cfg["unshuffle_blocks"],
+                            intra_window_head=bool(cfg["intra_window_head"]))
+
+
+def token_shuffle_loss(model: TokenShuffleGPT, labels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Next-window cross-entropy; with the intra-window head, plus the head's cross-entropy (true earlier parts)."""
+    out = model.teacher_forced(labels, tokens)
+    loss = F.cross_entropy(out.logits.float().flatten(0, 1), tokens.flatten())
+    if "sequential_logits" in out.extra:
+        loss = loss + F.cross_entropy(out.extra["sequential_logits"].float().flatten(0, 1), tokens.flatten())
+    return loss
+
+
+@torch.no_grad()
+def heldout_sequential_nll(model: TokenShuffleGPT, data: dict) -> float | None:
+    """Held-out NLL (nats/token) of the intra-window head's logits, or None without the head."""
+    if model.intra_window is None:
+        return None
+    model.eval()
+    total, count = 0.0, 0
+    for toks, labs in zip(data["tokens"].split(128), data["labels"].split(128)):
+        logits = model.teacher_forced(labs, toks).extra["sequential_logits"]
+        total += F.cross_entropy(logits.flatten(0, 1), toks.flatten(), reduction="sum").item()
+        count += toks.numel()
+    model.train()
+    return total / count
 
 
 def fresh_model(cfg: dict, vocab_size: int, block_size: int, generator: torch.Generator) -> TokenShuffleGPT:
@@ -102,20 +129,28 @@ def build_model(cfg: dict, data: dict, log) -> TokenShuffleGPT:
     dropout = {k: cfg[k] for k in ("class_dropout_prob", "token_dropout_p", "resid_dropout_p", "ffn_dropout_p")}
     model = token_shuffle_from_gpt(gpt, shuffle_args(cfg), gen, block_size=block_size, **dropout)
     if cfg["shuffle_from"]:
-        copy_shuffle_modules(load_token_shuffle(cfg["shuffle_from"]), model)
-        log.info(f"shuffle / unshuffle modules from {cfg['shuffle_from']}")
+        fresh = copy_shuffle_modules(load_token_shuffle(cfg["shuffle_from"]), model)
+        log.info(f"shuffle / unshuffle modules from {cfg['shuffle_from']}"
+                 + (f"; fresh: {sorted({k.rsplit('.', 2)[0] for k in fresh})}" if fresh else ""))
     return model
 
 
-def copy_shuffle_modules(source: TokenShuffleGPT, target: TokenShuffleGPT) -> None:
-    """Copy ``source``'s shuffle / unshuffle weights into ``target`` (same window, width and block counts)."""
-    if source.shuffle_args != target.shuffle_args or source.args.dim != target.args.dim:
-        raise SystemExit(f"shuffle_from has window/blocks {source.shuffle_args} and dim {source.args.dim}; the "
-                         f"recipe builds {target.shuffle_args} and dim {target.args.dim}: they must match")
-    weights = {k: v for k, v in source.state_dict().items() if k.startswith(SHUFFLE_PREFIXES)}
+def copy_shuffle_modules(source: TokenShuffleGPT, target: TokenShuffleGPT) -> list[str]:
+    """Copy ``source``'s shuffle / unshuffle weights into ``target``; returns the target keys left fresh.
+
+    Window and width must match. A target with fewer residual blocks on a side takes the source's FIRST
+    blocks of that side (the rest are dropped); blocks and an intra-window head the source lacks stay fresh
+    (identity at init). More blocks in the target than in the source is allowed the same way.
+    """
+    if source.shuffle_window != target.shuffle_window or source.args.dim != target.args.dim:
+        raise SystemExit(f"shuffle_from has window {source.shuffle_window} and dim {source.args.dim}; the "
+                         f"recipe builds window {target.shuffle_window} and dim {target.args.dim}: they must match")
+    wanted = target.state_dict()
+    weights = {k: v for k, v in source.state_dict().items() if k.startswith(SHUFFLE_PREFIXES) and k in wanted}
     missing, unexpected = target.load_state_dict(weights, strict=False)
-    if unexpected or any(k.startswith(SHUFFLE_PREFIXES) for k in missing):
-        raise SystemExit(f"shuffle modules do not fit: unexpected {unexpected}, missing {missing}")
+    if unexpected:
+        raise SystemExit(f"shuffle modules do not fit: unexpected {unexpected}")
+    return [k for k in missing if k.startswith(SHUFFLE_PREFIXES)]
 
 
 def make_optimizer(model: TokenShuffleGPT, cfg: dict) -> torch.optim.Optimizer:
@@ -152,9 +187,10 @@ def main(argv: list[str] | None = None) -> dict:
     log.info(f"Token-Shuffle s={model.shuffle_window}: {model.num_positions} positions for {model.num_image_tokens} "
              f"tokens, {params_m:.2f}M params; held-out NLL at init {nll_start:.4f}")
     opt = make_optimizer(model, cfg)
-    step, start = train_on_tokens(model, opt, train, cfg, out / "last.pt", log, "token-shuffle", token_ce,
+    step, start = train_on_tokens(model, opt, train, cfg, out / "last.pt", log, "token-shuffle", token_shuffle_loss,
                                   lambda step: cosine_lr(step, cfg["steps"], cfg["lr"], cfg["warmup"]))
-    metrics = {"heldout_nll_nats": heldout_nll(model, heldout), "heldout_nll_at_init": nll_start, "steps": step,
+    metrics = {"heldout_nll_nats": heldout_nll(model, heldout), "heldout_nll_at_init": nll_start,
+               "heldout_sequential_nll_nats": heldout_sequential_nll(model, heldout), "steps": step,
                "params_m": params_m, "positions": model.num_positions, "image_size": cfg["image_size"],
                "tokens_per_position": model.tokens_per_position, "minutes": (time.time() - start) / 60}
     log.info(f"final {json.dumps(metrics)}")

@@ -205,3 +205,64 @@ def test_wrong_window_in_metadata_names_the_one_the_weights_have(tmp_path):
     path = save_safetensors(model.state_dict(), tmp_path / "bad.safetensors", metadata=meta)
     with pytest.raises(CheckpointError, match=r"window\*\*2 = 4, shuffle_blocks=2, unshuffle_blocks=2"):
         load_token_shuffle(path)
+
+
+# ----------------------------------------------------------------------------- intra-window head
+def head_model(seed: int = 0, random_head: bool = True) -> TokenShuffleGPT:
+    gen = torch.Generator().manual_seed(seed)
+    model = build_token_shuffle(None, TokenShuffleArgs(window=2, intra_window_head=True), dim=32, n_layer=1,
+                                n_head=2, vocab_size=24, num_classes=3, block_size=16, multiple_of=32)
+    model.init_weights(gen)
+    for name, prm in model.named_parameters():
+        if prm.dim() >= 2 and (random_head or not name.startswith("intra_window.down")):
+            torch.nn.init.normal_(prm, 0.0, 0.5, generator=gen)
+    return model.eval()
+
+
+def test_intra_window_part_k_reads_only_the_earlier_tokens_of_its_window():
+    model = head_model()
+    state = torch.randn(2, 3, 4, 32, generator=torch.Generator().manual_seed(1))
+    windows = torch.randint(0, 24, (2, 3, 4), generator=torch.Generator().manual_seed(2))
+    base = model.intra_window_logits(state, windows)
+    for k in range(4):
+        changed = windows.clone()
+        changed[..., k:] = (changed[..., k:] + 5) % 24  # tokens k.. of the window
+        again = model.intra_window_logits(state, changed)
+        assert torch.equal(again[..., : k + 1, :], base[..., : k + 1, :])  # parts <= k do not read them
+        if k < 3:
+            assert not torch.allclose(again[..., k + 1 :, :], base[..., k + 1 :, :])  # later parts do
+        assert torch.allclose(model.intra_window_logits(state, windows, k), base[..., k, :], atol=1e-5)
+
+
+def test_a_fresh_intra_window_head_gives_the_independent_logits():
+    model = head_model(random_head=False)  # intra_window.down at its zero init
+    labels = torch.tensor([0, 2])
+    tokens = torch.randint(0, 24, (2, 16), generator=torch.Generator().manual_seed(3))
+    out = model.teacher_forced(labels, tokens)
+    assert torch.allclose(out.extra["sequential_logits"], out.logits, atol=1e-5)
+
+
+def test_teacher_forced_sequential_logits_match_the_cached_path():
+    """The training objective's intra-window logits equal what a sampler gets from the cache and the head."""
+    model = head_model(seed=4)
+    labels = torch.tensor([1])
+    tokens = torch.randint(0, 24, (1, 16), generator=torch.Generator().manual_seed(5))
+    reference = shuffle_tokens(model.teacher_forced(labels, tokens).extra["sequential_logits"], 2)  # (1, P, 4, V)
+    windows = shuffle_tokens(tokens, 2)
+    model.setup_cache(1)
+    state = [model.prefill(labels).extra["window_state"][:, -1]]
+    for p in range(1, windows.shape[1]):
+        slot = torch.tensor([model.cls_token_num + p - 1])
+        state.append(model.forward_tokens(windows[:, p - 1 : p], slot).extra["window_state"][:, 0])
+    cached = model.intra_window_logits(torch.stack(state, 1), windows)
+    assert torch.allclose(cached, reference, atol=1e-4)
+
+
+def test_export_with_an_intra_window_head_round_trips(tmp_path):
+    model = head_model(seed=6)
+    path = save_safetensors(model.state_dict(), tmp_path / "ts.safetensors", metadata=export_metadata(model))
+    loaded = load_token_shuffle(path)
+    assert loaded.shuffle_args.intra_window_head and loaded.intra_window is not None
+    state = torch.randn(1, 4, 32)
+    windows = torch.randint(0, 24, (1, 4))
+    assert torch.equal(loaded.intra_window_logits(state, windows), model.intra_window_logits(state, windows))

@@ -181,3 +181,63 @@ def test_s1_identity_model_samples_what_ar_samples_on_its_backbone(cfg_scale):
                                                                          torch.Generator().manual_seed(3))
     theirs = build_sampler("ar", **opts).generate(gpt, labels, torch.Generator().manual_seed(3))
     assert torch.equal(ours.tokens, theirs.tokens) and ours.stats.nfe == theirs.stats.nfe == 16
+
+
+# ----------------------------------------------------------------------------- intra-window head
+def tiny_shuffle_with_head(grid: int = 4, seed: int = 0) -> TokenShuffleGPT:
+    """A random s = 2 model with a random (non-identity) intra-window head."""
+    gen = torch.Generator().manual_seed(seed)
+    model = build_token_shuffle(None, TokenShuffleArgs(window=2, intra_window_head=True), dim=32, n_layer=1,
+                                n_head=2, vocab_size=24, num_classes=3, block_size=grid * grid, multiple_of=32)
+    model.init_weights(gen)
+    for prm in model.parameters():
+        if prm.dim() >= 2:
+            torch.nn.init.normal_(prm, 0.0, 0.5, generator=gen)
+    return model.eval()
+
+
+class RecordingHead:
+    """Wraps a model and records every intra-window head call (the window passed, the part, the logits)."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def intra_window_logits(self, state, windows, part=None):
+        logits = self.model.intra_window_logits(state, windows, part)
+        self.calls.append((windows.clone(), part, logits))
+        return logits
+
+
+def test_sequential_greedy_takes_each_token_as_the_argmax_of_the_head_given_the_earlier_ones():
+    model = RecordingHead(tiny_shuffle_with_head())
+    out = TokenShuffleSampler(cfg_scale=1.0, top_k=1, window_sampling="sequential").generate(
+        model, torch.tensor([2]), torch.Generator().manual_seed(0))
+    windows = shuffle_tokens(out.tokens, 2)[0]  # (P, 4)
+    assert len(model.calls) == windows.numel() and out.stats.nfe == windows.shape[0]
+    for i, (fed, part, logits) in enumerate(model.calls):
+        p, k = divmod(i, 4)
+        assert part == k
+        assert torch.equal(fed[0, :k], windows[p, :k])  # the head saw exactly the tokens drawn before
+        assert windows[p, k] == logits[0].argmax()
+
+
+def test_sequential_batch_of_three_equals_three_single_runs_greedy_with_cfg():
+    model = tiny_shuffle_with_head(seed=1)
+    sampler = TokenShuffleSampler(cfg_scale=3.0, top_k=1, window_sampling="sequential")
+    labels = torch.tensor([0, 2, 1])
+    batch = sampler.generate(model, labels, torch.Generator().manual_seed(0)).tokens
+    singles = [sampler.generate(model, labels[i : i + 1], torch.Generator().manual_seed(0)).tokens
+               for i in range(3)]
+    assert torch.equal(batch, torch.cat(singles))
+
+
+def test_sequential_sampling_needs_a_head_and_the_option_is_checked():
+    with pytest.raises(ValueError, match="intra-window head"):
+        TokenShuffleSampler(window_sampling="sequential").generate(
+            tiny_shuffle(4), torch.tensor([0]), torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="window_sampling must be one of"):
+        TokenShuffleOptions(window_sampling="joint").validate()
+    assert any(flag == "--window-sampling" for flag, _ in sampler_cli_options())

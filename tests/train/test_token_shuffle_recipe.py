@@ -52,7 +52,8 @@ def test_three_steps_resume_and_export_loads_strictly(tmp_path):
     model = load_token_shuffle(path)
     assert (model.grid_size, model.num_positions, model.args.dim, model.vocab_size) == (GRID, 4, 32, VOCAB)
     recorded = json.loads((tmp_path / "token_shuffle_metrics.json").read_text())
-    assert recorded["config"]["token_shuffle"] == {"window": 2, "shuffle_blocks": 2, "unshuffle_blocks": 2}
+    assert recorded["config"]["token_shuffle"] == {"window": 2, "shuffle_blocks": 2, "unshuffle_blocks": 2,
+                                                  "intra_window_head": False}
     assert recorded["metrics"]["steps"] == 3
 
 
@@ -111,3 +112,28 @@ def test_a_gpt_initialises_a_model_with_4x_the_tokens_in_its_own_positions(tmp_p
 def test_image_size_other_than_64_or_128_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="image_size must be 64 or 128"):
         recipe.main(tiny_args(tmp_path, "image_size=96"))
+
+
+def test_fewer_blocks_take_the_donors_first_ones_and_a_new_head_stays_fresh(tmp_path):
+    gpt, _ = tiny_gpt_file(tmp_path)
+    gen = torch.Generator().manual_seed(0)
+    donor = recipe.token_shuffle_from_gpt(gpt, TokenShuffleArgs(window=2), gen)  # 2 + 2 blocks, no head
+    for prm in donor.parameters():
+        torch.nn.init.normal_(prm, generator=gen)
+    small = recipe.token_shuffle_from_gpt(
+        gpt, TokenShuffleArgs(window=2, shuffle_blocks=1, unshuffle_blocks=1, intra_window_head=True), gen)
+    fresh = recipe.copy_shuffle_modules(donor, small)
+    assert fresh and all(k.startswith("intra_window.") for k in fresh)
+    for key, value in small.state_dict().items():
+        if key.startswith(recipe.SHUFFLE_PREFIXES[:4]):
+            assert torch.equal(value, donor.state_dict()[key])  # projections and block 0 of each side
+    assert not small.intra_window.down.weight.any()  # the head starts as the identity
+
+
+def test_intra_window_head_recipe_trains_both_objectives_and_exports_the_head(tmp_path):
+    write_fake_token_cache(tmp_path)
+    metrics = recipe.main(tiny_args(tmp_path, "intra_window_head=true", "shuffle_blocks=1", "unshuffle_blocks=1"))
+    assert metrics["heldout_sequential_nll_nats"] is not None
+    model = load_token_shuffle(tmp_path / "token_shuffle.safetensors")
+    assert model.intra_window is not None and model.intra_window.down.weight.abs().sum() > 0  # it was trained
+    assert len(model.shuffle_mlps) == 1 and len(model.unshuffle_mlps) == 1
