@@ -54,6 +54,7 @@ class ModelArgs:
     vocab_size: int = 16384
     cls_token_num: int = 1
     block_size: int = 256
+    layout: str = "2d"  # '2d': n x n token grid, 2-D RoPE (LlamaGen c2i); '1d': a token sequence, 1-D RoPE
 
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
@@ -62,9 +63,16 @@ class ModelArgs:
             raise ValueError(f"model_type={self.model_type!r} is not supported; only class-conditional 'c2i' is.")
         if self.dim % self.n_head:
             raise ValueError(f"dim={self.dim} must be divisible by n_head={self.n_head}.")
+        if self.layout not in ("2d", "1d"):
+            raise ValueError(f"layout={self.layout!r} must be '2d' (token grid) or '1d' (token sequence, e.g. FlexTok)")
+        if self.layout == "1d":
+            if self.block_size < 1 or (self.dim // self.n_head) % 2:
+                raise ValueError("a 1-D model needs block_size >= 1 and an even head_dim (RoPE pairs)")
+            return
         grid = math.isqrt(self.block_size)
         if grid * grid != self.block_size:
-            raise ValueError(f"block_size={self.block_size} must be a square (16x16=256, 24x24=576 tokens).")
+            raise ValueError(f"block_size={self.block_size} must be a square (16x16=256, 24x24=576 tokens), "
+                             "or set layout='1d' for a token sequence")
         if (self.dim // self.n_head) % 4:
             raise ValueError("head_dim must be divisible by 4 for 2-D RoPE (row and column halves of pairs).")
 
@@ -74,7 +82,8 @@ class ModelArgs:
 
     @property
     def grid_size(self) -> int:
-        return math.isqrt(self.block_size)
+        """Side n of the n x n token grid; 0 for a 1-D layout (no 2-D structure, the contract's convention)."""
+        return 0 if self.layout == "1d" else math.isqrt(self.block_size)
 
     @property
     def ffn_hidden(self) -> int:
@@ -169,6 +178,25 @@ def precompute_freqs_cis_2d(grid_size: int, head_dim: int, base: float = 10000, 
     return torch.cat([torch.zeros(cls_token_num, half, 2, device=cpu), table])
 
 
+def precompute_freqs_cis_1d(seq_len: int, head_dim: int, base: float = 10000, cls_token_num: int = 1) -> torch.Tensor:
+    """(cls_token_num + seq_len, head_dim // 2, 2) table of (cos, sin) over token index; class slots zero.
+
+    LlamaGen's 1-D ``precompute_freqs_cis``: pair i of token t turns by t / base**(2i / head_dim).
+    """
+    cpu = torch.device("cpu")
+    freqs = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=cpu)[: head_dim // 2].float() / head_dim))
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=cpu), freqs)
+    table = torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)
+    return torch.cat([torch.zeros(cls_token_num, head_dim // 2, 2, device=cpu), table])
+
+
+def precompute_freqs_cis(args: ModelArgs) -> torch.Tensor:
+    """The RoPE table of a model's layout: 2-D over the token grid, or 1-D over the token sequence."""
+    if args.layout == "1d":
+        return precompute_freqs_cis_1d(args.block_size, args.head_dim, args.rope_base, args.cls_token_num)
+    return precompute_freqs_cis_2d(args.grid_size, args.head_dim, args.rope_base, args.cls_token_num)
+
+
 def apply_rotary_emb(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs of x (B, L, H, D) by freqs (B or 1, L, D/2, 2), in float32.
 
@@ -259,7 +287,7 @@ class LlamaGenGPT(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         # A plain attribute (not a buffer), as in the official code, so state dicts carry no RoPE table.
-        self.freqs_cis = precompute_freqs_cis_2d(args.grid_size, args.head_dim, args.rope_base, args.cls_token_num)
+        self.freqs_cis = precompute_freqs_cis(args)
         self.max_batch_size = -1
         self.max_seq_len = -1
         self.valid_len: torch.Tensor | None = None
@@ -292,7 +320,20 @@ class LlamaGenGPT(nn.Module):
 
     @property
     def num_image_tokens(self) -> int:
-        return self.args.block_size
+        """Tokens a sampler generates: ``block_size``, or the prefix length set by :meth:`set_generation_length`."""
+        return getattr(self, "_generation_length", None) or self.args.block_size
+
+    def set_generation_length(self, k: int | None) -> None:
+        """Generate only the first k tokens of a 1-D sequence (FlexTok: any prefix decodes); None = all.
+
+        Only a 1-D model allows it: a prefix of a 2-D grid is not an image.
+        """
+        if k is not None and self.args.layout != "1d":
+            raise ValueError("a generation length shorter than the model's sequence needs a 1-D model "
+                             "(--num-tokens is for --model flextok); a 2-D grid needs all its tokens")
+        if k is not None and not 1 <= k <= self.args.block_size:
+            raise ValueError(f"--num-tokens must lie in [1, {self.args.block_size}] (the model's sequence), got {k}")
+        self._generation_length = k
 
     @property
     def hidden_dim(self) -> int:

@@ -72,6 +72,9 @@ class JacobiDrafter:
         fresh = torch.randint(V, (B, count), generator=state.generator, device=device)
         if self.init == "random":
             return fresh
+        if not grid:
+            raise ValueError("draft init 'repeat_horizon' copies the token to the left in an image row and needs a "
+                             "2-D token grid; this model is a 1-D sequence (grid_size 0): pass --init random")
         left = self.tokens[:, -1] if self.tokens.shape[1] else state.tokens[:, state.n - 1]
         first = state.n + self.tokens.shape[1]
         for i in range(count):

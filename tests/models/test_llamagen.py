@@ -206,3 +206,52 @@ def test_contract_errors_are_clear():
         ModelArgs(block_size=200)
     with pytest.raises(ValueError, match="unknown GPT preset"):
         ModelArgs.from_name("GPT-Q")
+
+
+# ----------------------------------------------------------------------------- 1-D layout (FlexTok tokens)
+def tiny_1d(seq_len: int = 12) -> LlamaGenGPT:
+    torch.manual_seed(0)
+    model = build_gpt(None, dim=32, n_layer=2, n_head=2, vocab_size=50, num_classes=6, block_size=seq_len,
+                      multiple_of=32, layout="1d", token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0)
+    model.init_weights(torch.Generator().manual_seed(0))
+    for prm in model.parameters():
+        torch.nn.init.normal_(prm, 0.0, 0.3)
+    return model.eval()
+
+
+def test_1d_rope_table_is_llamagens_1d_formula_and_grid_size_is_zero():
+    model = tiny_1d(12)  # 12 tokens: not a square, allowed in 1-D
+    assert model.grid_size == 0 and model.num_image_tokens == 12
+    table = model.freqs_cis.double()
+    head_dim = 16
+    for t in (0, 3, 11):
+        for i in range(head_dim // 2):
+            angle = t / 10000 ** (2 * i / head_dim)
+            assert table[1 + t, i].tolist() == pytest.approx([math.cos(angle), math.sin(angle)], abs=1e-6)
+    assert torch.all(table[0] == 0)  # the class slot
+
+
+def test_1d_kv_cache_equals_teacher_forced_and_a_generation_length_is_a_prefix():
+    model = tiny_1d(12)
+    labels, tokens = torch.tensor([0, 5]), torch.randint(0, 50, (2, 12))
+    full = model.teacher_forced(labels, tokens).logits
+    model.setup_cache(2)
+    steps = [model.prefill(labels).logits]
+    for t in range(11):
+        steps.append(model.forward_tokens(tokens[:, t : t + 1], torch.tensor([1 + t])).logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0, atol=1e-5)
+    model.set_generation_length(5)
+    assert model.num_image_tokens == 5
+    model.set_generation_length(None)
+    assert model.num_image_tokens == 12
+
+
+def test_1d_options_are_checked():
+    with pytest.raises(ValueError, match="layout"):
+        ModelArgs(dim=32, n_head=2, layout="3d")
+    with pytest.raises(ValueError, match="must be a square"):
+        ModelArgs(dim=32, n_head=2, block_size=12)
+    with pytest.raises(ValueError, match="needs a 1-D model"):
+        tiny().set_generation_length(4)
+    with pytest.raises(ValueError, match=r"--num-tokens must lie in \[1, 12\]"):
+        tiny_1d(12).set_generation_length(13)
