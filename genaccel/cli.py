@@ -18,6 +18,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,9 @@ def build_sample_parser(prog: str = "genaccel sample") -> argparse.ArgumentParse
     p.add_argument("--gpt-model", default=None,
                    help="GPT preset for --ckpt (GPT-B, GPT-L, ...; NAR-B, ... for --model nar) (default: inferred)")
     p.add_argument("--image-size", type=int, default=None, help="image size for --ckpt (256 -> 16x16 tokens)")
+    p.add_argument("--num-tokens", type=int, default=None,
+                   help="--model flextok: generate and decode the first K of its 1-D tokens, K forwards "
+                        "(default: all 64)")
     p.add_argument("--classes", type=int, nargs="+", default=None, help="class ids (cycled to --num-images)")
     p.add_argument("--num-images", type=int, default=None, help="number of images (default: one per class given)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same images (default: 0)")
@@ -278,6 +282,16 @@ def _umask() -> int:
     return mask
 
 
+def family_defaults(args: argparse.Namespace, file_opts: dict[str, Any]) -> dict[str, Any]:
+    """The --sampler-config options over the model family's own sampler defaults (pipeline.Family), those
+    limited to options the chosen sampler has; typed flags win over both (sampler_options)."""
+    from genaccel.pipeline import FAMILIES
+
+    known = {f.name for f in fields(sampler_class(args.sampler).Options)}
+    own = {k: v for k, v in FAMILIES[args.model].sampler_defaults.items() if k in known}
+    return {**own, **file_opts}
+
+
 def run_sample(argv: list[str] | None = None, prog: str = "genaccel sample") -> dict:
     from genaccel.pipeline import labels_for, load_model
 
@@ -294,9 +308,10 @@ def run_sample(argv: list[str] | None = None, prog: str = "genaccel sample") -> 
     check_device(args.device)
     out = Path(args.out)
     check_out(out, args.overwrite)
-    sampler = sampler_class(args.sampler)(**sampler_options(args, specs, file_opts))
+    sampler = sampler_class(args.sampler)(**sampler_options(args, specs, family_defaults(args, file_opts)))
     pipe = load_model(args.model, ckpt=args.ckpt, vq_ckpt=args.vq_ckpt, gpt_model=args.gpt_model,
-                      image_size=args.image_size, device=args.device, dtype=DTYPES[args.dtype])
+                      image_size=args.image_size, device=args.device, dtype=DTYPES[args.dtype],
+                      num_tokens=args.num_tokens)
     num_images = args.num_images or (len(args.classes) if args.classes else pipe.num_classes)
     labels = labels_for(pipe.num_classes, args.classes, num_images)
     all_images, totals = [], {"nfe": 0, "wall_time_s": 0.0, "tokens": 0}

@@ -23,16 +23,21 @@ from genaccel.models import (
 )
 from genaccel.models.contract import check_labels
 from genaccel.samplers import Sampler, SamplerStats
+from genaccel.tokenizers.flex import FlexTokenizer, load_flextok
 from genaccel.utils.io import stored_path
 
 
 class Family(NamedTuple):
-    """A model family: the loader of its generator checkpoint, its bundled asset kinds and default sampler."""
+    """A model family: the loader of its generator checkpoint, its bundled asset kinds and default sampler,
+    its tokenizer kind ('vq': a 2-D VQ grid; 'flextok': ordered 1-D tokens, any prefix decodes) and the
+    sampler options it changes from the samplers' defaults (flags and --sampler-config still win)."""
 
     loader: Callable
     asset: str
     sampler: str
     vq_asset: str = "vq"
+    tokenizer: str = "vq"
+    sampler_defaults: dict = {}
 
 
 # The 64x64 families decode with the bundled VQ; the 128x128 Token-Shuffle model with the bundled VQ
@@ -42,6 +47,9 @@ FAMILIES = {
     "nar": Family(load_nar, "nar", "nar"),
     "token-shuffle": Family(load_token_shuffle, "token_shuffle", "token-shuffle"),
     "token-shuffle-128": Family(load_token_shuffle, "token_shuffle_128", "token-shuffle", "vq_128"),
+    # 1-D tokens: SJD/GSD's 'repeat_horizon' draft init copies the token to the LEFT in an image row, which a
+    # sequence does not have, so Jacobi drafts start random (SJD's Lumina-mGPT / GSD setting).
+    "flextok": Family(load_gpt, "gpt_flextok", "ar", "flextok", "flextok", {"init": "random"}),
 }
 MODELS = tuple(FAMILIES)
 
@@ -55,8 +63,10 @@ def default_sampler(family: str) -> str:
 
 @dataclass
 class ImagePipeline:
+    """A generator and its tokenizer: a VQ (2-D token grid) or a FlexTok tokenizer (1-D prefix tokens)."""
+
     gpt: LlamaGenGPT
-    vq: VQModel
+    vq: VQModel | FlexTokenizer
     name: str = "llamagen"
     info: dict = field(default_factory=dict)
 
@@ -66,13 +76,30 @@ class ImagePipeline:
 
     @property
     def image_size(self) -> int:
+        if isinstance(self.vq, FlexTokenizer):
+            return self.vq.args.image_size
         return self.gpt.grid_size * self.vq.downsample
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Tokens (B, N) -> uint8 images (B, H, W, 3), LlamaGen's ``clamp(127.5 x + 128)`` mapping."""
-        images = self.vq.decode(tokens.to(next(self.vq.parameters()).device), grid=(self.gpt.grid_size,) * 2)
+        """Tokens (B, N) -> uint8 images (B, H, W, 3), LlamaGen's ``clamp(127.5 x + 128)`` mapping.
+
+        FlexTok tokens are a prefix (B, k), decoded by the tokenizer's default (one-pass) decoder.
+        """
+        tokens = tokens.to(next(self.vq.parameters()).device)
+        if isinstance(self.vq, FlexTokenizer):
+            images = self.vq.detokenize(tokens)
+        else:
+            images = self.vq.decode(tokens, grid=(self.gpt.grid_size,) * 2)
         return torch.clamp(127.5 * images.float() + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+    def prepare_sampler(self, sampler: Sampler) -> Sampler:
+        """Give a LANTERN / GSD sampler this tokenizer's code vectors when no --codebook was named: the FSQ
+        codes of a FlexTok tokenizer (the VQ default already is the bundled VQ's codebook)."""
+        wants = hasattr(sampler, "set_codebook") and not getattr(sampler.options, "codebook", "")
+        if wants and isinstance(self.vq, FlexTokenizer):
+            sampler.set_codebook(self.vq.codebook_vectors())
+        return sampler
 
     def generate_batches(
         self,
@@ -84,6 +111,7 @@ class ImagePipeline:
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, SamplerStats]]:
         """Yield (labels, uint8 images, stats) per batch; batch i draws from a generator seeded ``seed + i``."""
         device = next(self.gpt.parameters()).device
+        self.prepare_sampler(sampler)
         chunks = labels.split(batch_size)
         for i, chunk in enumerate(tqdm(chunks, desc=f"sampling ({sampler.name})", disable=not progress)):
             gen = torch.Generator(device=device).manual_seed(seed + i)
@@ -99,12 +127,21 @@ def load_model(
     image_size: int | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    num_tokens: int | None = None,
 ) -> ImagePipeline:
-    """Build a pipeline; without checkpoints it loads the bundled model trained in this repo."""
+    """Build a pipeline; without checkpoints it loads the bundled model trained in this repo.
+
+    ``num_tokens`` (FlexTok only): generate and decode the first k of the model's tokens (k forwards).
+    """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(MODELS)}")
     family = FAMILIES[name]
+    if num_tokens is not None and family.tokenizer != "flextok":
+        raise ValueError(f"--num-tokens chooses how many 1-D FlexTok tokens to generate: use it with --model "
+                         f"flextok (model {name!r} has a 2-D token grid that needs all its tokens)")
     vq_path = vq_ckpt or require_bundled(family.vq_asset)
+    if family.tokenizer == "flextok":
+        return _load_flextok_pipeline(name, family, ckpt, vq_path, device, dtype, num_tokens)
     vq = load_vq(vq_path, device=device)
     gpt_path = ckpt or require_bundled(family.asset)
     size = image_size or (256 if ckpt else 64)
@@ -116,6 +153,23 @@ def load_model(
         raise ValueError(f"GPT vocab_size {gpt.vocab_size} != VQ codebook_size {vq.args.codebook_size}: mismatched pair")
     info = {"gpt": stored_path(gpt_path), "vq": stored_path(vq_path), "bundled": ckpt is None}
     return ImagePipeline(gpt=gpt, vq=vq, name=name, info=info)
+
+
+def _load_flextok_pipeline(name, family, ckpt, tokenizer_path, device, dtype, num_tokens) -> ImagePipeline:
+    """A 1-D GPT over FlexTok tokens and the tokenizer that decodes any prefix of them."""
+    tokenizer = load_flextok(tokenizer_path, device=device)
+    gpt_path = ckpt or require_bundled(family.asset)
+    gpt = family.loader(gpt_path, device=device, dtype=dtype)
+    if gpt.grid_size != 0:
+        raise ValueError(f"{gpt_path} is a 2-D GPT (grid {gpt.grid_size}x{gpt.grid_size}); --model flextok needs a "
+                         "1-D GPT trained on FlexTok tokens (docs/models.md, configs/train/gpt_flextok.yaml)")
+    if gpt.vocab_size != tokenizer.vocab_size or gpt.num_image_tokens > tokenizer.num_tokens:
+        raise ValueError(f"GPT (vocab {gpt.vocab_size}, {gpt.num_image_tokens} tokens) does not fit the FlexTok "
+                         f"tokenizer (vocab {tokenizer.vocab_size}, K = {tokenizer.num_tokens}): mismatched pair")
+    gpt.set_generation_length(num_tokens)
+    info = {"gpt": stored_path(gpt_path), "vq": stored_path(tokenizer_path), "bundled": ckpt is None,
+            "num_tokens": gpt.num_image_tokens}
+    return ImagePipeline(gpt=gpt, vq=tokenizer, name=name, info=info)
 
 
 def labels_for(num_classes: int, classes: list[int] | None, num_images: int) -> torch.Tensor:

@@ -23,6 +23,8 @@ BUNDLED = {
     "nar": ASSETS / "nar_tiny.safetensors",
     "token_shuffle": ASSETS / "token_shuffle_tiny.safetensors",
     "token_shuffle_128": ASSETS / "token_shuffle_128_tiny.safetensors",
+    "flextok": ASSETS / "flextok_tiny.safetensors",
+    "gpt_flextok": ASSETS / "llamagen_tiny_gpt_flextok.safetensors",
 }
 
 

@@ -27,8 +27,15 @@ Pass ``decoder="flow"`` for the flow decoder.
 
 Choices the papers and reference code leave open, and what this file does:
 
-1. No VAE stage: the tokenizer works on pixels (64x64 crops, patch 8 -> 64 patches of 192 values).
-   FlexTok runs on frozen SDXL-VAE latents; a pretrained VAE cannot be fetched here (§8).
+1. The first stage (``latent``). FlexTok tokenizes frozen SDXL-VAE latents; no pretrained VAE can be
+   fetched here, so ``latent='vq'`` uses the bundled VQ (trained in this repo, tokenizers.md §8's "tiny
+   self-trained conv AE") as the frozen first stage: the tokenizer reads and reconstructs its quantised
+   latent z_q (16x16x8 for a 64x64 crop; patch 2 -> 64 patches of 32 values), and pixels come from the VQ's
+   decoder. z_q holds unit-norm codebook vectors, so it is scaled by sqrt(codebook_embed_dim) to unit
+   variance per channel (FlexTok scales VAE latents the same way before the flow). The VQ's weights are
+   part of the tokenizer (``vae.*``; its config in ``vq``), so an export is self-contained.
+   ``latent='pixels'`` (default) works on pixels directly (patch 8 -> 64 patches of 192 values); it learns
+   much more slowly in a CPU budget (docs/models.md).
 2. Transformer blocks: pre-LayerNorm, multi-head SDPA attention with QK-LayerNorm (as FlexTok's trunk),
    GELU MLP (ratio 4), with biases; no SwiGLU, no muP. Init as MAE / DiT (xavier-uniform linears, see
    :func:`init_weights`), learned tokens trunc-normal(0.02), and FlexTok's zero-initialised code head.
@@ -56,6 +63,10 @@ Choices the papers and reference code leave open, and what this file does:
    tokens alike (FlexTok modulates the two sub-sequences separately). Left out: the CFG null condition,
    the REPA loss (needs a pretrained DINOv2) and FSQ token corruption / quantisation dropout (FlexTok's
    released values for them are unknown).
+7. Code head init (``code_init_std``). FlexTok zero-initialises it, so every token starts as the same
+   centre code and the decoder first learns to ignore the tokens. A small N(0, 0.02) head (latents of std
+   ~0.2 after the LayerNorm, about one FSQ level) starts them spread over a few codes; on the bundled crops
+   it gave a lower held-out error after 200 steps (MSE 0.087 vs 0.092, k = 64), so the bundled recipe uses it.
 """
 
 from __future__ import annotations
@@ -72,10 +83,12 @@ import torch.nn.functional as F
 from vector_quantize_pytorch import FSQ
 
 from genaccel.models.loading import CheckpointError, config_from_metadata, load_strict, read_state_dict
+from genaccel.tokenizers.vq import VQArgs, VQModel
 
 BUNDLED_FLEXTOK = Path(__file__).resolve().parent.parent / "assets" / "flextok_tiny.safetensors"
 RECIPE = "python -m genaccel.train flextok --config configs/train/flextok.yaml"
 SCHEDULES = ("pow2", "uniform")
+LATENTS = ("pixels", "vq")
 DECODERS = ("both", "direct", "flow")
 
 
@@ -94,11 +107,19 @@ class FlexTokArgs:
     rtp: bool = False  # ReTok's Redundant Token Padding (training-time padding registers)
     rtp_tokens: int = 0  # M padding registers; 0 = K - K // 8
     decoders: str = "both"  # 'direct' | 'flow' | 'both'
+    latent: str = "pixels"  # 'pixels' | 'vq': what the tokenizer reads and reconstructs (note 1)
+    code_init_std: float = 0.0  # code head init: 0 = FlexTok's zero init; > 0 = N(0, std) (note 7)
+    vq: dict = field(default_factory=dict)  # VQArgs fields of the frozen first stage (latent 'vq')
 
     def validate(self) -> None:
         problems = []
-        if self.image_size % self.patch_size:
-            problems.append(f"patch_size {self.patch_size} must divide image_size {self.image_size}")
+        if self.latent not in LATENTS:
+            raise ValueError(f"invalid FlexTokArgs: latent must be one of {LATENTS}, got {self.latent!r}")
+        if self.latent == "vq" and not self.vq:
+            raise ValueError("invalid FlexTokArgs: latent 'vq' needs the VQ's config in 'vq' (the recipe's vq_path)")
+        if self.image_size % self.downsample or self.input_size % self.patch_size:
+            problems.append(f"patch_size {self.patch_size} must divide the input side {self.input_size} "
+                            f"(image_size {self.image_size} / downsample {self.downsample})")
         if self.width % self.heads or (self.width // self.heads) % 2:
             problems.append(f"width {self.width} must split into {self.heads} heads of even size")
         if self.width % 4:
@@ -116,12 +137,26 @@ class FlexTokArgs:
             raise ValueError("invalid FlexTokArgs: " + "; ".join(problems))
 
     @property
+    def downsample(self) -> int:
+        """Pixels per input cell: 1 on pixels, the VQ's downsample on its latent."""
+        return VQArgs(**self.vq).downsample if self.latent == "vq" else 1
+
+    @property
+    def input_size(self) -> int:
+        """Side of the array the encoder reads and the decoders produce."""
+        return self.image_size // self.downsample
+
+    @property
+    def input_channels(self) -> int:
+        return VQArgs(**self.vq).codebook_embed_dim if self.latent == "vq" else 3
+
+    @property
     def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
+        return (self.input_size // self.patch_size) ** 2
 
     @property
     def patch_dim(self) -> int:
-        return 3 * self.patch_size**2
+        return self.input_channels * self.patch_size**2
 
     @property
     def code_dim(self) -> int:
@@ -161,17 +196,17 @@ FLEXTOK_PRESETS: dict[str, dict] = {
 
 
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
-    """(B, 3, H, W) -> (B, H/p * W/p, 3 p p) in raster order of patches."""
+    """(B, C, H, W) -> (B, H/p * W/p, C p p) in raster order of patches."""
     b, c, h, w = images.shape
     x = images.reshape(b, c, h // patch, patch, w // patch, patch)
     return x.permute(0, 2, 4, 1, 3, 5).reshape(b, (h // patch) * (w // patch), c * patch * patch)
 
 
-def unpatchify(patches: torch.Tensor, patch: int, size: int) -> torch.Tensor:
-    """Inverse of :func:`patchify` for square ``size`` x ``size`` images."""
+def unpatchify(patches: torch.Tensor, patch: int, size: int, channels: int = 3) -> torch.Tensor:
+    """Inverse of :func:`patchify` for square ``size`` x ``size`` arrays of ``channels`` channels."""
     b, g = patches.shape[0], size // patch
-    x = patches.reshape(b, g, g, 3, patch, patch)
-    return x.permute(0, 3, 1, 4, 2, 5).reshape(b, 3, size, size)
+    x = patches.reshape(b, g, g, channels, patch, patch)
+    return x.permute(0, 3, 1, 4, 2, 5).reshape(b, channels, size, size)
 
 
 def sincos_1d(positions: torch.Tensor, dim: int) -> torch.Tensor:
@@ -319,7 +354,7 @@ class RegisterEncoder(nn.Module):
         self.args = args
         w = args.width
         self.patch_in = nn.Linear(args.patch_dim, w)
-        self.register_buffer("patch_pos", sincos_2d(args.image_size // args.patch_size, w), persistent=False)
+        self.register_buffer("patch_pos", sincos_2d(args.input_size // args.patch_size, w), persistent=False)
         self.registers = nn.Parameter(torch.empty(args.num_tokens, w))
         if args.num_padding_tokens:
             self.padding_pos = nn.Parameter(torch.empty(args.num_padding_tokens, w))
@@ -329,8 +364,10 @@ class RegisterEncoder(nn.Module):
         init_weights(self)
         nn.init.trunc_normal_(self.registers, std=0.02)
         # Zero-init code head (FlexTok's LinearHead): latents start at the centre of the FSQ range; a
-        # xavier head starts them in tanh's saturated tails, where most codes are never reached.
+        # xavier head starts them in tanh's saturated tails, where most codes are never reached (note 7).
         nn.init.zeros_(self.to_code.weight)
+        if args.code_init_std > 0:
+            nn.init.normal_(self.to_code.weight, 0.0, args.code_init_std)
         if args.num_padding_tokens:
             nn.init.trunc_normal_(self.padding_pos, std=0.02)
 
@@ -343,7 +380,7 @@ class RegisterEncoder(nn.Module):
         return torch.cat([self.registers, padding[: count - k]])
 
     def forward(self, images: torch.Tensor, count: int) -> torch.Tensor:
-        """Images (B, 3, H, W) -> (B, count, code_dim) continuous register outputs."""
+        """Inputs (B, C, S, S) (images or first-stage latents) -> (B, count, code_dim) register outputs."""
         patches = self.patch_in(patchify(images, self.args.patch_size)) + self.patch_pos
         registers = self.queries(count)[None].expand(images.shape[0], -1, -1)
         x = torch.cat([patches, registers], dim=1)
@@ -381,7 +418,7 @@ class DirectDecoder(nn.Module):
         w = args.width
         self.tokens = TokenConditioning(args)
         self.image_query = nn.Parameter(torch.empty(w))
-        self.register_buffer("patch_pos", sincos_2d(args.image_size // args.patch_size, w), persistent=False)
+        self.register_buffer("patch_pos", sincos_2d(args.input_size // args.patch_size, w), persistent=False)
         self.blocks = nn.ModuleList(Block(w, args.heads, args.mlp_ratio) for _ in range(args.decoder_depth))
         self.norm = nn.LayerNorm(w, eps=1e-6)
         self.to_pixels = nn.Linear(w, args.patch_dim)
@@ -389,13 +426,14 @@ class DirectDecoder(nn.Module):
         nn.init.trunc_normal_(self.image_query, std=0.02)
 
     def forward(self, codes: torch.Tensor, keep_k: torch.Tensor) -> torch.Tensor:
-        """Codes (B, L, code_dim) of which the first keep_k[b] count -> images (B, 3, H, W), unclamped."""
+        """Codes (B, L, code_dim) of which the first keep_k[b] count -> inputs (B, C, S, S) (pixels or latent)."""
         queries = (self.image_query + self.patch_pos)[None].expand(codes.shape[0], -1, -1)
         x = torch.cat([queries, self.tokens(codes, keep_k)], dim=1)
         for block in self.blocks:
             x = block(x)
         n = self.args.num_patches
-        return unpatchify(self.to_pixels(self.norm(x[:, :n])), self.args.patch_size, self.args.image_size)
+        a = self.args
+        return unpatchify(self.to_pixels(self.norm(x[:, :n])), a.patch_size, a.input_size, a.input_channels)
 
 
 class FlowDecoder(nn.Module):
@@ -407,7 +445,7 @@ class FlowDecoder(nn.Module):
         w = args.width
         self.tokens = TokenConditioning(args)
         self.patch_in = nn.Linear(args.patch_dim, w)
-        self.register_buffer("patch_pos", sincos_2d(args.image_size // args.patch_size, w), persistent=False)
+        self.register_buffer("patch_pos", sincos_2d(args.input_size // args.patch_size, w), persistent=False)
         self.time_mlp = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, w))
         self.blocks = nn.ModuleList(Block(w, args.heads, args.mlp_ratio, adaln=True) for _ in range(args.decoder_depth))
         self.norm = nn.LayerNorm(w, eps=1e-6, elementwise_affine=False)
@@ -422,7 +460,7 @@ class FlowDecoder(nn.Module):
     def forward(
         self, x_t: torch.Tensor, sigma: torch.Tensor, codes: torch.Tensor, keep_k: torch.Tensor
     ) -> torch.Tensor:
-        """Noised images (B, 3, H, W) at noise level sigma (B,) -> predicted velocity noise - x (B, 3, H, W)."""
+        """Noised inputs (B, C, S, S) at noise level sigma (B,) -> predicted velocity noise - x (same shape)."""
         p, n = self.args.patch_size, self.args.num_patches
         cond = self.time_mlp(timestep_embedding(sigma, self.args.width))
         patches = self.patch_in(patchify(x_t, p)) + self.patch_pos
@@ -430,7 +468,8 @@ class FlowDecoder(nn.Module):
         for block in self.blocks:
             x = block(x, cond=cond)
         shift, scale = self.final_modulation(F.silu(cond)).chunk(2, dim=-1)
-        return unpatchify(self.to_velocity(modulate(self.norm(x[:, :n]), shift, scale)), p, self.args.image_size)
+        velocity = self.to_velocity(modulate(self.norm(x[:, :n]), shift, scale))
+        return unpatchify(velocity, p, self.args.input_size, self.args.input_channels)
 
 
 def euler_sigmas(steps: int) -> list[float]:
@@ -468,6 +507,8 @@ class FlexTokenizer(nn.Module):
         self.args = args
         self.encoder = RegisterEncoder(args)
         self.fsq = FSQ(levels=list(args.fsq_levels))
+        if args.latent == "vq":  # the frozen first stage (note 1)
+            self.vae = VQModel(VQArgs(**args.vq)).eval().requires_grad_(False)
         if args.decoders in ("both", "direct"):
             self.direct = DirectDecoder(args)
         if args.decoders in ("both", "flow"):
@@ -476,6 +517,31 @@ class FlexTokenizer(nn.Module):
     @property
     def num_tokens(self) -> int:
         return self.args.num_tokens
+
+    def train(self, mode: bool = True) -> FlexTokenizer:
+        """As ``nn.Module.train``, but the frozen first stage always stays in eval mode."""
+        super().train(mode)
+        if hasattr(self, "vae"):
+            self.vae.eval()
+        return self
+
+    @property
+    def latent_scale(self) -> float:
+        """z_q holds unit-norm vectors: sqrt(C) gives unit variance per channel (note 1)."""
+        return math.sqrt(self.args.input_channels)
+
+    @torch.no_grad()
+    def images_to_input(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, S, S) in [-1, 1] -> what the tokenizer reads: the images, or the VQ's scaled z_q."""
+        if not hasattr(self, "vae"):
+            return images
+        return self.vae.quantize_images(images).z_q * self.latent_scale
+
+    def input_to_images(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`images_to_input` up to the first stage's reconstruction (VQ decoder)."""
+        if not hasattr(self, "vae"):
+            return x
+        return self.vae.decode_latent(x / self.latent_scale)
 
     @property
     def vocab_size(self) -> int:
@@ -509,7 +575,7 @@ class FlexTokenizer(nn.Module):
         k = self.num_tokens if k is None else k
         if not 1 <= k <= self.num_tokens:
             raise ValueError(f"k must lie in [1, {self.num_tokens}], got {k}")
-        return self.quantize(self.encoder(images, k))[1]
+        return self.quantize(self.encoder(self.images_to_input(images), k))[1]
 
     def padded_codes(self, tokens: torch.Tensor | list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Prefixes (a (B, k) tensor, or a list of 1D tensors of lengths k_b) -> codes (B, L, code_dim) padded
@@ -533,9 +599,9 @@ class FlexTokenizer(nn.Module):
     def sample_flow(
         self, codes: torch.Tensor, keep_k: torch.Tensor, steps: int, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """Euler-integrate the flow decoder from noise (sigma 1) to an image (sigma 0) in ``steps`` steps."""
-        s = self.args.image_size
-        x = torch.randn(codes.shape[0], 3, s, s, generator=generator, device=codes.device)
+        """Euler-integrate the flow decoder from noise (sigma 1) to an input (sigma 0) in ``steps`` steps."""
+        s, c = self.args.input_size, self.args.input_channels
+        x = torch.randn(codes.shape[0], c, s, s, generator=generator, device=codes.device)
         scheduler = flow_scheduler(steps)
         for i, t in enumerate(scheduler.timesteps):
             sigma = scheduler.sigmas[i].to(codes.device).expand(codes.shape[0])
@@ -556,12 +622,12 @@ class FlexTokenizer(nn.Module):
         kind = self.decoder_kind(decoder)
         codes, keep_k = self.padded_codes(tokens)
         if kind == "direct":
-            images = self.direct(codes, keep_k)
+            x = self.direct(codes, keep_k)
         else:
             if steps < 1:
                 raise ValueError(f"steps must be >= 1, got {steps}")
-            images = self.sample_flow(codes, keep_k, steps, generator)
-        return images.clamp(-1, 1)
+            x = self.sample_flow(codes, keep_k, steps, generator)
+        return self.input_to_images(x).clamp(-1, 1)
 
     def training_losses(self, images: torch.Tensor, generator: torch.Generator | None = None) -> TrainingLosses:
         """Both decoder objectives on one batch, with nested dropout over L = K + M encoded tokens.
@@ -569,18 +635,19 @@ class FlexTokenizer(nn.Module):
         Here, not in the recipe, because which prefix lengths are trained (the schedule, RTP) is part of
         what the tokens mean.
         """
-        codes, indices = self.quantize(self.encoder(images, self.args.train_length))
+        x = self.images_to_input(images)  # the reconstruction target: pixels, or the first stage's latent
+        codes, indices = self.quantize(self.encoder(x, self.args.train_length))
         keep_k = sample_keep_k(images.shape[0], self.args.train_length, self.args.nested_dropout, generator)
         keep_k = keep_k.to(images.device)
         direct_mse = flow_mse = None
         if hasattr(self, "direct"):
-            direct_mse = F.mse_loss(self.direct(codes, keep_k), images)
+            direct_mse = F.mse_loss(self.direct(codes, keep_k), x)
         if hasattr(self, "flow"):
             b = images.shape[0]
-            noise = torch.randn(images.shape, generator=generator).to(images.device)
+            noise = torch.randn(x.shape, generator=generator).to(images.device)
             sigma = torch.sigmoid(torch.randn(b, generator=generator)).to(images.device)  # logit-normal
-            x_t = sigma[:, None, None, None] * noise + (1 - sigma[:, None, None, None]) * images
-            flow_mse = F.mse_loss(self.flow(x_t, sigma, codes, keep_k), noise - images)
+            x_t = sigma[:, None, None, None] * noise + (1 - sigma[:, None, None, None]) * x
+            flow_mse = F.mse_loss(self.flow(x_t, sigma, codes, keep_k), noise - x)
         return TrainingLosses(direct_mse, flow_mse, indices, keep_k)
 
 

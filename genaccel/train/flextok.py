@@ -29,7 +29,7 @@ from genaccel.utils.io import save_json, save_safetensors
 
 MAX_MINUTES = 45.0
 MODEL_FIELDS = ("image_size", "patch_size", "width", "depth", "decoder_depth", "heads", "mlp_ratio", "num_tokens",
-                "fsq_levels", "nested_dropout", "rtp", "rtp_tokens", "decoders")
+                "fsq_levels", "nested_dropout", "rtp", "rtp_tokens", "decoders", "code_init_std")
 DEFAULTS = dict(
     out_dir="checkpoints/flextok", seed=0, steps=1600, batch_size=32, lr=1e-3, warmup=100, weight_decay=0.05,
     threads=1, flow_weight=1.0, direct_weight=1.0, ckpt_every=100, log_every=50, stop_at=None,

@@ -4,6 +4,10 @@ Sequence = [class, z_0 .. z_254], targets z_0 .. z_255, plain cross-entropy; lab
 class with probability ``class_dropout_prob`` so classifier-free guidance works; AdamW with betas
 (0.9, 0.95) and grad clip 1.0 as upstream. Tokens of augmented training crops are computed once with the
 trained VQ and cached next to the checkpoint.
+
+``vq_path`` may instead name a FlexTok export (genaccel/tokenizers/flex.py, metadata family 'flextok'): the
+crops become its K ordered 1-D tokens and the GPT gets ``layout='1d'`` (1-D RoPE over the token index), the
+AR model of ``--model flextok``. ``export_path`` also writes the export there (a bundled asset).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from tqdm import tqdm
 from genaccel.data.skimage_crops import NUM_CLASSES, make_crops
 from genaccel.models import load_vq
 from genaccel.models.llamagen import LlamaGenGPT, ModelArgs
+from genaccel.models.loading import read_state_dict
+from genaccel.tokenizers.flex import load_flextok
 from genaccel.train.common import checkpoint_or_stop, cosine_lr, resume, set_lr, start_run
 from genaccel.utils.io import save_json, save_safetensors, save_torch
 
@@ -29,13 +35,14 @@ DEFAULTS = dict(
     lr=1.5e-3, warmup=80, weight_decay=0.05, threads=2, bf16=False, train_per_class=1024, heldout_per_class=64,
     dim=256, n_layer=6, n_head=4, multiple_of=256, class_dropout_prob=0.1, token_dropout_p=0.0,
     resid_dropout_p=0.0, ffn_dropout_p=0.0, ckpt_every=100, log_every=50, stop_at=None, max_minutes=50.0,
+    export_path="",
 )
 
 
-def model_args(cfg: dict, vocab_size: int, block_size: int) -> ModelArgs:
+def model_args(cfg: dict, vocab_size: int, block_size: int, layout: str = "2d") -> ModelArgs:
     return ModelArgs(
         dim=cfg["dim"], n_layer=cfg["n_layer"], n_head=cfg["n_head"], multiple_of=cfg["multiple_of"],
-        vocab_size=vocab_size, num_classes=NUM_CLASSES, block_size=block_size,
+        vocab_size=vocab_size, num_classes=NUM_CLASSES, block_size=block_size, layout=layout,
         class_dropout_prob=cfg["class_dropout_prob"], token_dropout_p=cfg["token_dropout_p"],
         resid_dropout_p=cfg["resid_dropout_p"], ffn_dropout_p=cfg["ffn_dropout_p"],
     )
@@ -45,10 +52,16 @@ def model_args(cfg: dict, vocab_size: int, block_size: int) -> ModelArgs:
 def tokenize_crops(vq_path: str, split: str, per_class: int, seed: int, size: int = 64) -> dict:
     """VQ tokens (N, (size/downsample)^2) of ``make_crops(split, ...)`` at crop ``size``, the VQ run fully
     convolutionally at sizes other than the one it was trained on."""
-    vq = load_vq(vq_path)
+    _, meta = read_state_dict(vq_path)
+    if meta.get("family") == "flextok":
+        tokenizer = load_flextok(vq_path)
+        encode, vocab, layout = tokenizer.tokenize, tokenizer.vocab_size, "1d"
+    else:
+        vq = load_vq(vq_path)
+        encode, vocab, layout = vq.encode, vq.args.codebook_size, "2d"
     images, labels = make_crops(split, per_class, seed=seed, size=size)
-    tokens = torch.cat([vq.encode(chunk) for chunk in tqdm(images.split(256), desc=f"tokenize {split}")])
-    return {"tokens": tokens, "labels": labels, "vocab_size": vq.args.codebook_size}
+    tokens = torch.cat([encode(chunk) for chunk in tqdm(images.split(256), desc=f"tokenize {split}")])
+    return {"tokens": tokens, "labels": labels, "vocab_size": vocab, "layout": layout}
 
 
 def cached_tokens(out: Path, cfg: dict, split: str, per_class: int) -> dict:
@@ -129,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg, out, log = start_run(argv, DEFAULTS, "gpt")
     train = cached_tokens(out, cfg, "train", cfg["train_per_class"])
     heldout = cached_tokens(out, cfg, "heldout", cfg["heldout_per_class"])
-    args = model_args(cfg, train["vocab_size"], train["tokens"].shape[1])
+    args = model_args(cfg, train["vocab_size"], train["tokens"].shape[1], train.get("layout", "2d"))
     model = LlamaGenGPT(args)
     model.init_weights(torch.Generator().manual_seed(cfg["seed"]))
     log.info(f"GPT params: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M, train seqs {len(train['tokens'])}")
@@ -148,8 +161,12 @@ def main(argv: list[str] | None = None) -> dict:
     # Shipped in float16 (max relative weight error ~5e-4) to stay well under the 20 MB file limit; loading
     # upcasts to the model's dtype, and every reported number was measured on these float16-stored weights.
     half = {k: v.half() for k, v in model.state_dict().items()}
-    save_safetensors(half, out / "gpt.safetensors", metadata={"config": json.dumps(config), "stored_dtype": "float16"})
+    meta = {"config": json.dumps(config), "stored_dtype": "float16"}
+    save_safetensors(half, out / "gpt.safetensors", metadata=meta)
     save_json({"config": config, "metrics": metrics, "recipe": cfg}, out / "gpt_metrics.json")
+    if cfg["export_path"]:
+        save_safetensors(half, cfg["export_path"], metadata=meta)
+        save_json({"config": config, "metrics": metrics, "recipe": cfg}, Path(cfg["export_path"]).with_suffix(".json"))
     return metrics
 
 

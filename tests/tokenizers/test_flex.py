@@ -192,3 +192,50 @@ def test_export_loads_strictly_with_clear_errors(tmp_path, one_thread):
         load_flextok(tmp_path / "bare.safetensors")
     with pytest.raises(FileNotFoundError, match="python -m genaccel.train flextok"):
         load_flextok(tmp_path / "absent.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------- VQ latent
+def tiny_latent_tokenizer() -> tuple[FlexTokenizer, torch.nn.Module]:
+    """A tokenizer over a tiny random VQ's latent (16x16 images -> 4x4x8 latents, patch 2 -> 4 patches)."""
+    from dataclasses import asdict
+
+    from genaccel.tokenizers.vq import build_vq
+
+    torch.manual_seed(0)
+    vq = build_vq(None, ch=32, encoder_ch_mult=[1, 2, 2], decoder_ch_mult=[1, 2, 2], z_channels=32,
+                  codebook_size=32).eval()
+    model = FlexTokenizer(FlexTokArgs(**{**TINY, "patch_size": 2, "latent": "vq", "vq": asdict(vq.args)}))
+    model.vae.load_state_dict(vq.state_dict())
+    randomise(model.encoder)
+    randomise(model.direct)
+    return model.eval(), vq
+
+
+def test_vq_latent_tokenizer_reads_and_reconstructs_the_vqs_scaled_latent(one_thread):
+    model, vq = tiny_latent_tokenizer()
+    x = images()
+    latent = model.images_to_input(x)
+    assert latent.shape == (3, 8, 4, 4) and model.args.num_patches == 4
+    assert torch.allclose(latent, vq.quantize_images(x).z_q * 8**0.5)  # unit variance per channel (note 1)
+    assert torch.allclose(model.input_to_images(latent), vq.decode_latent(vq.quantize_images(x).z_q), atol=1e-5)
+    tokens = model.tokenize(x)
+    # pixels come from the VQ decoder applied to the direct decoder's latent
+    codes, keep = model.padded_codes(tokens[:, :3])
+    expected = vq.decode_latent(model.direct(codes, keep) / 8**0.5).clamp(-1, 1)
+    assert torch.allclose(model.detokenize(tokens[:, :3]), expected, atol=1e-5)
+    assert torch.equal(model.tokenize(x, 2), tokens[:, :2])  # prefix property holds in latent mode too
+
+
+def test_vq_latent_training_leaves_the_first_stage_frozen_and_exports_it(tmp_path, one_thread):
+    model, vq = tiny_latent_tokenizer()
+    model.train()
+    assert not model.vae.training  # the frozen first stage stays in eval mode
+    out = model.training_losses(images(4), torch.Generator().manual_seed(0))
+    out.direct_mse.backward()
+    assert all(p.grad is None for p in model.vae.parameters())
+    assert model.encoder.to_code.weight.grad is not None
+    path = tmp_path / "flextok.safetensors"
+    save_safetensors(model.state_dict(), path, metadata=export_metadata(model))
+    loaded = load_flextok(path)
+    assert loaded.args == model.args
+    assert torch.equal(loaded.detokenize(model.tokenize(images())), model.eval().detokenize(model.tokenize(images())))

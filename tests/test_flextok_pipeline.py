@@ -1,0 +1,101 @@
+"""``--model flextok``: a 1-D GPT over FlexTok tokens, k tokens in k forwards, any prefix decoded; the
+speculative samplers on 1-D sequences (neighbours from the FSQ codes, 2-D-only options refused)."""
+
+import json
+
+import pytest
+import torch
+
+from genaccel.cli import main as cli_main
+from genaccel.models.llamagen import ModelArgs, build_gpt
+from genaccel.pipeline import load_model
+from genaccel.samplers import build_sampler
+from genaccel.tokenizers.flex import FlexTokArgs, FlexTokenizer, export_metadata
+from genaccel.utils.io import save_safetensors
+
+K = 6
+
+
+@pytest.fixture(scope="module")
+def flex_ckpts(tmp_path_factory):
+    """A tiny random FlexTok tokenizer (16x16 images, K = 6, 60 codes) and a 1-D GPT over its tokens."""
+    d = tmp_path_factory.mktemp("flex")
+    torch.manual_seed(0)
+    tok = FlexTokenizer(FlexTokArgs(image_size=16, patch_size=4, width=32, depth=1, decoder_depth=1, heads=2,
+                                    num_tokens=K, fsq_levels=[5, 4, 3], decoders="direct"))
+    with torch.no_grad():
+        for p in tok.parameters():
+            p.normal_(0.0, 0.2)
+    save_safetensors(tok.state_dict(), d / "flextok.safetensors", metadata=export_metadata(tok))
+    gpt = build_gpt(None, dim=32, n_layer=1, n_head=2, vocab_size=60, num_classes=3, block_size=K, multiple_of=32,
+                    layout="1d")
+    for p in gpt.parameters():
+        torch.nn.init.normal_(p, 0, 0.3)
+    cfg = {k: getattr(gpt.args, k) for k in ModelArgs.field_names()}
+    save_safetensors(gpt.state_dict(), d / "gpt.safetensors", metadata={"config": json.dumps(cfg)})
+    return d
+
+
+def pipeline(d, num_tokens=None):
+    return load_model("flextok", ckpt=d / "gpt.safetensors", vq_ckpt=d / "flextok.safetensors", num_tokens=num_tokens)
+
+
+@pytest.mark.parametrize("k", [1, 3, K])
+def test_k_tokens_take_k_forwards_and_decode_as_that_prefix(flex_ckpts, k, one_thread):
+    pipe = pipeline(flex_ckpts, k)
+    out = build_sampler("ar", cfg_scale=2.0).generate(pipe.gpt, torch.tensor([0, 2]), torch.Generator().manual_seed(0))
+    assert out.tokens.shape == (2, k) and out.stats.nfe == k
+    images = pipe.decode(out.tokens)
+    assert images.shape == (2, 16, 16, 3) and images.dtype == torch.uint8
+    expected = torch.clamp(127.5 * pipe.vq.detokenize(out.tokens) + 128.0, 0, 255).to(torch.uint8)
+    assert torch.equal(images, expected.permute(0, 2, 3, 1))
+
+
+def test_a_shorter_budget_generates_the_prefix_of_the_longer_one_greedy(flex_ckpts, one_thread):
+    """Any prefix is a valid FlexTok sequence: greedy k tokens equal the first k of greedy K tokens."""
+    full = build_sampler("ar", top_k=1).generate(pipeline(flex_ckpts).gpt, torch.tensor([1]), torch.Generator())
+    short = build_sampler("ar", top_k=1).generate(pipeline(flex_ckpts, 3).gpt, torch.tensor([1]), torch.Generator())
+    assert torch.equal(short.tokens, full.tokens[:, :3])
+
+
+@pytest.mark.parametrize("name", ["sjd", "gsd", "lantern"])
+def test_speculative_samplers_run_on_1d_tokens_greedy_equal_to_ar(flex_ckpts, name, one_thread):
+    pipe = pipeline(flex_ckpts)
+    ar = build_sampler("ar", top_k=1).generate(pipe.gpt, torch.tensor([2]), torch.Generator())
+    sampler = pipe.prepare_sampler(build_sampler(name, top_k=1, init="random"))  # lantern: no drafter -> Jacobi
+    out = sampler.generate(pipe.gpt, torch.tensor([2]), torch.Generator().manual_seed(0))
+    assert out.tokens.shape == (1, K)
+    if name == "sjd":  # exact: greedy equals ar
+        assert torch.equal(out.tokens, ar.tokens)
+
+
+def test_lantern_and_gsd_neighbours_come_from_the_fsq_codes(flex_ckpts):
+    pipe = pipeline(flex_ckpts)
+    sampler = pipe.prepare_sampler(build_sampler("lantern"))
+    assert torch.equal(sampler.codebook_for(pipe.gpt), pipe.vq.codebook_vectors())
+
+
+def test_2d_only_options_are_one_clear_error(flex_ckpts):
+    pipe = pipeline(flex_ckpts)
+    with pytest.raises(ValueError, match="needs a 2-D token grid"):
+        build_sampler("sjd", init="repeat_horizon").generate(pipe.gpt, torch.tensor([0]), torch.Generator())
+    with pytest.raises(ValueError, match="grid"):
+        build_sampler("zipar").generate(pipe.gpt, torch.tensor([0]), torch.Generator())
+    with pytest.raises(ValueError, match="trained for diagonal decoding"):
+        build_sampler("nar").generate(pipe.gpt, torch.tensor([0]), torch.Generator())
+    with pytest.raises(ValueError, match="--num-tokens"):
+        load_model("llamagen", num_tokens=8)
+
+
+def test_sample_cli_with_num_tokens(flex_ckpts, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = cli_main(["sample", "--model", "flextok", "--sampler", "sjd", "--num-tokens", "4", "--ckpt",
+                   str(flex_ckpts / "gpt.safetensors"), "--vq-ckpt", str(flex_ckpts / "flextok.safetensors"),
+                   "--classes", "0", "1", "--out", str(out), "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["tokens_per_image"] == 4 and stats["options"]["init"] == "random"  # the family's default
+    assert stats["checkpoints"]["num_tokens"] == 4
+    rc = cli_main(["sample", "--model", "flextok", "--num-tokens", "9", "--ckpt", str(flex_ckpts / "gpt.safetensors"),
+                   "--vq-ckpt", str(flex_ckpts / "flextok.safetensors"), "--out", str(tmp_path / "o2")])
+    assert rc == 2 and "--num-tokens must lie in [1, 6]" in capsys.readouterr().err
