@@ -204,46 +204,51 @@ def bounded_relax(
 ) -> torch.Tensor:
     """A relaxed target r within ``delta`` of p (TV) that depends on (p, q), never on the drafted token.
 
-    Mass moves only from a token t where p exceeds q (a donor) to a token s where q exceeds p (a
-    receiver) whose latent neighbour t is (``t in neighbours[s]``), nearest neighbour slots first, never
-    beyond what q asks for: ``min(p, q) <= r <= max(p, q)`` pointwise, so the acceptance rate
-    ``1 - TV(r, q)`` grows by exactly the moved mass, and the moved mass is capped at ``delta``.
-    A donor asked by several receivers in one slot splits its surplus in proportion to their requests,
-    so no mass is credited twice (LANTERN's per-draft relaxation credits a neighbour's mass to every
-    draft that has it as a neighbour). With ``respect_truncation`` a receiver must have p > 0.
+    Mass moves only from a token t where p exceeds q (a donor, surplus ``p - q``) to a token s where q
+    exceeds p (a receiver, need ``q - p``) that has t among its k nearest codes (``t in neighbours[s]``):
+    ``min(p, q) <= r <= max(p, q)`` pointwise, so the acceptance rate ``1 - TV(r, q)`` grows by exactly the
+    moved mass, which is capped at ``delta``. Every donor splits its surplus among the receivers that list
+    it, in proportion to their needs, so no mass is credited twice (LANTERN's per-draft relaxation credits
+    a neighbour's mass to every draft that has it as a neighbour); a receiver takes its offers nearest
+    neighbour first up to its need, and the delta budget is spent nearest slot first. With
+    ``respect_truncation`` a receiver must have p > 0. With a one-hot q at x this is LANTERN's merge with a
+    fractional last neighbour: x gains ``min(delta, c_k)``, taken from its nearest neighbours first.
 
     Speculative sampling against r emits exactly r whatever q is (r is fixed before x is drawn), so the
     emitted token distribution is within delta of p (docs/speculative.md, "Bounded relaxation").
-    Cost: k vectorised passes over (..., V).
+    Cost: a few ops over (rows, V, k), in row chunks of at most 2**24 elements.
     """
     if delta <= 0:
         return p
     shape, V = p.shape, p.shape[-1]
     dtype = torch.promote_types(p.dtype, torch.float32)  # never accumulate transport in half precision
     p2, q2 = p.reshape(-1, V).to(dtype), q.reshape(-1, V).to(dtype)
-    need = (q2 - p2).clamp_min(0)
-    if respect_truncation:
-        need = need * (p2 > 0)
-    have = (p2 - q2).clamp_min(0)
-    budget = torch.full((p2.shape[0], 1), float(delta), device=p.device, dtype=dtype)
-    gained, lost = torch.zeros_like(p2), torch.zeros_like(p2)
     nb = neighbours.to(p.device)
-    for j in range(nb.shape[1]):
-        if not bool((need > 0).any()) or not bool((budget > 0).any()):
-            break
-        donor = nb[:, j]  # the j-th nearest neighbour of every receiver
-        asked = torch.zeros_like(p2).index_add_(1, donor, need)
-        frac = torch.where(asked > 0, (have / asked.clamp_min(TINY)).clamp(max=1.0), torch.zeros_like(asked))
-        got = need * frac[:, donor]
-        slot = got.sum(-1, keepdim=True)
-        got = got * torch.where(slot > budget, budget / slot.clamp_min(TINY), torch.ones_like(slot))
-        given = torch.zeros_like(p2).index_add_(1, donor, got)
-        need = (need - got).clamp_min(0)
-        have = (have - given).clamp_min(0)
-        budget = (budget - got.sum(-1, keepdim=True)).clamp_min(0)
-        gained += got
-        lost += given
-    return (p2 + gained - lost).clamp_min(0).reshape(shape).to(p.dtype)
+    chunk = max(1, 2**24 // nb.numel())
+    rows = [_bounded_rows(p2[i : i + chunk], q2[i : i + chunk], nb, delta, respect_truncation)
+            for i in range(0, p2.shape[0], chunk)]
+    return torch.cat(rows).reshape(shape).to(p.dtype)
+
+
+def _bounded_rows(p: torch.Tensor, q: torch.Tensor, nb: torch.Tensor, delta: float, respect: bool) -> torch.Tensor:
+    """:func:`bounded_relax` on rows (M, V) with the neighbour table nb (V, k)."""
+    M, (V, k) = p.shape[0], nb.shape
+    need = (q - p).clamp_min(0)
+    if respect:
+        need = need * (p > 0)
+    have = (p - q).clamp_min(0)
+    edges = nb.reshape(-1)  # edge (s, j): receiver s, donor nb[s, j]
+    asked = torch.zeros_like(p).index_add_(1, edges, need.repeat_interleave(k, dim=1))
+    share = torch.where(asked > 0, (have / asked.clamp_min(TINY)).clamp(max=1.0), torch.zeros_like(asked))
+    offer = need.unsqueeze(-1) * share.index_select(1, edges).view(M, V, k)  # what donor nb[s, j] reserves for s
+    taken = offer.cumsum(-1).clamp(max=need.unsqueeze(-1))  # nearest neighbour first, up to the need
+    got = torch.diff(taken, dim=-1, prepend=torch.zeros_like(taken[..., :1]))
+    per_slot = got.sum(1)  # (M, k)
+    spent = per_slot.cumsum(-1).clamp(max=delta)  # the budget, nearest slot first
+    allowed = torch.diff(spent, dim=-1, prepend=torch.zeros_like(spent[:, :1]))
+    got = got * torch.where(per_slot > 0, allowed / per_slot.clamp_min(TINY), torch.zeros_like(per_slot)).unsqueeze(1)
+    lost = torch.zeros_like(p).index_add_(1, edges, got.reshape(M, V * k))
+    return (p + got.sum(-1) - lost).clamp_min(0)
 
 
 @dataclass
