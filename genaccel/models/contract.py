@@ -23,6 +23,10 @@ Calls.
    a token sees every slot <= its own that is valid or written in this call.
 4. ``rollback(length)`` marks only slots < length valid (int, or a (B,) tensor for per-row lengths). No
    copying: stale K/V beyond the valid length are hidden by the default mask and overwritten later.
+5. Optional ``select_rows(index)``: keep only cache rows ``index`` (a (B',) long tensor, in that order), with
+   their K/V and valid lengths; later calls use B' rows. Ragged speculative batches drop complete images
+   with it so they stop costing compute; a model without it keeps them (correct, only slower). It covers
+   every cache the model owns.
 
 Built extensions (additive; every earlier sampler keeps working):
 * NAR (``genaccel/models/nar.py``; two dimension-oriented heads, the vertical one with its own extra block
@@ -94,6 +98,8 @@ class ARModel(Protocol):
     ) -> ModelOutput: ...
 
     def rollback(self, length) -> None: ...
+
+    # optional: def select_rows(self, index: torch.Tensor) -> None (see the module docstring, call 5)
 
     def clear_cache(self) -> None: ...
 

@@ -79,11 +79,18 @@ class EagleDrafter(nn.Module):
         drafter.output.weight.data.copy_(target.output.weight.data)
         return drafter
 
-    def check_target(self, model) -> None:
-        """One clear error when the drafter was trained for a different target shape."""
+    def fits(self, model) -> bool:
+        """Whether this drafter was trained for a target of ``model``'s shape (vocabulary, width, grid, class slots)."""
+        return self._target_shapes(model)[0] == self._target_shapes(model)[1]
+
+    def _target_shapes(self, model) -> tuple[dict, dict]:
         a = self.args
         want = {"vocab_size": a.vocab_size, "hidden_dim": a.dim, "grid_size": a.grid_size, "cls_token_num": a.cls_token_num}
-        got = {k: getattr(model, k) for k in want}
+        return want, {k: getattr(model, k) for k in want}
+
+    def check_target(self, model) -> None:
+        """One clear error when the drafter was trained for a different target shape."""
+        want, got = self._target_shapes(model)
         if want != got:
             raise ValueError(f"drafter was trained for a target with {want}, but this model has {got}; "
                              "train a drafter for it (python -m genaccel.train drafter) or pass --drafter")
@@ -105,17 +112,34 @@ class EagleDrafter(nn.Module):
         if cache is None or cache.k_cache.shape[0] != rows or cache.k_cache.shape[2] < max_len:
             la.kv_cache = KVCache(rows, la.n_kv_head, max_len, la.head_dim, p.dtype, p.device)
 
-    def step(self, tokens: torch.Tensor, hidden: torch.Tensor, start: int) -> DrafterOutput:
-        """Entries ``start..start+L-1`` (token index i) written at cache slots i; slots >= start are discarded first."""
+    def step(self, tokens: torch.Tensor, hidden: torch.Tensor, start: int | torch.Tensor) -> DrafterOutput:
+        """Entries for token indices ``start..start+L-1`` written at cache slots i (slots >= start are
+        discarded first); ``start`` may instead be an (R, L) tensor of each row's slots (ragged batches).
+
+        An entry attends to every slot <= its own, so all lower slots of its row must hold committed entries
+        or entries written earlier in this chain (the sources guarantee it).
+        """
         L = tokens.shape[1]
         device = tokens.device
-        idx = torch.arange(start, start + L, device=device)
+        if isinstance(start, torch.Tensor):
+            idx = start.to(device)
+            kv_len = int(idx.max()) + 1
+        else:
+            idx = torch.arange(start, start + L, device=device)
+            kv_len = start + L
         x = self.fc(torch.cat([self.tok_embeddings(tokens), hidden.to(self.fc.weight.dtype)], dim=-1))
-        freqs = self.freqs_cis.to(device)[idx + self.args.cls_token_num][None]
-        kv_len = start + L
-        mask = torch.arange(kv_len, device=device)[None, :] <= idx[:, None]  # causal over a contiguous prefix
-        h = self.layer(x, freqs, idx, mask[None, None], kv_len)
+        freqs = self.freqs_cis.to(device)[idx + self.args.cls_token_num]
+        freqs = freqs if freqs.dim() == 4 else freqs[None]
+        mask = torch.arange(kv_len, device=device) <= idx[..., None]  # causal over a contiguous prefix
+        mask = mask[:, None] if mask.dim() == 3 else mask[None, None]
+        h = self.layer(x, freqs, idx, mask, kv_len)
         return DrafterOutput(hidden=h, logits=self.output(h).float())
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep only cache rows ``index`` (ragged batches drop complete images)."""
+        cache = self.layer.attention.kv_cache
+        index = index.to(cache.k_cache.device)
+        cache.k_cache, cache.v_cache = cache.k_cache[index], cache.v_cache[index]
 
 
 def drafter_metadata(args: DrafterArgs, **extra: str) -> dict[str, str]:

@@ -431,6 +431,18 @@ class LlamaGenGPT(nn.Module):
         else:
             self.valid_len.clamp_(max=int(length))
 
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep only cache rows ``index`` (their K/V and valid lengths, in that order); later calls use
+        ``len(index)`` rows. Ragged speculative batches drop complete images this way (contract call 5)."""
+        if self.valid_len is None:
+            raise RuntimeError("call model.setup_cache before select_rows")
+        index = index.to(self.valid_len.device)
+        for layer in self.layers:
+            cache = layer.attention.kv_cache
+            cache.k_cache, cache.v_cache = cache.k_cache[index], cache.v_cache[index]
+        self.valid_len = self.valid_len[index]
+        self.max_batch_size = index.numel()
+
     def default_mask(self, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         """Causal-by-slot mask that also hides slots beyond the valid length not written in this call."""
         B = self.max_batch_size

@@ -123,7 +123,8 @@ def guidance_active(token_index: torch.Tensor | int, cfg_interval: int):
 
 
 def guided_logits(logits: torch.Tensor, opts: SamplingOptions, token_index: torch.Tensor | int) -> torch.Tensor:
-    """Combine [cond; uncond] logits (2B, L, V) into (B, L, V) for tokens at ``token_index`` (int or (L,))."""
+    """Combine [cond; uncond] logits (2B, L, V) into (B, L, V) for tokens at ``token_index``: an int, (L,)
+    shared by every row, or (B, L) per row (ragged batches, where rows stand at different tokens)."""
     if not opts.use_cfg:
         return logits
     cond, _ = logits.chunk(2, dim=0)
@@ -131,7 +132,7 @@ def guided_logits(logits: torch.Tensor, opts: SamplingOptions, token_index: torc
     active = guidance_active(token_index, opts.cfg_interval)
     if isinstance(active, bool):
         return guided if active else cond
-    return torch.where(active.view(1, -1, 1), guided, cond)
+    return torch.where(active.view(1, -1, 1) if active.dim() == 1 else active.unsqueeze(-1), guided, cond)
 
 
 def target_probs(logits: torch.Tensor, opts: SamplingOptions, token_index) -> torch.Tensor:

@@ -1,8 +1,10 @@
-"""Draft sources for the verify core: Jacobi self-drafting, an EAGLE-style drafter head, a smaller model.
+"""Draft sources for the verify core: Jacobi self-drafting (independent or coupled), an EAGLE-style drafter
+head, a smaller model.
 
 Each source implements :class:`genaccel.samplers.speculative.DraftSource`. Drafted tokens must really
 be drawn from the q they report (that is what makes the exact rule lossless); q is computed with the
-same CFG / temperature / top-k / top-p processing as the target (:func:`target_probs`).
+same CFG / temperature / top-k / top-p processing as the target (:func:`target_probs`). Rows of a batch
+stand at different tokens (ragged batches), so every source keeps per-row state and per-row cache slots.
 """
 
 from __future__ import annotations
@@ -11,11 +13,20 @@ from collections.abc import Callable
 
 import torch
 
+from genaccel.samplers.acceptance import gather_token, residual_distribution
 from genaccel.samplers.base import draw, target_probs
-from genaccel.samplers.speculative import DecodeState, Draft, StepOutcome, one_hot_q
+from genaccel.samplers.speculative import (
+    COUPLINGS,
+    DecodeState,
+    Draft,
+    StepOutcome,
+    can_select_rows,
+    shift_rows,
+)
 
 
 def empty_draft(state: DecodeState) -> Draft:
+    """No drafts for any row (a window of one token)."""
     B, V = state.tokens.shape[0], state.model.vocab_size
     device = state.tokens.device
     return Draft(tokens=torch.empty(B, 0, dtype=torch.long, device=device), q=torch.empty(B, 0, V, device=device))
@@ -27,8 +38,9 @@ def sample_chain(
     """Draw ``num`` tokens autoregressively from a draft model: token k ~ q_k = processed ``logits``,
     then ``extend(token_k, k)`` feeds it and returns the logits (R, 1, V) for token k + 1."""
     drafts, qs = [], []
+    n = state.committed[:, None]
     for k in range(num):
-        q = target_probs(logits, state.options, state.n + k)
+        q = target_probs(logits, state.options, n + k)
         d = draw(q, state.generator)
         drafts.append(d)
         qs.append(q)
@@ -38,66 +50,134 @@ def sample_chain(
     return Draft(tokens=torch.cat(drafts, dim=1), q=torch.cat(qs, dim=1))
 
 
+def new_entries(state: DecodeState, fed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The tokens each row committed since ``fed`` (B,), padded to the longest: (tokens (B, M), token indices
+    (B, M) clamped to the image, per-row count (B,)). Padding entries lie after a row's real ones, so causal
+    attention keeps them out of every real entry and of the chain drafted next."""
+    count = state.committed - fed
+    M = max(1, int(count.max()))
+    index = (fed[:, None] + torch.arange(M, device=fed.device)).clamp(max=state.num_tokens - 1)
+    return state.tokens.gather(1, index), index, count
+
+
 class JacobiDrafter:
     """Training-free Jacobi window (SJD): drafts are the target's own samples from the previous step.
 
-    After a step that committed m tokens, the window positions beyond them keep the token each row
-    would have committed on its own (accepted draft / residual sample, else a fresh sample from p),
-    with q = that step's p; new slots at the end are initialised by ``init``: ``random`` (uniform
-    token) or ``repeat_horizon`` (copy the token to the left in the same image row; random at a row
-    start), both with a one-hot q (SJD ``get_multi_token_for_preparation``).
+    After a step in which row b committed m_b tokens, the window positions beyond them keep the token the
+    row would have committed there (accepted draft / residual sample; only where a caller commits less than
+    a row accepted, as ZipAR's Jacobi rows do) or else a re-drawn draft, with q = that step's p. How a
+    draft is re-drawn is the ``coupling``:
+
+    * ``independent`` (SJD): a fresh sample from the new p.
+    * ``maximal`` (MC-SJD, maximal coupling): keep the old draft x with probability min(1, p(x)/q(x)), else
+      sample the residual norm((p - q)+) -- distributed as p, and equal to the old draft as often as any
+      coupling allows, so drafts stop flipping between iterations.
+    * ``gumbel`` (MC-SJD, SCD's Gumbel coupling): every absolute position of every row keeps one
+      exponential-race noise vector E from the moment it enters the window; its draft is argmax p / E, so an
+      unchanged or slightly changed p re-draws the same token.
+
+    Every coupled draft is distributed as the p it was drawn under given everything at earlier positions,
+    and its q is set to that p -- also when the old draft is kept (its old q would be biased: the keep
+    event is information about the token; shared/reference/speculative.md §3.7). Verification coins and
+    residual samples stay fresh. New slots at the end are initialised by ``init``: ``random`` (uniform
+    token) or ``repeat_horizon`` (copy the token to the left in the same image row; random at a row start),
+    both with a one-hot q (SJD ``get_multi_token_for_preparation``).
     """
 
-    def __init__(self, window: int = 16, init: str = "random"):
+    def __init__(self, window: int = 16, init: str = "random", coupling: str = "independent"):
+        if coupling not in COUPLINGS:
+            raise ValueError(f"coupling must be one of {COUPLINGS}, got {coupling!r}")
         self.window = window
         self.init = init
+        self.coupling = coupling
 
-    def start(self, state: DecodeState, hidden: torch.Tensor) -> None:
+    def start(self, state: DecodeState, hidden: torch.Tensor | None) -> None:
         empty = empty_draft(state)
         self.tokens, self.q = empty.tokens, empty.q
+        self.count = torch.zeros(state.tokens.shape[0], dtype=torch.long, device=state.tokens.device)
+        self.noise = empty.q  # gumbel: exponential noise (B, width, V) of positions n_b, n_b + 1, ...
 
     def propose(self, state: DecodeState, num: int) -> Draft:
-        have = self.tokens.shape[1]
-        if have < num:
-            fresh = self.init_tokens(state, num - have)
-            self.tokens = torch.cat([self.tokens, fresh], dim=1)
-            self.q = torch.cat([self.q, one_hot_q(fresh, state.model.vocab_size)], dim=1)
-        self.tokens, self.q = self.tokens[:, :num], self.q[:, :num]
-        return Draft(tokens=self.tokens, q=self.q)
+        B, V = state.tokens.shape[0], state.model.vocab_size
+        tokens, q = self.tokens[:, :num], self.q[:, :num]
+        if tokens.shape[1] < num:
+            pad = num - tokens.shape[1]
+            tokens = torch.cat([tokens, tokens.new_zeros(B, pad)], dim=1)
+            q = torch.cat([q, q.new_zeros(B, pad, V)], dim=1)
+        need = torch.arange(num, device=tokens.device)[None, :] >= self.count[:, None]  # slots without a draft
+        fresh = torch.where(need, self.init_tokens(state, tokens, need), tokens)
+        q = q.masked_fill(need[..., None], 0.0).scatter_add_(-1, fresh[..., None], need[..., None].to(q.dtype))
+        self.tokens, self.q = fresh, q
+        self.count = torch.full_like(self.count, num)
+        if self.coupling == "gumbel" and self.noise.shape[1] < num + 1:
+            self.noise = torch.cat([self.noise, self.fresh_noise(state, num + 1 - self.noise.shape[1])], dim=1)
+        return Draft(tokens=fresh, q=q)
 
-    def init_tokens(self, state: DecodeState, count: int) -> torch.Tensor:
-        """``count`` new draft tokens for the positions after the current drafts."""
-        B, V, grid = state.tokens.shape[0], state.model.vocab_size, state.model.grid_size
-        device = state.tokens.device
-        fresh = torch.randint(V, (B, count), generator=state.generator, device=device)
+    def fresh_noise(self, state: DecodeState, width: int) -> torch.Tensor:
+        """Exponential(1) noise for ``width`` new positions of every row (one vector per position)."""
+        B, V = state.tokens.shape[0], state.model.vocab_size
+        noise = torch.empty(B, width, V, device=state.tokens.device).exponential_(generator=state.generator)
+        return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+
+    def init_tokens(self, state: DecodeState, tokens: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
+        """Initial tokens for the slots ``need`` (B, K) marks, after the drafts ``tokens`` that exist.
+
+        ``repeat_horizon``: a slot copies the nearest known token to its left -- an existing draft, a row-start
+        slot's random token, or the last committed token -- unless it starts an image row itself.
+        """
+        B, K = need.shape
+        V, grid = state.model.vocab_size, state.model.grid_size
+        device = tokens.device
+        fresh = torch.randint(V, (B, K), generator=state.generator, device=device)
         if self.init == "random":
             return fresh
         if not grid:
             raise ValueError("draft init 'repeat_horizon' copies the token to the left in an image row and needs a "
                              "2-D token grid; this model is a 1-D sequence (grid_size 0): pass --init random")
-        left = self.tokens[:, -1] if self.tokens.shape[1] else state.tokens[:, state.n - 1]
-        first = state.n + self.tokens.shape[1]
-        for i in range(count):
-            if (first + i) % grid:
-                fresh[:, i] = left
-            left = fresh[:, i]
-        return fresh
+        n = state.committed
+        slot = torch.arange(K, device=device)
+        row_start = (n[:, None] + slot) % grid == 0
+        known = torch.where(need & row_start, fresh, tokens)
+        last = state.tokens.gather(1, (n - 1).clamp(min=0)[:, None])
+        values = torch.cat([last, known], dim=1)  # column 0 = the last committed token
+        source = torch.where(~need | row_start, slot + 1, 0)
+        return values.gather(1, source.cummax(dim=1).values)
+
+    def redraw(self, state: DecodeState, probs: torch.Tensor) -> torch.Tensor:
+        """The draft every window slot carries into the next step, distributed as ``probs`` (B, L, V)."""
+        if self.coupling == "gumbel":
+            return (probs / self.noise[:, : probs.shape[1]]).argmax(-1)
+        if self.coupling == "independent" or self.tokens.shape[1] == 0:
+            return draw(probs, state.generator)
+        K = self.tokens.shape[1]  # maximal coupling of each old draft (x, q) with the new p at its slot
+        x, q, p = self.tokens, self.q, probs[:, :K]
+        keep = torch.rand(x.shape, generator=state.generator, device=x.device) * gather_token(q, x) < gather_token(p, x)
+        replaced = draw(torch.cat([residual_distribution(p, q), probs[:, K:]], dim=1), state.generator)
+        return torch.cat([torch.where(keep, x, replaced[:, :K]), replaced[:, K:]], dim=1)
 
     def observe(self, state: DecodeState, outcome: StepOutcome) -> None:
-        v, m = outcome.verification, outcome.advance
-        L = v.tokens.shape[1]
-        resampled = draw(outcome.probs, state.generator)
-        own = torch.arange(L, device=v.tokens.device)[None, :] < v.accepted[:, None]
-        recycled = torch.where(own, v.tokens, resampled)
-        self.tokens, self.q = recycled[:, m:], outcome.probs[:, m:]
+        v, probs, m = outcome.verification, outcome.probs, outcome.committed
+        L = probs.shape[1]
+        own = torch.arange(L, device=probs.device)[None, :] < v.accepted[:, None]
+        recycled = torch.where(own, v.tokens, self.redraw(state, probs))
+        self.tokens, self.q = shift_rows(recycled, m, L), shift_rows(probs, m, L)
+        self.count = L - m
+        if self.coupling == "gumbel":  # positions keep their noise; those entering the window get new noise
+            shift = int(m.max())
+            self.noise = shift_rows(torch.cat([self.noise[:, :L], self.fresh_noise(state, shift)], dim=1), m, L)
+
+    def select_rows(self, state: DecodeState, keep: torch.Tensor) -> bool:
+        self.tokens, self.q, self.count, self.noise = self.tokens[keep], self.q[keep], self.count[keep], self.noise[keep]
+        return True
 
 
 class DrafterHeadSource:
     """EAGLE-style drafting with :class:`genaccel.models.drafter.EagleDrafter` (LANTERN's drafter, chain mode).
 
-    The drafter keeps its own KV cache of committed entries (H_i, t_i); every proposal rolls back to the
-    committed entries, appends the newly committed ones, then drafts ``num`` tokens on its own
-    predicted hidden states. Runs on both CFG halves; q = CFG-combined, processed drafter logits.
+    The drafter keeps its own KV cache of committed entries (H_i, t_i); every proposal appends each row's
+    newly committed entries at that row's slots (overwriting its discarded draft entries), then drafts
+    ``num`` tokens on its own predicted hidden states. Runs on both CFG halves; q = CFG-combined, processed
+    drafter logits.
     """
 
     def __init__(self, drafter, draft_len: int = 4):
@@ -107,34 +187,46 @@ class DrafterHeadSource:
     def start(self, state: DecodeState, hidden: torch.Tensor) -> None:
         self.drafter.check_target(state.model)
         self.drafter.setup_cache(state.batch_labels.shape[0], state.num_tokens)
-        self.fed = 0
+        self.fed = torch.zeros_like(state.committed)
         self.pending_hidden = hidden  # H_0 from the class slot
 
     def propose(self, state: DecodeState, num: int) -> Draft:
         if num == 0:
             return empty_draft(state)
-        n = state.n
-        out = self.drafter.step(state.duplicate(state.tokens[:, self.fed : n]), self.pending_hidden, self.fed)
-        self.fed = n
-        last_hidden = out.hidden[:, -1:]
+        last_slot = state.num_tokens - 1
+        tokens, index, count = new_entries(state, self.fed)
+        hidden = self.pending_hidden[:, : tokens.shape[1]]
+        out = self.drafter.step(state.duplicate(tokens), hidden, state.duplicate(index))
+        self.fed = state.committed.clone()
+        pick = state.duplicate((count - 1).clamp(min=0))[:, None, None]  # each row's last real entry
+        last_hidden = out.hidden.gather(1, pick.expand(-1, 1, out.hidden.shape[-1]))
+        logits = out.logits.gather(1, pick.expand(-1, 1, out.logits.shape[-1]))
+        n = state.duplicate(state.committed)
 
         def extend(d: torch.Tensor, k: int) -> torch.Tensor:
             nonlocal last_hidden
-            step = self.drafter.step(state.duplicate(d), last_hidden, n + k)
+            step = self.drafter.step(state.duplicate(d), last_hidden, (n + k).clamp(max=last_slot)[:, None])
             last_hidden = step.hidden
             return step.logits
 
-        return sample_chain(state, out.logits[:, -1:], num, extend)
+        return sample_chain(state, logits, num, extend)
 
     def observe(self, state: DecodeState, outcome: StepOutcome) -> None:
-        self.pending_hidden = outcome.hidden[:, : outcome.advance]
+        self.pending_hidden = outcome.hidden[:, : max(1, int(outcome.committed.max()))]
+
+    def select_rows(self, state: DecodeState, keep: torch.Tensor) -> bool:
+        rows = state.cfg_rows(keep)
+        self.drafter.select_rows(rows)
+        self.fed, self.pending_hidden = self.fed[keep], self.pending_hidden[rows]
+        return True
 
 
 class DraftModelSource:
     """Classic two-model speculative decoding: any model on the sampler contract drafts autoregressively.
 
-    The draft model keeps its own cache (both CFG halves); each proposal rolls it back to the committed
-    tokens it has seen, feeds the newly committed ones in one forward, then samples ``num`` tokens.
+    The draft model keeps its own cache (both CFG halves); each proposal rolls every row back to the
+    committed tokens it has seen, feeds the newly committed ones in one forward (per-row slots), then
+    samples ``num`` tokens.
     """
 
     def __init__(self, draft_model, draft_len: int = 4):
@@ -150,24 +242,35 @@ class DraftModelSource:
         dm.setup_cache(state.batch_labels.shape[0], target.cls_token_num + target.num_image_tokens)
         dm.prefill(state.batch_labels)
         state.stats.draft_forwards += 1
-        self.fed = 0
+        self.fed = torch.zeros_like(state.committed)
 
     def propose(self, state: DecodeState, num: int) -> Draft:
         if num == 0:
             return empty_draft(state)
-        dm, n, T = self.draft_model, state.n, state.model.cls_token_num
-        device = state.tokens.device
-        dm.rollback(T + self.fed)
-        out = dm.forward_tokens(state.duplicate(state.tokens[:, self.fed : n]), torch.arange(T + self.fed, T + n, device=device))
-        self.fed = n
+        dm, T = self.draft_model, state.model.cls_token_num
+        last_slot = T + state.num_tokens - 1
+        dm.rollback(state.duplicate(T + self.fed))
+        tokens, index, count = new_entries(state, self.fed)
+        out = dm.forward_tokens(state.duplicate(tokens), state.duplicate(T + index))
+        self.fed = state.committed.clone()
+        pick = state.duplicate((count - 1).clamp(min=0))[:, None, None]
+        logits = out.logits.gather(1, pick.expand(-1, 1, out.logits.shape[-1]))
+        n = state.duplicate(state.committed)
 
         def extend(d: torch.Tensor, k: int) -> torch.Tensor:
-            return dm.forward_tokens(state.duplicate(d), torch.tensor([T + n + k], device=device)).logits
+            return dm.forward_tokens(state.duplicate(d), (T + n + k).clamp(max=last_slot)[:, None]).logits
 
-        return sample_chain(state, out.logits[:, -1:], num, extend)
+        return sample_chain(state, logits, num, extend)
 
     def observe(self, state: DecodeState, outcome: StepOutcome) -> None:
         """Nothing to learn: the next proposal re-feeds the committed tokens."""
+
+    def select_rows(self, state: DecodeState, keep: torch.Tensor) -> bool:
+        if not can_select_rows(self.draft_model):
+            return False
+        self.draft_model.select_rows(state.cfg_rows(keep))
+        self.fed = self.fed[keep]
+        return True
 
 
 class DrafterMixin:
@@ -186,8 +289,17 @@ class DrafterMixin:
             path = self.options.drafter
             if not path and not BUNDLED_DRAFTER.is_file():
                 return None
-            self._drafter = load_drafter(path, device=next(model.parameters()).device)
+            drafter = load_drafter(path, device=next(model.parameters()).device)
+            if not path and not drafter.fits(model):
+                return None  # the bundled head is the bundled GPT's; other models (flextok) have none bundled
+            self._drafter = drafter
         return self._drafter
 
 
-__all__ = ["DraftModelSource", "DrafterHeadSource", "DrafterMixin", "JacobiDrafter", "empty_draft", "sample_chain"]
+def jacobi_source(options) -> JacobiDrafter:
+    """The Jacobi window a sampler's options describe (``window``, ``init``, ``draft_coupling``)."""
+    return JacobiDrafter(options.window, options.init, getattr(options, "draft_coupling", "independent"))
+
+
+__all__ = ["DraftModelSource", "DrafterHeadSource", "DrafterMixin", "JacobiDrafter", "empty_draft", "jacobi_source",
+           "new_entries", "sample_chain"]

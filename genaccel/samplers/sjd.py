@@ -5,7 +5,7 @@ Training-free and lossless: the output is distributed exactly as AR sampling wit
 
 from __future__ import annotations
 
-from genaccel.samplers.drafting import JacobiDrafter
+from genaccel.samplers.drafting import JacobiDrafter, jacobi_source
 from genaccel.samplers.speculative import JacobiOptions, SpeculativeSampler
 
 
@@ -16,4 +16,4 @@ class SJDSampler(SpeculativeSampler):
     Options = JacobiOptions
 
     def draft_source(self, model) -> JacobiDrafter:
-        return JacobiDrafter(self.options.window, self.options.init)
+        return jacobi_source(self.options)

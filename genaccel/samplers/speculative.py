@@ -1,20 +1,23 @@
-"""One verification core for every speculative sampler (SJD, GSD, LANTERN, SD).
+"""One verification core for every speculative sampler (SJD, MC-SJD, GSD, LANTERN, SD).
 
 A speculative sampler is a draft source plus an acceptance rule around :func:`verify_window`:
 
-1. the draft source proposes ``L - 1`` tokens for the next positions with their draft distributions q;
-2. one target forward over ``[last committed token, drafts]`` (both CFG halves, same tokens) gives the
-   target distributions p at L positions (CFG -> temperature -> top-k/top-p -> softmax, exactly as AR);
-3. :func:`verify_window` accepts a prefix of the drafts per row, samples one residual (or bonus) token,
-   and every row commits the batch minimum of its accepted lengths;
-4. the KV cache is rolled back to the committed length (valid-length reset; nothing is copied).
+1. the draft source proposes ``L - 1`` tokens for the next positions of every row with their draft
+   distributions q;
+2. one target forward over ``[last committed token, drafts]`` per row (both CFG halves, same tokens, each
+   row at its own cache slots) gives the target distributions p at L positions (CFG -> temperature ->
+   top-k/top-p -> softmax, exactly as AR, with ``cfg_interval`` at each row's own token indices);
+3. :func:`verify_window` accepts a prefix of the drafts per row and samples one residual (or bonus) token;
+   every row commits its own accepted length (ragged batch);
+4. every row's KV cache is rolled back to its own committed length (per-row valid lengths; nothing is
+   copied). Rows that are complete leave the batch (``select_rows`` of the model and the draft source), so
+   they stop costing compute.
 
-Batching: rows advance by the batch minimum. Whether a row's token at position j is committed depends
-only on that row's own acceptance decisions before j and on the other rows' (independent) decisions,
-never on the token at j itself, so each committed token is still distributed as p given its prefix:
-truncating at this stopping time keeps exact rules exact (docs/speculative.md).
-Draft sources (:mod:`genaccel.samplers.drafting`) and rules (:mod:`genaccel.samplers.acceptance`)
-are pluggable; ``sjd``, ``gsd``, ``lantern`` and ``sd`` only choose a pair.
+Ragged batches keep exact rules exact: each row runs its own speculative chain; the other rows only decide
+how many drafts a step verifies (the window is the longest any row still needs), and a draft count chosen
+before the row's drafts and coins are drawn does not bias verification (docs/speculative.md, "Ragged
+batches"). Draft sources (:mod:`genaccel.samplers.drafting`) and rules (:mod:`genaccel.samplers.acceptance`)
+are pluggable; ``sjd``, ``mcsjd``, ``gsd``, ``lantern`` and ``sd`` only choose a pair.
 """
 
 from __future__ import annotations
@@ -32,15 +35,20 @@ from genaccel.samplers.acceptance import AcceptanceRule, ExactRule
 from genaccel.samplers.base import Sampler, SamplerStats, SamplingOptions, draw, target_probs
 
 INIT_SCHEMES = ("random", "repeat_horizon")
+# How a Jacobi draft is re-drawn when the target distribution at its position changes (docs/speculative.md):
+# 'independent' = a fresh sample (SJD), 'maximal' = maximal coupling of the old draft with the new p,
+# 'gumbel' = a fixed Gumbel (exponential-race) noise per absolute position (MC-SJD, junhyukso/SCD).
+COUPLINGS = ("independent", "maximal", "gumbel")
 
 
 # ----------------------------------------------------------------------------- options
 @dataclass
 class JacobiOptions(SamplingOptions):
-    """Options of the training-free Jacobi draft window (SJD, GSD)."""
+    """Options of the training-free Jacobi draft window (SJD, MC-SJD, GSD)."""
 
     window: int = 16
     init: str = "repeat_horizon"  # SJD's LlamaGen setting; 'random' is its Lumina-mGPT / GSD setting
+    draft_coupling: str = "independent"  # SJD; 'maximal' / 'gumbel': MC-SJD's coupled re-drafting (lossless)
 
     def validate(self) -> None:
         super().validate()
@@ -48,6 +56,9 @@ class JacobiOptions(SamplingOptions):
             raise ValueError(f"window must lie in [1, 1024] tokens per target forward (SJD default 16), got {self.window}")
         if self.init not in INIT_SCHEMES:
             raise ValueError(f"init must be one of {INIT_SCHEMES}, got {self.init!r}")
+        if self.draft_coupling not in COUPLINGS:
+            raise ValueError(f"draft_coupling must be one of {COUPLINGS} (independent = SJD, maximal/gumbel = MC-SJD), "
+                             f"got {self.draft_coupling!r}")
 
 
 @dataclass
@@ -101,6 +112,8 @@ def sampler_cli_options() -> list[tuple[str, dict]]:
     return [
         opt("--window", int, "sjd/gsd: Jacobi window, tokens verified per target forward (default 16); zipar: tokens a row needs before the next starts (default 8)"),
         opt("--init", str, "sjd/gsd: initialisation of new draft slots", choices=INIT_SCHEMES),
+        opt("--draft-coupling", str, "sjd/mcsjd/gsd/lantern: how Jacobi drafts are re-drawn (independent = SJD; "
+            "maximal, gumbel = MC-SJD, lossless; on lantern a coupling selects the Jacobi window)", choices=COUPLINGS),
         opt("--group-size", int, "gsd: tokens around the draft in probability rank that may form its group (100)"),
         opt("--prob-threshold", float, "gsd: group members need |p(t) - p(x)| below this (0.3)"),
         opt("--embed-threshold", float, "gsd: group members need squared codebook distance below this (2.0; inf = off)"),
@@ -147,13 +160,17 @@ def read_sampler_config(path: str | Path) -> tuple[str | None, dict[str, Any]]:
 # ----------------------------------------------------------------------------- state passed to draft sources
 @dataclass
 class DecodeState:
-    """What a draft source may read: the committed tokens of every row and where decoding stands."""
+    """What a draft source may read: the committed tokens of every row and where each row stands.
+
+    ``n`` is each row's number of committed tokens: a (B,) tensor in the ragged core (an int where every row
+    stands at the same token, as in ZipAR's Jacobi rows); :attr:`committed` always gives the (B,) tensor.
+    """
 
     model: ARModel
     options: SamplingOptions
     batch_labels: torch.Tensor  # (R,) rows = [cond; uncond] with CFG
-    tokens: torch.Tensor  # (B, N) committed tokens in [:, :n]
-    n: int
+    tokens: torch.Tensor  # (B, N) committed tokens of row b in [b, :n[b]]
+    n: torch.Tensor | int
     generator: torch.Generator | None
     stats: SamplerStats
 
@@ -161,9 +178,23 @@ class DecodeState:
     def num_tokens(self) -> int:
         return self.tokens.shape[1]
 
-    def duplicate(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Same tokens in both CFG halves."""
-        return torch.cat([tokens, tokens]) if self.batch_labels.shape[0] != self.tokens.shape[0] else tokens
+    @property
+    def committed(self) -> torch.Tensor:
+        """(B,) committed tokens per row."""
+        n = torch.as_tensor(self.n, device=self.tokens.device)
+        return n.expand(self.tokens.shape[0]) if n.dim() == 0 else n
+
+    @property
+    def use_cfg(self) -> bool:
+        return self.batch_labels.shape[0] != self.tokens.shape[0]
+
+    def duplicate(self, x: torch.Tensor) -> torch.Tensor:
+        """Same tokens (or per-row slots, lengths) in both CFG halves."""
+        return torch.cat([x, x]) if self.use_cfg else x
+
+    def cfg_rows(self, keep: torch.Tensor) -> torch.Tensor:
+        """Indices of the [cond; uncond] rows that belong to image rows ``keep``."""
+        return torch.cat([keep, keep + self.tokens.shape[0]]) if self.use_cfg else keep
 
 
 @dataclass
@@ -190,13 +221,20 @@ class StepOutcome:
     """Everything a draft source may learn from one target step."""
 
     verification: Verification
-    probs: torch.Tensor  # (B, L, V) target distributions at positions n_old..n_old+L-1
-    hidden: torch.Tensor  # (R, L, D) target hidden states (feature predicting each of those positions)
-    advance: int  # tokens committed by every row (batch minimum)
+    probs: torch.Tensor  # (B, L, V) target distributions at positions n_old..n_old+L-1 of each row
+    hidden: torch.Tensor | None  # (R, L, D) target hidden states (feature predicting each of those positions)
+    advance: torch.Tensor | int  # tokens each row committed: (B,), or one int for every row
+
+    @property
+    def committed(self) -> torch.Tensor:
+        """(B,) tokens each row committed in this step."""
+        a = self.verification.accepted
+        return torch.as_tensor(self.advance, device=a.device).expand_as(a)
 
 
 class DraftSource(Protocol):
-    """Pluggable drafts: ``start`` after prefill, ``propose`` before every target step, ``observe`` after it."""
+    """Pluggable drafts: ``start`` after prefill, ``propose`` before every target step, ``observe`` after it,
+    ``select_rows`` when complete rows leave the batch (indices of the rows that stay, in order)."""
 
     window: int  # the most tokens one target forward verifies (drafts + 1)
 
@@ -206,18 +244,29 @@ class DraftSource(Protocol):
 
     def observe(self, state: DecodeState, outcome: StepOutcome) -> None: ...
 
+    def select_rows(self, state: DecodeState, keep: torch.Tensor) -> bool:
+        """Keep only rows ``keep`` (``state`` still holds every row); False = cannot, rows must stay."""
+        ...
+
 
 # ----------------------------------------------------------------------------- the verify core
 def verify_window(
-    p: torch.Tensor, draft: Draft, rule: AcceptanceRule, generator: torch.Generator | None
+    p: torch.Tensor,
+    draft: Draft,
+    rule: AcceptanceRule,
+    generator: torch.Generator | None,
+    limit: torch.Tensor | None = None,
 ) -> Verification:
     """Accept a prefix of ``draft`` per row against target distributions ``p`` (B, L, V), L = drafts + 1.
 
     Draft i (for the position of p[:, i]) is accepted with probability ``min(1, rule.ratio)``; the first
     rejected position gets a sample from ``rule.residual`` (``norm((rule.target - q)+)`` unless the rule
-    reproduces an official resampling); if every draft is accepted the bonus token comes from
-    ``p[:, -1]``. With :class:`ExactRule` each emitted token is distributed exactly as p given its prefix
-    (Leviathan et al. 2023, Chen et al. 2023).
+    reproduces an official resampling); if every draft is accepted the bonus token comes from the target
+    after the last draft. ``limit`` (B,) caps the drafts row b may accept (a row near the end of its image
+    needs fewer than the window holds): row b stops after ``limit[b]`` drafts and takes its bonus token from
+    ``p[b, limit[b]]``; the drafts beyond are ignored (causal attention keeps them out of that p).
+    With :class:`ExactRule` each emitted token is distributed exactly as p given its prefix (Leviathan et al.
+    2023, Chen et al. 2023), for any ``limit`` fixed before the drafts' coins are drawn.
     """
     B, L, _ = p.shape
     K = L - 1
@@ -229,9 +278,11 @@ def verify_window(
     ratio = rule.ratio(target, draft.q, x)
     u = torch.rand(B, K, generator=generator, device=p.device)
     run = (u < ratio).long().cumprod(-1).sum(-1)  # leading accepted drafts, 0..K
+    cap = torch.full_like(run, K) if limit is None else limit.clamp(0, K)
+    run = torch.minimum(run, cap)
     stop = run.clamp(max=K - 1)
     residual = rule.residual(p[rows, stop], target[rows, stop], draft.q[rows, stop], x[rows, stop])
-    last_dist = torch.where((run < K)[:, None], residual, p[:, K])
+    last_dist = torch.where((run < cap)[:, None], residual, p[rows, run])
     tokens = torch.cat([x, x.new_zeros(B, 1)], dim=1)
     tokens[rows, run] = draw(last_dist, generator)
     return Verification(accepted=run + 1, tokens=tokens)
@@ -240,6 +291,20 @@ def verify_window(
 def one_hot_q(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Draft distributions of deterministic drafts (q = 1 at the token)."""
     return torch.nn.functional.one_hot(tokens, vocab_size).float()
+
+
+def shift_rows(x: torch.Tensor, shift: torch.Tensor, width: int) -> torch.Tensor:
+    """``x[b, shift[b] : shift[b] + width]`` per row of x (B, W, ...), clamped to the last column (callers
+    track how many entries are real)."""
+    idx = (shift[:, None] + torch.arange(width, device=x.device)).clamp(max=x.shape[1] - 1)
+    if x.dim() > 2:
+        idx = idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+    return x.gather(1, idx)
+
+
+def can_select_rows(model: ARModel) -> bool:
+    """Whether ``model`` implements the contract's optional ``select_rows`` (dropping complete rows)."""
+    return callable(getattr(model, "select_rows", None))
 
 
 class SpeculativeSampler(Sampler):
@@ -257,52 +322,78 @@ class SpeculativeSampler(Sampler):
         opts = self.options
         B, N, T = labels.shape[0], model.num_image_tokens, model.cls_token_num
         device = labels.device
-        batch_labels = self.batch_labels(model, labels)
         source, rule = self.draft_source(model), self.acceptance_rule(model)
+        W = source.window
+        span = torch.arange(W, device=device)
+        batch_labels = self.batch_labels(model, labels)
         model.setup_cache(batch_labels.shape[0], T + N)
-        hist_rows = [0] * (source.window + 1)
-        hist_advance = [0] * (source.window + 1)
+        hist = torch.zeros(W + 1, dtype=torch.long, device=device)
+        row_steps = 0
 
         out = stats.target_forward(model.prefill, batch_labels)
-        tokens = torch.empty(B, N, dtype=torch.long, device=device)
-        tokens[:, 0] = draw(target_probs(out.logits[:, -1:], opts, 0), generator)[:, 0]
-        state = DecodeState(model, opts, batch_labels, tokens, 1, generator, stats)
+        # committed tokens, plus W scratch columns so a window's scatter never runs off the end
+        buf = torch.zeros(B, N + W, dtype=torch.long, device=device)
+        buf[:, 0] = draw(target_probs(out.logits[:, -1:], opts, 0), generator)[:, 0]
+        state = DecodeState(model, opts, batch_labels, buf[:, :N],
+                            torch.ones(B, dtype=torch.long, device=device), generator, stats)
         source.start(state, out.hidden[:, -1:])
+        result = torch.empty(B, N, dtype=torch.long, device=device)
+        rows = torch.arange(B, device=device)  # original index of every row still in the batch
 
-        while state.n < N:
+        while True:
             n = state.n
-            L = min(source.window, N - n)
+            remaining = N - n
+            L = min(W, int(remaining.max()))
+            limit = (remaining.clamp(max=L) - 1).clamp(min=0)  # drafts a row can use before its image ends
             tic = time.perf_counter()
             draft = source.propose(state, L - 1)
             stats.draft_time_s += time.perf_counter() - tic
 
-            fed = torch.cat([tokens[:, n - 1 : n], draft.tokens], dim=1)
-            positions = torch.arange(T + n - 1, T + n - 1 + L, device=device)
-            out = stats.target_forward(model.forward_tokens, state.duplicate(fed), positions)
+            fed = torch.cat([buf.gather(1, (n - 1)[:, None]), draft.tokens], dim=1)
+            # slots past a row's image end hold padding (ignored outputs): clamp them onto the unused last slot
+            slots = ((T + n - 1)[:, None] + span[:L]).clamp(max=T + N - 1)
+            out = stats.target_forward(model.forward_tokens, state.duplicate(fed), state.duplicate(slots))
 
-            p = target_probs(out.logits, opts, torch.arange(n, n + L, device=device))
-            verification = verify_window(p, draft, rule, generator)
-            m = int(verification.accepted.min())
-            tokens[:, n : n + m] = verification.tokens[:, :m]
-            state.n = n + m
-            model.rollback(T + state.n - 1)
-            source.observe(state, StepOutcome(verification, p, out.hidden, m))
-            for a in verification.accepted.tolist():
-                hist_rows[a] += 1
-            hist_advance[m] += 1
+            p = target_probs(out.logits, opts, n[:, None] + span[:L])
+            verification = verify_window(p, draft, rule, generator, limit)
+            committed = torch.minimum(verification.accepted, remaining)  # a complete row (kept) commits nothing
+            cols = n[:, None] + span[:L]
+            keep_old = span[:L][None, :] >= committed[:, None]
+            buf.scatter_(1, cols, torch.where(keep_old, buf.gather(1, cols), verification.tokens))
+            state.n = n + committed
+            model.rollback(state.duplicate(T + state.n - 1))
+            source.observe(state, StepOutcome(verification, p, out.hidden, committed))
+            live = remaining > 0
+            hist += torch.bincount(committed[live], minlength=W + 1)
+            row_steps += int(live.sum())
 
-        steps = sum(hist_advance)
-        accepted_total = sum(a * c for a, c in enumerate(hist_rows))
+            done = state.n >= N
+            if bool(done.all()):
+                result[rows] = buf[:, :N]
+                break
+            if bool(done.any()) and can_select_rows(model):
+                keep = (~done).nonzero().squeeze(1)
+                if source.select_rows(state, keep):
+                    keep_cfg = state.cfg_rows(keep)
+                    result[rows[done]] = buf[done, :N]
+                    model.select_rows(keep_cfg)
+                    rows, buf = rows[keep], buf[keep]
+                    state.batch_labels, state.tokens, state.n = state.batch_labels[keep_cfg], buf[:, :N], state.n[keep]
+
+        hist_rows = hist.tolist()
         stats.extra.update(
             accepted_length_hist={a: c for a, c in enumerate(hist_rows) if c},
-            advance_hist={a: c for a, c in enumerate(hist_advance) if c},
-            mean_accepted_length=accepted_total / max(1, sum(hist_rows)),
-            verify_steps=steps,
-            window=source.window,
+            mean_accepted_length=sum(a * c for a, c in enumerate(hist_rows)) / max(1, sum(hist_rows)),
+            verify_steps=stats.nfe - 1,
+            # compute measure: a forward costs in proportion to the rows it carries, so tokens per row-forward
+            # is what a ragged batch keeps of the batch-1 compression (docs/speculative.md)
+            row_verify_steps=row_steps,
+            row_step_compression=B * N / (B + row_steps),
+            window=W,
             rule=rule.name,
             draft_source=type(source).__name__,
         )
-        return tokens
+        return result
 
 
 # ----------------------------------------------------------------------------- codebook for LANTERN / GSD
@@ -356,6 +447,7 @@ def load_codebook(path: str = "") -> torch.Tensor:
 
 
 __all__ = [
-    "CodebookMixin", "DecodeState", "Draft", "DraftSource", "DrafterOptions", "JacobiOptions", "SpeculativeSampler",
+    "COUPLINGS", "CodebookMixin", "DecodeState", "Draft", "DraftSource", "DrafterOptions", "JacobiOptions",
+    "SpeculativeSampler", "can_select_rows", "shift_rows",
     "StepOutcome", "Verification", "load_codebook", "load_sampler_config", "read_sampler_config", "one_hot_q", "sampler_cli_options", "verify_window",
 ]

@@ -16,7 +16,7 @@ from genaccel.samplers.acceptance import ExactRule
 from genaccel.samplers.base import SamplingOptions
 from genaccel.samplers.sd import SDSampler
 from genaccel.samplers.sjd import SJDSampler
-from genaccel.samplers.speculative import load_sampler_config, sampler_cli_options
+from genaccel.samplers.speculative import Draft, load_sampler_config, one_hot_q, sampler_cli_options, verify_window
 
 
 def random_drafter(target, seed: int = 1) -> EagleDrafter:
@@ -51,6 +51,8 @@ def chi_square_pvalue(samples: torch.Tensor, probs: torch.Tensor) -> float:
     obs = np.append(counts[big], counts[~big].sum())
     exp = np.append(expected[big], expected[~big].sum())
     keep = exp > 0
+    if keep.sum() == 1:  # a one-point distribution (e.g. top-p collapses it): any other outcome is impossible
+        return float(obs[~keep].sum() == 0)
     return float(chisquare(obs[keep], exp[keep] * obs[keep].sum() / exp[keep].sum()).pvalue)
 
 
@@ -67,6 +69,8 @@ EXACT_CASES = [
     ("sjd", {"window": 4, "init": "repeat_horizon", "top_k": 3}),
     ("sd-model", {"draft_len": 2, "top_p": 0.8}),
     ("sd-head", {"draft_len": 3, "cfg_interval": 1}),
+    ("sjd", {"window": 4, "draft_coupling": "maximal"}),
+    ("sjd", {"window": 3, "draft_coupling": "gumbel", "top_k": 3}),
 ]
 
 
@@ -77,6 +81,31 @@ def test_exact_samplers_preserve_the_target_distribution(kind, options):
     probs = exact_joint(model, 1, sampler.options)
     samples = sample_many(sampler, model, 1, total=6000, batch=1000, seed=100)
     assert chi_square_pvalue(samples, probs) > 1e-3
+
+
+RAGGED_CASES = [
+    ("sjd", {"window": 3}),
+    ("sjd", {"window": 4, "init": "repeat_horizon", "cfg_interval": 1}),
+    ("sd-model", {"draft_len": 2, "top_p": 0.8}),
+    ("sd-head", {"draft_len": 3, "top_k": 3}),
+    ("sjd", {"window": 4, "draft_coupling": "maximal", "top_p": 0.9}),
+    ("sjd", {"window": 3, "draft_coupling": "gumbel", "init": "repeat_horizon"}),
+]
+
+
+@pytest.mark.parametrize("kind,options", RAGGED_CASES)
+def test_ragged_batch_rows_each_follow_their_own_target_distribution(kind, options):
+    """Rows of one batch carry different classes and stand at different tokens (each commits its own
+    accepted length, complete rows leave the batch); every row must still follow its class's AR joint."""
+    model = tiny_gpt(vocab=4, block=4, seed=11, head_std=0.3)
+    sampler = make_sampler(kind, model, cfg_scale=1.5, **options)
+    labels = torch.arange(1000) % 4
+    tokens = torch.cat([sampler.generate(model, labels, torch.Generator().manual_seed(1000 + i)).tokens
+                        for i in range(12)])
+    seqs = sequence_index(tokens, model.vocab_size)
+    for label in range(4):
+        probs = exact_joint(model, label, sampler.options)
+        assert chi_square_pvalue(seqs[labels.repeat(12) == label], probs) > 1e-3, label
 
 
 class AcceptAll(ExactRule):
@@ -111,7 +140,7 @@ def test_greedy_drafts_from_the_target_itself_are_all_accepted():
     sampler = SDSampler(temperature=0.0, draft_len=4)
     sampler.set_draft_model(tiny_gpt(block=64, seed=2))
     out = sampler.generate(model, torch.tensor([0, 1]))
-    assert out.stats.extra["advance_hist"] == {5: 12, 3: 1}  # 1 + 12 * 5 + 3 = 64 tokens
+    assert out.stats.extra["accepted_length_hist"] == {5: 24, 3: 2}  # per row: 1 + 12 * 5 + 3 = 64 tokens
     assert out.stats.nfe == 14
 
 
@@ -131,6 +160,57 @@ def test_greedy_batch_of_four_equals_four_single_runs(kind):
     assert torch.equal(batched, singles)
 
 
+def test_rows_commit_their_own_accepted_lengths():
+    """Greedy drafts from a draft model are deterministic, so a batch must accept exactly what its rows
+    accept alone, and need as many forwards as its slowest row (not the batch minimum's many more)."""
+    model = tiny_gpt(block=64, seed=3)
+    labels = torch.tensor([3, 0, 2, 1])
+    sampler = make_sampler("sd-model", model, temperature=0.0, draft_len=4)
+    batched = sampler.generate(model, labels)
+    singles = [sampler.generate(model, labels[i : i + 1]) for i in range(4)]
+    total: dict[int, int] = {}
+    for single in singles:
+        for a, c in single.stats.extra["accepted_length_hist"].items():
+            total[a] = total.get(a, 0) + c
+    assert batched.stats.extra["accepted_length_hist"] == total
+    assert batched.stats.nfe == max(single.stats.nfe for single in singles)
+    assert batched.stats.extra["row_verify_steps"] == sum(single.stats.nfe - 1 for single in singles)
+    assert torch.equal(batched.tokens, torch.cat([single.tokens for single in singles]))
+
+
+class NoRowSelection:
+    """Wraps a GPT and hides ``select_rows``: complete rows must then stay in the batch, committing nothing."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __getattr__(self, name):
+        if name == "select_rows":
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+
+@pytest.mark.parametrize("kind", ["sjd", "sd-head"])
+def test_models_without_row_selection_keep_complete_rows(kind):
+    model = tiny_gpt(block=64, seed=3)
+    labels = torch.tensor([3, 0, 2, 1])
+    sampler = make_sampler(kind, model, temperature=0.0)
+    dropped = sampler.generate(model, labels)
+    kept = sampler.generate(NoRowSelection(model), labels)
+    assert torch.equal(kept.tokens, dropped.tokens)  # (sjd's random draft inits differ, greedy tokens do not)
+
+
+def test_verify_window_limit_stops_a_row_and_takes_the_bonus_there():
+    V = 3
+    p = torch.zeros(2, 4, V)
+    p[..., 0] = 1.0
+    p[1, 2] = torch.tensor([0.0, 0.0, 1.0])  # row 1's bonus position after two drafts
+    draft = Draft(tokens=torch.zeros(2, 3, dtype=torch.long), q=one_hot_q(torch.zeros(2, 3, dtype=torch.long), V))
+    v = verify_window(p, draft, ExactRule(), torch.Generator().manual_seed(0), limit=torch.tensor([3, 2]))
+    assert v.accepted.tolist() == [4, 3]
+    assert v.tokens[1, 2] == 2
+
+
 class PoisonedRollback:
     """Wraps a GPT so every rollback overwrites the discarded cache slots with large garbage."""
 
@@ -142,10 +222,13 @@ class PoisonedRollback:
 
     def rollback(self, length) -> None:
         self.model.rollback(length)
+        rows = self.model.layers[0].attention.kv_cache.k_cache.shape[0]
+        lengths = torch.as_tensor(length).expand(rows)  # one length, or one per row (ragged batches)
         for layer in self.model.layers:
             cache = layer.attention.kv_cache
             for buf in (cache.k_cache, cache.v_cache):
-                buf[:, :, int(length):] = 1e4 * torch.randn_like(buf[:, :, int(length):])
+                stale = torch.arange(buf.shape[2])[None, :] >= lengths[:, None]  # (rows, slots)
+                buf.copy_(torch.where(stale[:, None, :, None], 1e4 * torch.randn_like(buf), buf))
 
 
 @pytest.mark.parametrize("kind", ["sjd", "sd-model"])
@@ -166,7 +249,7 @@ def test_stats_report_nfe_compression_and_histograms():
     s = out.stats
     hist = s.extra["accepted_length_hist"]
     assert sum(hist.values()) == s.nfe - 1  # one verify step per target forward after prefill
-    assert sum(a * c for a, c in s.extra["advance_hist"].items()) == 64 - 1  # token 0 comes from prefill
+    assert sum(a * c for a, c in hist.items()) == 64 - 1  # token 0 comes from prefill
     assert s.step_compression == pytest.approx(64 / s.nfe)
     assert s.step_compression > 1.0
     assert max(hist) <= 8
