@@ -18,10 +18,10 @@ K = 6
 
 @pytest.fixture(scope="module")
 def flex_ckpts(tmp_path_factory):
-    """A tiny random FlexTok tokenizer (16x16 images, K = 6, 60 codes) and a 1-D GPT over its tokens."""
+    """A tiny random FlexTok tokenizer (64x64 images in 16 patches, K = 6, 60 codes) and a 1-D GPT over its tokens."""
     d = tmp_path_factory.mktemp("flex")
     torch.manual_seed(0)
-    tok = FlexTokenizer(FlexTokArgs(image_size=16, patch_size=4, width=32, depth=1, decoder_depth=1, heads=2,
+    tok = FlexTokenizer(FlexTokArgs(image_size=64, patch_size=16, width=32, depth=1, decoder_depth=1, heads=2,
                                     num_tokens=K, fsq_levels=[5, 4, 3], decoders="direct"))
     with torch.no_grad():
         for p in tok.parameters():
@@ -46,7 +46,7 @@ def test_k_tokens_take_k_forwards_and_decode_as_that_prefix(flex_ckpts, k, one_t
     out = build_sampler("ar", cfg_scale=2.0).generate(pipe.gpt, torch.tensor([0, 2]), torch.Generator().manual_seed(0))
     assert out.tokens.shape == (2, k) and out.stats.nfe == k
     images = pipe.decode(out.tokens)
-    assert images.shape == (2, 16, 16, 3) and images.dtype == torch.uint8
+    assert images.shape == (2, 64, 64, 3) and images.dtype == torch.uint8
     expected = torch.clamp(127.5 * pipe.vq.detokenize(out.tokens) + 128.0, 0, 255).to(torch.uint8)
     assert torch.equal(images, expected.permute(0, 2, 3, 1))
 
@@ -99,3 +99,20 @@ def test_sample_cli_with_num_tokens(flex_ckpts, tmp_path, capsys):
     rc = cli_main(["sample", "--model", "flextok", "--num-tokens", "9", "--ckpt", str(flex_ckpts / "gpt.safetensors"),
                    "--vq-ckpt", str(flex_ckpts / "flextok.safetensors"), "--out", str(tmp_path / "o2")])
     assert rc == 2 and "--num-tokens must lie in [1, 6]" in capsys.readouterr().err
+
+
+def test_flextok_benchmark_smoke_writes_rows_per_k_and_goal_lines(flex_ckpts, tmp_path, one_thread):
+    from genaccel.bench import flextok as bench
+
+    doc = tmp_path / "bench.md"
+    out = bench.main(["--ks", "2,4", "--num-images", "3", "--batch-size", "3", "--latency-images", "1",
+                      "--recon-per-class", "1", "--reference-per-class", "2", "--threads", "1",
+                      "--ckpt", str(flex_ckpts / "gpt.safetensors"), "--tokenizer", str(flex_ckpts / "flextok.safetensors"),
+                      "--doc", str(doc), "--png", str(tmp_path / "plot.png"), "--json", str(tmp_path / "r.json")])
+    assert list(out["reconstruction"]) == [1, 2, 4, K]
+    gen = out["generation"]
+    assert gen["ar"]["nfe"] == 256 and gen["k2"]["nfe"] == 2 and gen["k4"]["nfe"] == 4
+    assert all(r["total_s"] >= r["sample_s"] for r in gen.values())
+    text = doc.read_text()
+    assert "| flextok | 4 | 4 |" in text and "not measured: k = 32" in text
+    assert (tmp_path / "plot.png").stat().st_size > 0

@@ -1,0 +1,220 @@
+"""FlexTok benchmark: reconstruction and generation against the number of tokens k, next to the 256-token AR model.
+
+``python -m genaccel.bench flextok`` measures, on the bundled models:
+
+* reconstruction of held-out crops from their first k tokens (k = 1, 2, 4, ..., K): MSE, PSNR, FD-domain;
+* generation with ``ar`` on the 1-D GPT at each k of ``--ks``: forwards, FD-domain and class accuracy of a
+  class-balanced batch run, batch-1 latency split into AR sampling and decoding (the tokenizer's one-pass
+  decoder), and the same for the 256-token LlamaGen AR model with its VQ decoder;
+
+then writes the ``flextok`` section of docs/benchmarks.md, a two-panel PNG and a JSON record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from genaccel.bench.samplers import environment, score
+from genaccel.bench.sections import write_section
+from genaccel.pipeline import labels_for, load_model
+from genaccel.samplers import build_sampler
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m genaccel.bench flextok", description=__doc__.splitlines()[0])
+    p.add_argument("--ks", default="4,8,16,32,64", help="token budgets k to generate with (comma list)")
+    p.add_argument("--num-images", type=int, default=64, help="images per k for FD-domain / class accuracy")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--latency-images", type=int, default=8, help="batch-1 images for the latency medians")
+    p.add_argument("--recon-per-class", type=int, default=16, help="held-out crops per class for reconstruction")
+    p.add_argument("--cfg-scale", type=float, default=4.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--ckpt", default=None, help="1-D GPT over FlexTok tokens (default: bundled)")
+    p.add_argument("--tokenizer", default=None, help="FlexTok export (default: bundled)")
+    p.add_argument("--classifier", default=None, help="crop classifier for FD-domain/accuracy (default: bundled)")
+    p.add_argument("--reference-per-class", type=int, default=64, help="held-out crops per class for FD-domain")
+    p.add_argument("--doc", default="docs/benchmarks.md", help="markdown file to update ('' = none)")
+    p.add_argument("--section", default="flextok")
+    p.add_argument("--png", default="docs/flextok_vs_k.png", help="plot ('' = none)")
+    p.add_argument("--json", default="runs/bench_flextok.json", help="JSON record ('' = none)")
+    return p.parse_args(argv)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] (B, 3, H, W) -> uint8 (B, H, W, 3) with the pipelines' mapping."""
+    return torch.clamp(127.5 * images.float() + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+@torch.no_grad()
+def reconstruction(tokenizer, per_class: int, reference, extractor) -> dict[int, dict]:
+    """Held-out crops decoded from their first k tokens: MSE and PSNR in [0, 1] units, FD-domain."""
+    from genaccel.data.skimage_crops import make_crops
+    from genaccel.train.flextok import eval_lengths, psnr_db
+
+    crops, labels = make_crops("heldout", per_class, seed=123, size=tokenizer.args.image_size)
+    tokens = torch.cat([tokenizer.tokenize(c) for c in crops.split(128)])
+    rows = {}
+    for k in eval_lengths(tokenizer.num_tokens):
+        rec = torch.cat([tokenizer.detokenize(t[:, :k]) for t in tokens.split(128)])
+        rows[k] = {"mse": float(((rec - crops) / 2).pow(2).mean()), "psnr_db": float(psnr_db(rec, crops).mean()),
+                   **score(to_uint8(rec), labels, reference, extractor)}
+    return rows
+
+
+def timed(fn, *args):
+    start = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - start
+
+
+def latency(pipe, sampler, labels: torch.Tensor, seed: int) -> dict:
+    """Median batch-1 AR sampling and decoding times (after one warm-up image), and forwards per image."""
+    def one(label, i):
+        out = sampler.generate(pipe.gpt, label[None], torch.Generator().manual_seed(seed + i))
+        _, decode_s = timed(pipe.decode, out.tokens)
+        return out.stats, decode_s
+
+    one(labels[0], -1)
+    runs = [one(label, i) for i, label in enumerate(labels)]
+    sample = [st.wall_time_s for st, _ in runs]
+    decode = [d for _, d in runs]
+    total = [s + d for s, d in zip(sample, decode)]
+    return {"nfe": statistics.mean(st.nfe for st, _ in runs), "sample_s": statistics.median(sample),
+            "decode_s": statistics.median(decode), "total_s": statistics.median(total)}
+
+
+def generation(pipe, sampler, labels: torch.Tensor, batch_size: int, seed: int, reference, extractor) -> dict:
+    images = [pipe.decode(sampler.generate(pipe.gpt, chunk, torch.Generator().manual_seed(seed + 1000 + i)).tokens)
+              for i, chunk in enumerate(labels.split(batch_size))]
+    return score(torch.cat(images), labels, reference, extractor)
+
+
+def markdown(recon: dict, gen: dict, command: str, env: dict, png: str, num_tokens: int) -> str:
+    ar = gen["ar"]
+    lines = [
+        "## FlexTok: reconstruction and generation vs the number of tokens k (fp32)", "",
+        f"Command: `{command}`", "",
+        f"Environment: {env['cpu']}, {env['threads']} threads, fp32, torch {env['torch']}, commit {env['commit']}, "
+        f"{env['date_utc']}. Ratios come from this one run.", "",
+        f"Reconstruction of held-out crops from their first k of K = {num_tokens} tokens (one-pass decoder):", "",
+        "| k | MSE | PSNR (dB) | FD-domain | class accuracy |", "|---|---|---|---|---|",
+    ]
+    lines += [f"| {k} | {r['mse']:.4f} | {r['psnr_db']:.2f} | {r['fd_domain']:.2f} | {r['class_accuracy']:.3f} |"
+              for k, r in recon.items()]
+    lines += [
+        "", "Generation (`ar`, cfg 4), next to the 256-token LlamaGen AR model (`ar` row, VQ decoder):", "",
+        "| model | k | forwards / image | forwards vs ar | FD-domain | FD-domain / ar | class accuracy | sampling b=1 (s) "
+        "| decode b=1 (s) | total b=1 (s) | total / ar |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in gen.items():
+        lines.append(
+            f"| {'llamagen' if name == 'ar' else 'flextok'} | {r['k']} | {r['nfe']:.0f} | {ar['nfe'] / r['nfe']:.1f}x "
+            f"| {r['fd_domain']:.2f} | {r['fd_domain'] / ar['fd_domain']:.2f} | {r['class_accuracy']:.3f} "
+            f"| {r['sample_s']:.3f} | {r['decode_s']:.3f} | {r['total_s']:.3f} | {r['total_s'] / ar['total_s']:.2f}x |")
+    lines += ["", "Goals (k = 32):", "", *goal_lines(gen)]
+    if png:
+        lines += ["", f"![FlexTok vs k]({Path(png).name})"]
+    return "\n".join(lines)
+
+
+def goal_lines(gen: dict) -> list[str]:
+    ar, r = gen["ar"], gen.get("k32")
+    if r is None:
+        return ["- not measured: k = 32 was not in --ks"]
+    checks = [(ar["nfe"] / r["nfe"] >= 8, f"{ar['nfe'] / r['nfe']:.1f}x fewer forwards than ar (>= 8x)"),
+              (r["fd_domain"] <= 1.5 * ar["fd_domain"], f"FD-domain {r['fd_domain'] / ar['fd_domain']:.2f}x ar's (<= 1.5x)"),
+              (r["total_s"] <= 0.5 * ar["total_s"],
+               f"end-to-end batch-1 time (AR + decode) {r['total_s'] / ar['total_s']:.2f}x ar's (<= 0.5x)")]
+    return [f"- {'met' if ok else 'NOT met'}: {text}" for ok, text in checks]
+
+
+def plot(recon: dict, gen: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    ks = list(recon)
+    left.plot(ks, [recon[k]["psnr_db"] for k in ks], "o-", label="PSNR (dB)")
+    left.set_xscale("log", base=2)
+    left.set_xlabel("tokens k")
+    left.set_ylabel("PSNR (dB)")
+    twin = left.twinx()
+    twin.plot(ks, [recon[k]["fd_domain"] for k in ks], "s--", color="tab:red", label="FD-domain")
+    twin.set_ylabel("FD-domain (lower is better)")
+    left.set_title("reconstruction of held-out crops")
+    ar = gen["ar"]
+    flex = {name: r for name, r in gen.items() if name != "ar"}
+    gk = [r["k"] for r in flex.values()]
+    right.plot(gk, [r["fd_domain"] for r in flex.values()], "o-", label="flextok FD-domain")
+    right.axhline(ar["fd_domain"], ls="--", color="gray", label="ar (256 tokens) FD-domain")
+    right.set_xscale("log", base=2)
+    right.set_xlabel("tokens k")
+    right.set_ylabel("FD-domain (lower is better)")
+    twin = right.twinx()
+    twin.plot(gk, [r["sample_s"] for r in flex.values()], "^:", color="tab:green", label="sampling b=1 (s)")
+    twin.plot(gk, [r["total_s"] for r in flex.values()], "v-", color="tab:olive", label="sampling + decode b=1 (s)")
+    twin.axhline(ar["total_s"], ls="-.", color="tab:green", lw=0.8, label="ar total b=1 (s)")
+    twin.set_ylabel("seconds per image")
+    right.set_title("generation (ar sampler, cfg 4)")
+    handles = [h for ax in (right, twin) for h in ax.get_legend_handles_labels()[0]]
+    right.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="upper center")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    a = parse_args(argv)
+    torch.set_num_threads(a.threads)
+    ks = [int(k) for k in a.ks.split(",") if k.strip()]
+
+    from genaccel.eval.fd import reference_domain_stats
+    from genaccel.eval.feature_extractor import load_feature_extractor
+
+    flex = load_model("flextok", ckpt=a.ckpt, vq_ckpt=a.tokenizer)
+    if not ks or min(ks) < 1 or max(ks) > flex.gpt.args.block_size:
+        raise SystemExit(f"--ks must lie in [1, {flex.gpt.args.block_size}], got {a.ks!r}")
+    ar_pipe = load_model("llamagen")
+    extractor = load_feature_extractor(a.classifier)
+    reference = reference_domain_stats(a.reference_per_class, extractor=extractor, size=flex.image_size)
+    recon = reconstruction(flex.vq, a.recon_per_class, reference, extractor)
+    sampler = flex.prepare_sampler(build_sampler("ar", cfg_scale=a.cfg_scale))
+    labels = labels_for(flex.num_classes, None, a.num_images)
+    latency_labels = labels_for(flex.num_classes, None, a.latency_images)
+    gen = {"ar": {"k": ar_pipe.gpt.num_image_tokens, **latency(ar_pipe, sampler, latency_labels, a.seed),
+                  **generation(ar_pipe, sampler, labels, a.batch_size, a.seed, reference, extractor)}}
+    for k in ks:
+        flex.gpt.set_generation_length(k)
+        gen[f"k{k}"] = {"k": k, **latency(flex, sampler, latency_labels, a.seed),
+                        **generation(flex, sampler, labels, a.batch_size, a.seed, reference, extractor)}
+        print(f"k={k}: " + ", ".join(f"{n}={v:.3f}" for n, v in gen[f"k{k}"].items() if isinstance(v, float)),
+              flush=True)
+    flex.gpt.set_generation_length(None)
+    command = "python -m genaccel.bench flextok " + " ".join(shlex.quote(x) for x in argv)
+    env = environment(a.threads, "fp32")
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps({"command": command, "env": env, "reconstruction": recon,
+                                            "generation": gen}, indent=2))
+    if a.png:
+        plot(recon, gen, Path(a.png))
+    if a.doc:
+        write_section(a.section, markdown(recon, gen, command, env, a.png, flex.vq.num_tokens), Path(a.doc))
+    return {"reconstruction": recon, "generation": gen}
+
+
+if __name__ == "__main__":
+    main()
