@@ -87,6 +87,8 @@ def build_sample_parser(prog: str = "genaccel sample") -> argparse.ArgumentParse
     p.add_argument("--gpt-model", default=None,
                    help="GPT preset for --ckpt (GPT-B, GPT-L, ...; NAR-B, ... for --model nar) (default: inferred)")
     p.add_argument("--image-size", type=int, default=None, help="image size for --ckpt (256 -> 16x16 tokens)")
+    p.add_argument("--n-head", type=int, default=None,
+                   help="attention heads of a custom-size --ckpt without a stored config (shapes cannot tell it)")
     p.add_argument("--num-tokens", type=int, default=None,
                    help="--model flextok: generate and decode the first K of its 1-D tokens, K forwards "
                         "(default: all 64)")
@@ -311,7 +313,7 @@ def run_sample(argv: list[str] | None = None, prog: str = "genaccel sample") -> 
     sampler = sampler_class(args.sampler)(**sampler_options(args, specs, family_defaults(args, file_opts)))
     pipe = load_model(args.model, ckpt=args.ckpt, vq_ckpt=args.vq_ckpt, gpt_model=args.gpt_model,
                       image_size=args.image_size, device=args.device, dtype=DTYPES[args.dtype],
-                      num_tokens=args.num_tokens)
+                      num_tokens=args.num_tokens, n_head=args.n_head)
     num_images = args.num_images or (len(args.classes) if args.classes else pipe.num_classes)
     labels = labels_for(pipe.num_classes, args.classes, num_images)
     all_images, totals = [], {"nfe": 0, "wall_time_s": 0.0, "tokens": 0}

@@ -128,10 +128,12 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     num_tokens: int | None = None,
+    n_head: int | None = None,
 ) -> ImagePipeline:
     """Build a pipeline; without checkpoints it loads the bundled model trained in this repo.
 
     ``num_tokens`` (FlexTok only): generate and decode the first k of the model's tokens (k forwards).
+    ``n_head``: the head count of a custom-size checkpoint without a stored config (shapes cannot tell it).
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(MODELS)}")
@@ -145,7 +147,9 @@ def load_model(
     vq = load_vq(vq_path, device=device)
     gpt_path = ckpt or require_bundled(family.asset)
     size = image_size or (256 if ckpt else 64)
-    gpt = family.loader(gpt_path, gpt_model=gpt_model, image_size=size, downsample=vq.downsample, device=device, dtype=dtype)
+    heads = {"n_head": n_head} if n_head else {}
+    gpt = family.loader(gpt_path, gpt_model=gpt_model, image_size=size, downsample=vq.downsample, device=device,
+                        dtype=dtype, **heads)
     expected = gpt.grid_size * vq.downsample
     if image_size and image_size != expected:
         raise ValueError(f"image_size {image_size} does not match the GPT grid ({gpt.grid_size}x{gpt.grid_size} -> {expected})")

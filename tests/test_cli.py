@@ -92,7 +92,7 @@ def test_bad_input_gives_one_clear_line(tiny_ckpts, tmp_path, capsys, args, mess
 
 def test_nar_official_layout_checkpoint_through_sample_script(tiny_ckpts, tmp_path):
     """`--model nar --ckpt last_version.pt` (official {"model": sd}, no stored config) samples with 2n-1 forwards;
-    the nar sampler is the NAR family's default."""
+    the nar sampler is the NAR family's default. A custom size needs --n-head (shapes cannot tell it)."""
     from genaccel.models.nar import build_nar
 
     torch.manual_seed(1)
@@ -101,9 +101,11 @@ def test_nar_official_layout_checkpoint_through_sample_script(tiny_ckpts, tmp_pa
         torch.nn.init.normal_(p, 0, 0.2)
     torch.save({"model": nar.state_dict()}, tmp_path / "last_version.pt")
     out = tmp_path / "out"
-    r = run_script(["--model", "nar", "--ckpt", str(tmp_path / "last_version.pt"), "--vq-ckpt", str(tiny_ckpts / "vq.pt"),
-                    "--image-size", "16", "--classes", "0", "1", "2", "--batch-size", "2", "--top-k", "4",
-                    "--out", str(out), "--no-progress"], tmp_path)
+    common = ["--model", "nar", "--ckpt", str(tmp_path / "last_version.pt"), "--vq-ckpt", str(tiny_ckpts / "vq.pt")]
+    r = run_script([*common, "--image-size", "16", "--out", str(out)], tmp_path)
+    assert r.returncode == 2 and "pass --n-head H" in r.stderr
+    r = run_script([*common, "--image-size", "16", "--n-head", "1", "--classes", "0", "1", "2", "--batch-size", "2",
+                    "--top-k", "4", "--out", str(out), "--no-progress"], tmp_path)
     assert r.returncode == 0, r.stderr
     stats = json.loads((out / "stats.json").read_text())
     assert stats["sampler"] == "nar" and stats["num_images"] == 3 and stats["nfe_per_image"] == 7
