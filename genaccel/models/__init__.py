@@ -96,7 +96,7 @@ def gpt_args_for_checkpoint(
         raise CheckpointError(
             f"the checkpoint's shapes (dim={f['dim']}, n_layer={f['n_layer']}) match no preset of {', '.join(presets)}, "
             f"and n_head cannot be read from shapes (the fused wqkv weight is (3*dim, dim) for every head count): "
-            f"pass --n-head H (sample / eval), the ModelArgs field n_head in Python (load_gpt(path, n_head=H), "
+            f"pass --n-head H (sample.py), the ModelArgs field n_head in Python (load_gpt(path, n_head=H), "
             f"load_nar likewise), or --gpt-model PRESET if it was trained as one; a .safetensors file with a 'config' metadata entry "
             f"(as genaccel saves) carries n_head and needs neither"
         )
