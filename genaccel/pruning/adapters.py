@@ -19,8 +19,9 @@ class ImageLayout:
     """One image's (or video's) run of placeholder tokens and the vision-tower patch behind each token.
 
     `source` indexes the flattened captured vision rows ([rows * tokens]); -1 marks tokens that are not
-    patches (LLaVA-NeXT newline embeddings), which are always kept. `partition` / `base_crop` describe AnyRes
-    crops (0 = base image) for HiRED.
+    patches (LLaVA-NeXT newline embeddings), which are always kept. `partition` / `base_crop` / `base_chunk`
+    describe AnyRes crops (0 = base image) for HiRED. `pixels` is the image's own pixel tensor (seeds the
+    per-image random stream, so it does not depend on the batch).
     """
 
     length: int
@@ -28,6 +29,8 @@ class ImageLayout:
     source: torch.Tensor | None = None
     partition: torch.Tensor | None = None
     base_crop: torch.Tensor | None = None
+    base_chunk: torch.Tensor | None = None
+    pixels: torch.Tensor | None = None
 
     @property
     def always_keep(self) -> torch.Tensor:
@@ -60,6 +63,11 @@ class VLMAdapter:
 
     def vision_layers(self) -> nn.ModuleList | None:
         """Vision encoder layers whose q/k projections can be captured (None: no [CLS] signal)."""
+        return None
+
+    def projector(self) -> nn.Module | None:
+        """The vision-to-LLM projector when one crop's pre-projector features map row-wise to its LLM tokens
+        (VisionZip's official merge needs it); None where the packed layout breaks that (AnyRes, merges)."""
         return None
 
     def vision_heads(self) -> int:
@@ -127,6 +135,9 @@ class LlavaAdapter(VLMAdapter):
     def vision_layers(self):
         return self.outer.vision_tower.encoder.layers
 
+    def projector(self):
+        return self.outer.multi_modal_projector
+
     def feature_choice(self, call: dict[str, Any]) -> tuple[int, str]:
         config = self.outer.config
         layer = call.get("vision_feature_layer")
@@ -157,6 +168,7 @@ class LlavaAdapter(VLMAdapter):
                 length=width - first,
                 token_id=self.outer.config.image_token_id,
                 source=image * width + torch.arange(first, width),
+                pixels=pixel_values[image],
             )
             for image in range(pixel_values.shape[0])
         ]
@@ -170,6 +182,9 @@ class LlavaNextAdapter(LlavaAdapter):
     """
 
     model_types = ("llava_next",)
+
+    def projector(self):
+        return None
 
     def layouts(self, call):
         from transformers.models.llava_next.modeling_llava_next import (
@@ -197,10 +212,13 @@ class LlavaNextAdapter(LlavaAdapter):
             cell = patch - first
             crop = 1 + (cell // side * grid_h // side) * grid_w + (cell % side * grid_w // side)
             base_crop = torch.where(rows == 0, crop, torch.full_like(source, -1.0))
-            feats.append(torch.stack([source, partition, base_crop], dim=-1))
+            # HiRED's code reshapes the base scores to (crops, -1): chunk i of the flattened grid votes for crop i.
+            chunk = 1 + cell * (grid_h * grid_w) // (side * side)
+            base_chunk = torch.where(rows == 0, chunk, torch.full_like(source, -1.0))
+            feats.append(torch.stack([source, partition, base_crop, base_chunk], dim=-1))
             row0 += n_rows
         strategy = self.feature_choice(call)[1]
-        newline = torch.full((3,), -1.0, dtype=torch.float64)
+        newline = torch.full((4,), -1.0, dtype=torch.float64)
         packed, _ = self.outer.pack_image_features(feats, image_sizes, strategy, image_newline=newline)
         return [
             ImageLayout(
@@ -209,8 +227,10 @@ class LlavaNextAdapter(LlavaAdapter):
                 source=p[:, 0].round().long(),
                 partition=p[:, 1].round().long(),
                 base_crop=p[:, 2].round().long(),
+                base_chunk=p[:, 3].round().long(),
+                pixels=pixels[: int(p[:, 1].max().round()) + 1] if pixels.dim() == 4 else pixels,
             )
-            for p in packed
+            for p, pixels in zip(packed, pixel_values)
         ]
 
 
@@ -223,15 +243,18 @@ class Qwen2VLAdapter(VLMAdapter):
         config = self.outer.config
         merge = config.vision_config.spatial_merge_size**2
         grids = [
-            (call.get("image_grid_thw"), config.image_token_id),
-            (call.get("video_grid_thw"), config.video_token_id),
+            (call.get("image_grid_thw"), call.get("pixel_values"), config.image_token_id),
+            (call.get("video_grid_thw"), call.get("pixel_values_videos"), config.video_token_id),
         ]
-        return [
-            ImageLayout(length=int(thw.prod()) // merge, token_id=token_id)
-            for grid, token_id in grids
-            if grid is not None
-            for thw in grid
-        ]
+        layouts = []
+        for grid, pixels, token_id in grids:
+            if grid is None:
+                continue
+            rows = [0, *grid.prod(dim=-1).cumsum(0).tolist()]
+            for index, thw in enumerate(grid):
+                patches = None if pixels is None else pixels[rows[index] : rows[index + 1]]
+                layouts.append(ImageLayout(length=int(thw.prod()) // merge, token_id=token_id, pixels=patches))
+        return layouts
 
     def decode_positions(self, q_len, past, attention_mask, device):
         """Qwen2-VL counts real tokens through the padding mask, then adds the cached M-RoPE offsets."""

@@ -20,15 +20,28 @@ def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
     return 1.0 if not union else len(a_set & b_set) / len(union)
 
 
+def typical_gap(scores: torch.Tensor) -> float:
+    """Median gap between neighbouring sorted finite scores (the mean gap if the median is 0, e.g. many ties)."""
+    finite = scores[torch.isfinite(scores)].float().sort().values
+    gaps = finite.diff()
+    if gaps.numel() == 0:
+        return 0.0
+    median = float(gaps.quantile(0.5))
+    return median if median > 0 else float(gaps.mean())
+
+
 def cutoff_margin(
     scores: torch.Tensor | None, kept: torch.Tensor, exclude: torch.Tensor, ranked: torch.Tensor | None = None
 ) -> float:
-    """(weakest kept score - strongest dropped score) / score range; NaN when there is no ranking to cut.
+    """(weakest kept score - strongest dropped score) in units of the typical gap between neighbouring scores.
+
+    Dividing by the score range made every smooth score look like a knife edge (~1/N); in units of the median
+    neighbour gap, ~1 means the cut-off is as tight as any other rank, << 1 a near-tie that a small
+    perturbation flips, >> 1 a clear break. < 0 means the rule is not a plain top-k of these scores (diversity,
+    per-partition budgets). NaN when there is no ranking to cut.
 
     `exclude` (the uniform reserve) is left out of the kept side: those tokens were not chosen by the score;
     `ranked` restricts the kept side further (e.g. VisionZip's dominant tokens, not its merged targets).
-    A margin near 0 means a small perturbation can swap tokens across the cut-off; < 0 means the rule is not a
-    plain top-k of these scores (e.g. diversity or per-partition budgets).
     Infinite scores mark tokens taken unconditionally (e.g. DivPrune's first pick) and are ignored.
     """
     if scores is None:
@@ -39,13 +52,12 @@ def cutoff_margin(
     chosen = kept if ranked is None else ranked
     chosen = chosen[~torch.isin(chosen, exclude)]
     chosen = chosen[torch.isfinite(scores[chosen])]
-    finite = scores[torch.isfinite(scores)]
-    if chosen.numel() == 0 or not bool(dropped.any()) or finite.numel() < 2:
+    if chosen.numel() == 0 or not bool(dropped.any()):
         return math.nan
-    spread = float(finite.max() - finite.min())
-    if spread == 0:
+    unit = typical_gap(scores)
+    if unit == 0:
         return math.nan
-    return float(scores[chosen].min() - scores[dropped].max()) / spread
+    return float(scores[chosen].min() - scores[dropped].max()) / unit
 
 
 def input_jitter_overlap(
@@ -57,7 +69,10 @@ def input_jitter_overlap(
     seed: int = 0,
     **options,
 ) -> list[float]:
-    """Per-sample keep-set Jaccard overlap between a prefill on ``inputs`` and one on jittered pixels.
+    """Per-sample Jaccard overlap of the *visual* tokens chosen on ``inputs`` and on jittered pixels.
+
+    Only the image/video tokens the rule selected are compared (`PruneReport.selected_columns`): text and
+    newline columns, always kept, would inflate the overlap (0.58 image-only read as 0.91 with 310 text tokens).
 
     This is the attack surface of "Less Is More — Until It Breaks": a perturbation of the *image* (Gaussian
     noise of std ``sigma`` on ``pixel_values``/``pixel_values_videos``, in the processor's normalised units)
@@ -78,5 +93,5 @@ def input_jitter_overlap(
     for batch in (inputs, jittered):
         with apply(model, strategy, keep, seed=seed, **options) as session, torch.no_grad():
             model(**batch)
-        keeps.append(session.reports[-1].keep_columns)
+        keeps.append(session.reports[-1].selected_columns)
     return [jaccard(a, b) for a, b in zip(*keeps)]

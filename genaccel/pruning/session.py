@@ -12,6 +12,7 @@ the stored compact prefix mask. Scores come from q/k projection outputs captured
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import time
 import weakref
@@ -36,8 +37,11 @@ from genaccel.pruning.robustness import cutoff_margin, jaccard
 from genaccel.pruning.strategies import SpanSignals, Strategy
 
 MEDIA_INPUTS = ("pixel_values", "pixel_values_videos")
-VISION_SIGNALS = frozenset({"cls_attention", "cls_attention_shallow", "vision_keys", "partition", "base_crop"})
-LLM_SIGNALS = frozenset({"text_attention", "key_norms", "text_pivots"})
+VISION_SIGNALS = frozenset(
+    {"cls_attention", "cls_attention_shallow", "vision_keys", "partition", "base_crop", "base_chunk"}
+)
+FEATURE_SIGNALS = frozenset({"vision_features", "cls_feature", "project"})
+LLM_SIGNALS = frozenset({"text_attention", "key_norms", "text_pivots", "columns", "text_pivot_columns"})
 
 
 @dataclass
@@ -50,11 +54,18 @@ class SpanReport:
     n_kept: int
     margin: float
     jitter_overlap: float | None = None
+    selected: torch.Tensor | None = None  # sequence columns of the tokens the rule chose (see PruneReport)
 
 
 @dataclass
 class PruneReport:
-    """One pruned prefill: kept sequence columns per sample (original indices), per-image stats, timings."""
+    """One pruned prefill: kept sequence columns per sample (original indices), per-image stats, timings.
+
+    `keep_columns` are the columns whose slots enter layer K (text, newlines and kept visual tokens);
+    `selected_columns` only the visual tokens the rule chose: the same visual columns for plain selection,
+    the chosen patches (dominant + contextual targets) where a rule writes merged tokens into other slots
+    (VisionZip official). Keep-set overlaps should compare `selected_columns`.
+    """
 
     strategy: str
     layer: int
@@ -63,6 +74,7 @@ class PruneReport:
     keep_columns: list[torch.Tensor]
     spans: list[SpanReport] = field(default_factory=list)
     score_seconds: float = 0.0
+    selected_columns: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -70,7 +82,7 @@ class EncodingRecord:
     """Inputs of one `get_*_features` call and the vision q/k captured while it ran."""
 
     kwargs: dict[str, Any]
-    vision: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
+    vision: dict[tuple[str, ...], torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -154,6 +166,8 @@ class PruningSession:
         available = set()
         if self.adapter.has_cls:
             available |= VISION_SIGNALS
+            if self.adapter.projector() is not None:
+                available |= FEATURE_SIGNALS
         if self.strategy.in_llm:
             available |= LLM_SIGNALS
         missing = self.strategy.needs - available
@@ -163,6 +177,12 @@ class PruningSession:
                 "cannot provide (its vision tower has no [CLS] token); use divprune, mmr, fastv, dart, uniform, pool "
                 "or random"
             )
+        if getattr(self.strategy, "mode", None) == "official" and self.strategy.name == "visionzip":
+            if not FEATURE_SIGNALS <= available:
+                raise ValueError(
+                    f"visionzip mode='official' merges pre-projector features of one crop, which "
+                    f"{type(self.adapter.model).__name__} does not lay out row-wise; use mode='llm'"
+                )
         return frozenset(self.strategy.needs | (self.strategy.wants & available))
 
     def _check_text_model(self) -> None:
@@ -193,6 +213,9 @@ class PruningSession:
         for which in sorted({layer for signal, layer in sources.items() if signal in self.requested}):
             attention = adapter.vision_layers()[adapter.vision_layer_index({}, which)].self_attn
             self._capture_vision(attention, which)
+        if "vision_features" in self.requested:
+            self._capture_features(adapter.vision_layers()[adapter.vision_layer_index({}, "deep")])
+        self._hook(MethodWrap(adapter.model, "generate", self._checked_generate))
 
     def detach(self) -> None:
         for handle in reversed(self._handles):
@@ -221,6 +244,34 @@ class PruningSession:
                     self._active_encoding.vision[slot] = output
 
             self._hook(getattr(attention, f"{name}_proj").register_forward_hook(keep_output))
+
+    def _capture_features(self, layer: nn.Module) -> None:
+        """Keep the output of the vision feature layer (pre-projector states, [CLS] included)."""
+
+        def keep_output(module, args, output):
+            if self._active_encoding is not None:
+                self._active_encoding.vision[("deep", "features")] = output[0] if isinstance(output, tuple) else output
+
+        self._hook(layer.register_forward_hook(keep_output))
+
+    @staticmethod
+    def _checked_generate(original, *args, **kwargs):
+        """Refuse beam search and several returned sequences before `generate` expands the inputs.
+
+        `generate` repeats `input_ids` per beam / returned sequence but the encoder outputs are expanded by a
+        separate path, so the placeholder runs no longer line up one-to-one with the recorded images.
+        """
+        config = kwargs.get("generation_config")
+        for name in ("num_beams", "num_return_sequences"):
+            value = kwargs.get(name, getattr(config, name, None) if config is not None else None)
+            if value is None:
+                value = getattr(getattr(original.__self__, "generation_config", None), name, 1)
+            if value is not None and value > 1:
+                raise ValueError(
+                    f"visual-token pruning does not support {name}={value} (generate expands the prompt per beam/"
+                    "sequence); run one call per sequence, or generate outside the `apply` block"
+                )
+        return original(*args, **kwargs)
 
     def _recording_encoder(self, modality: str):
         """Wrap `get_<modality>_features` to record its layout inputs and the vision q/k it produces.
@@ -386,16 +437,19 @@ class PruningSession:
         batch, length = hidden.shape[:2]
         cos, sin = kwargs["position_embeddings"]
         context = self._sample_context(hidden, cos, sin, mask2d)
-        keep_columns, overrides, span_reports = [], [], []
+        keep_columns, selected_columns, overrides, span_reports = [], [], [], []
         for sample in range(batch):
             dropped = torch.zeros(length, dtype=torch.bool)
+            selected = []
             for ordinal, span in enumerate(spans[sample]):
                 kept, merged, report = self._select_span(span, hidden, context, ordinal)
                 dropped[span.columns] = True
                 dropped[kept] = False
                 overrides.extend(merged)
                 span_reports.append(report)
+                selected.append(report.selected)
             keep_columns.append((~dropped).nonzero().squeeze(1))
+            selected_columns.append(torch.cat(selected).sort().values if selected else torch.zeros(0, dtype=torch.long))
         index, valid = gather_plan(keep_columns, hidden.device)
         compact = compact_hidden(write_overrides(hidden, overrides), index, valid)
         mask_c = compact_padding_mask(mask2d, index, valid)
@@ -411,6 +465,7 @@ class PruningSession:
                 keep_columns=keep_columns,
                 spans=span_reports,
                 score_seconds=time.perf_counter() - start,
+                selected_columns=selected_columns,
             )
         )
         return LayerOverride(
@@ -443,7 +498,23 @@ class PruningSession:
                 context[name] = rows.mean(dim=1).flatten()
         if "vision_keys" in self.requested:
             context["vision_keys"] = sig.head_mean_keys(captured[("deep", "k")], heads).flatten(0, 1)
+        if "vision_features" in self.requested:
+            if self.adapter.feature_choice(self._call)[1] != "default":
+                raise ValueError(
+                    "visionzip mode='official' needs vision_feature_select_strategy='default' ([CLS] not a "
+                    "placeholder token); use mode='llm'"
+                )
+            features = captured[("deep", "features")]
+            context["vision_features"] = features.flatten(0, 1)
+            context["tokens_per_row"] = torch.tensor(features.shape[1])
         return context
+
+    def _project(self, features: torch.Tensor) -> torch.Tensor:
+        """The model's own projector on pre-projector features (CPU float32 in, CPU float32 out)."""
+        projector = self.adapter.projector()
+        weight = next(projector.parameters())
+        with torch.no_grad():
+            return projector(features.to(weight.device, weight.dtype)).float().cpu()
 
     def _llm_context(self, hidden, cos, sin, mask2d) -> dict[str, torch.Tensor]:
         """Requested layer K-1 attention signals for every sample ([B, L] each)."""
@@ -463,11 +534,23 @@ class PruningSession:
             )
         if self.requested & {"key_norms", "text_pivots"}:
             context["key_norms"] = sig.rotated_key_l1(keys, cos, sin, kv_heads)
+        if getattr(self.strategy, "normed_hidden", False):
+            # DART's reference compares hidden states after the LLM's final norm (`normlayer(hidden_states)`).
+            with torch.no_grad():
+                context["normed"] = self.adapter.text_model.norm(hidden)
         return context
 
-    def _generator(self, ordinal: int, stream: int = 0) -> torch.Generator:
-        """Per-image random stream, independent of batch composition (a sample prunes the same alone or batched)."""
-        return torch.Generator().manual_seed((self.seed * 1_000_003 + ordinal) * 2 + stream)
+    def _generator(self, layout, ordinal: int, stream: int = 0) -> torch.Generator:
+        """Random stream of one image in one call: seeded by `seed`, the prefill's index in this session, the
+        image's own pixels (when the model passes them) and its ordinal within the sample, so different images
+        and calls draw different sets while a sample prunes the same alone or batched (same call index)."""
+        digest = hashlib.blake2b(digest_size=8)
+        digest.update(repr((self.seed, len(self.reports), ordinal, stream)).encode())
+        if layout.pixels is not None:
+            pixels = layout.pixels.detach().float().cpu().contiguous()
+            digest.update(repr(tuple(pixels.shape)).encode())
+            digest.update(pixels.numpy().tobytes())
+        return torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little") >> 1)
 
     def _select_span(self, span: VisualSpan, hidden, context, ordinal: int):
         """Run the strategy on one image; return kept columns, merged states, and the span report."""
@@ -476,13 +559,12 @@ class PruningSession:
         signals = self._span_signals(span, prunable, hidden, context)
         budget = resolve_budget(self.keep, prunable.numel())
         reserved = uniform_indices(prunable.numel(), reserve_count(budget, self.reserve))
-        selection = self.strategy.select(signals, budget, reserved, self._generator(ordinal))
+        selection = self.strategy.select(signals, budget, reserved, self._generator(layout, ordinal))
         overlap = None
         if self.robustness:
-            jittered = signals.jittered(self.jitter, self._generator(ordinal, stream=1))
-            overlap = jaccard(
-                selection.keep, self.strategy.select(jittered, budget, reserved, self._generator(ordinal)).keep
-            )
+            jittered = signals.jittered(self.jitter, self._generator(layout, ordinal, stream=1))
+            again = self.strategy.select(jittered, budget, reserved, self._generator(layout, ordinal))
+            overlap = jaccard(selection.selected, again.selected)
         kept_columns = span.columns[prunable[selection.keep]]
         merged = [] if selection.embeds is None else [(span.sample, kept_columns, selection.embeds)]
         always = span.columns[layout.always_keep]
@@ -491,8 +573,9 @@ class PruningSession:
             start=int(span.columns[0]),
             n_tokens=layout.length,
             n_kept=kept_columns.numel() + always.numel(),
-            margin=cutoff_margin(selection.scores, selection.keep, reserved, selection.ranked),
+            margin=cutoff_margin(selection.scores, selection.selected, reserved, selection.ranked),
             jitter_overlap=overlap,
+            selected=span.columns[prunable[selection.selected]],
         )
         return torch.cat([kept_columns, always]), merged, report
 
@@ -500,26 +583,43 @@ class PruningSession:
         """Slice this image's signals; strategies run on CPU float32 (N is a few hundred to a few thousand)."""
         columns = span.columns[prunable]
         layout = span.layout
-        fields: dict[str, Any] = {"embeds": hidden[span.sample, columns.to(hidden.device)].detach().float().cpu()}
-        for name in ("cls_attention", "cls_attention_shallow", "vision_keys"):
+        states = context.get("normed", hidden)
+        fields: dict[str, Any] = {"embeds": states[span.sample, columns.to(hidden.device)].detach().float().cpu()}
+        for name in ("cls_attention", "cls_attention_shallow", "vision_keys", "vision_features"):
             if name in context:
-                fields[name] = context[name][layout.source[prunable].to(context[name].device)].cpu()
+                fields[name] = context[name][layout.source[prunable].to(context[name].device)].detach().float().cpu()
+        if "cls_feature" in self.requested and prunable.numel():
+            width = int(context["tokens_per_row"])
+            row_start = int(layout.source[prunable[0]]) // width * width
+            fields["cls_feature"] = context["vision_features"][row_start].detach().float().cpu()
+        if "project" in self.requested:
+            fields["project"] = self._project
         for name in ("text_attention", "key_norms"):
             if name in context and name in self.requested:
                 fields[name] = context[name][span.sample, columns.to(context[name].device)].cpu()
-        if self.requested & {"partition", "base_crop"}:
-            fields["partition"] = None if layout.partition is None else layout.partition[prunable]
-            fields["base_crop"] = None if layout.base_crop is None else layout.base_crop[prunable]
+        if self.requested & {"partition", "base_crop", "base_chunk"}:
+            for name in ("partition", "base_crop", "base_chunk"):
+                value = getattr(layout, name)
+                fields[name] = None if value is None else value[prunable]
         if "text_pivots" in self.requested:
-            fields["text_pivots"] = self._text_pivots(span.sample, hidden, context)
+            first = int(context["valid"][span.sample].float().argmax())
+            top = self._text_pivots(span, context)
+            fields["text_pivots"] = states[span.sample, top.to(hidden.device)].detach().float().cpu()
+            fields["columns"] = columns.cpu() - first
+            fields["text_pivot_columns"] = top - first
         return SpanSignals(**fields)
 
-    def _text_pivots(self, sample: int, hidden, context) -> torch.Tensor:
-        """Hidden states of the sample's text tokens with the largest key norms (DART's text pivots)."""
+    def _text_pivots(self, span: VisualSpan, context) -> torch.Tensor:
+        """Columns of the text tokens after this image with the largest key norms, in descending order.
+
+        DART's reference takes its query pivots only from the tokens after the image (the question), and
+        we leave out other images' placeholders there.
+        """
+        sample = span.sample
         text = context["valid"][sample].cpu().clone()
-        for span in self._pending[sample]:
-            text[span.columns] = False
+        text[: int(span.columns[-1]) + 1] = False
+        for other in self._pending[sample]:
+            text[other.columns] = False
         columns = text.nonzero().squeeze(1)
         count = min(getattr(self.strategy, "pivot_text", 4), columns.numel())
-        top = columns[torch.topk(context["key_norms"][sample].cpu()[columns], count).indices]
-        return hidden[sample, top].detach().float().cpu()
+        return columns[torch.topk(context["key_norms"][sample].cpu()[columns], count).indices]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -35,6 +36,12 @@ class SpanSignals:
     text_pivots: torch.Tensor | None = None  # [P, D] hidden states of the text pivot tokens (DART)
     partition: torch.Tensor | None = None  # [N] AnyRes partition id: 0 = base image, 1.. = crops (HiRED)
     base_crop: torch.Tensor | None = None  # [N] for base-image tokens, the crop covering them, else -1
+    base_chunk: torch.Tensor | None = None  # [N] same, by HiRED's row-major chunks of the base grid, else -1
+    vision_features: torch.Tensor | None = None  # [N, Dv] pre-projector patch features (VisionZip official)
+    cls_feature: torch.Tensor | None = None  # [Dv] pre-projector [CLS] feature of the image (VisionZip official)
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None  # the model's projector, [M, Dv] -> [M, D]
+    columns: torch.Tensor | None = None  # [N] sequence offset of each token from the sample's first real token
+    text_pivot_columns: torch.Tensor | None = None  # [P] the same for the text pivots (DART's pivot order)
 
     @property
     def n_tokens(self) -> int:
@@ -60,6 +67,12 @@ class Selection:
     scores: torch.Tensor | None = None
     embeds: torch.Tensor | None = None  # [len(keep), D] replacement states for the kept tokens (merging)
     ranked: torch.Tensor | None = None  # the part of `keep` chosen by `scores` (default: all of it)
+    chosen: torch.Tensor | None = None  # tokens the rule selected when `keep` are only slots (default: keep)
+
+    @property
+    def selected(self) -> torch.Tensor:
+        """The tokens the rule chose (what robustness overlaps compare), sorted."""
+        return self.keep if self.chosen is None else self.chosen
 
 
 class Strategy:
@@ -69,6 +82,7 @@ class Strategy:
     needs: ClassVar[frozenset[str]] = frozenset()
     wants: ClassVar[frozenset[str]] = frozenset()
     in_llm: ClassVar[bool] = False  # selects inside the LLM at decoder layer K from LLM attention
+    normed_hidden: ClassVar[bool] = False  # in-LLM `embeds` pass through the LLM's final norm first
 
     def select(
         self, signals: SpanSignals, budget: int, preselected: torch.Tensor, generator: torch.Generator
@@ -194,41 +208,87 @@ class VisionZip(Strategy):
     """Dominant tokens by [CLS] attention plus contextual tokens merged by key similarity (reference §2.3).
 
     `contextual` is the share of the budget spent on merged tokens (README default 10 of 64). Targets are
-    strided over the non-dominant tokens; every other non-dominant token joins its most similar target
-    (cosine of head-mean vision keys). Deviation: the merged state is the mean of target and members in
-    LLM-input space, placed at the target's slot and position (VisionZip merges pre-projector features and
-    appends them after the dominant tokens).
+    strided over the non-dominant patches (step max(1, rest // C), first C); every other non-dominant patch
+    joins the target whose head-mean vision key is most similar (cosine).
+
+    `mode="official"` (default) follows VisionZip's `CLIPVisionTower_VisionZip.forward`: the budget counts the
+    [CLS] token as one of the dominant tokens (54 + 10 = 64 means [CLS] + 53 patches + 10 contextual), a
+    contextual token is target + mean(members) of the *pre-projector* feature-layer states, and the LLM
+    receives projector([CLS, dominant patches in spatial order, contextual tokens in target order]). Those
+    tokens fill the first `budget` slots of the image's placeholder run (contiguous positions, as VisionZip).
+    `mode="llm"`: [CLS] is not counted, the merged state is mean(target, members) of LLM-input embeddings at
+    the target's own slot and position (no projector needed; works on LLaVA-NeXT's packed layout).
     """
 
     name = "visionzip"
     needs = frozenset({"cls_attention"})
-    wants = frozenset({"vision_keys"})
+    wants = frozenset({"vision_keys", "vision_features", "cls_feature", "project"})
+    modes = ("official", "llm")
 
-    def __init__(self, contextual: float = 10 / 64):
+    def __init__(self, contextual: float = 10 / 64, mode: str = "official"):
         if not 0.0 <= contextual <= 1.0:
             raise ValueError(f"visionzip contextual share must be in [0, 1]; got {contextual}")
-        self.contextual = contextual
+        if mode not in self.modes:
+            raise ValueError(f"visionzip mode must be one of {self.modes}; got {mode!r}")
+        self.contextual, self.mode = contextual, mode
 
-    def select(self, signals, budget, preselected, generator):
-        scores = require(signals, "cls_attention", self.name)
-        n_context = min(round(self.contextual * budget), max(0, budget - preselected.numel()))
-        dominant = top_scores(scores, budget - n_context, preselected)
+    def contextual_targets(
+        self, signals: SpanSignals, dominant: torch.Tensor, n_context: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(targets, members, owner of each member): strided targets over the non-dominant tokens, members
+        assigned to the target of largest key cosine (ties -> the earlier target, as argmax)."""
         rest = candidates(signals.n_tokens, dominant)
         n_context = min(n_context, rest.numel())
         if n_context == 0:
-            return Selection(keep=dominant, scores=scores)
+            empty = rest[:0]
+            return empty, empty, empty
         step = max(1, rest.numel() // n_context)
         targets = rest[::step][:n_context]
         metric = signals.vision_keys if signals.vision_keys is not None else signals.embeds
         members = candidates(signals.n_tokens, torch.cat([dominant, targets]))
-        owner = targets[cosine_matrix(metric)[members][:, targets].argmax(dim=1)]
+        owner = cosine_matrix(metric)[members][:, targets].argmax(dim=1)
+        return targets, members, owner
+
+    def select(self, signals, budget, preselected, generator):
+        scores = require(signals, "cls_attention", self.name)
+        if self.mode == "official":
+            return self.select_official(signals, scores, budget, preselected)
+        n_context = min(round(self.contextual * budget), max(0, budget - preselected.numel()))
+        dominant = top_scores(scores, budget - n_context, preselected)
+        targets, members, owner = self.contextual_targets(signals, dominant, n_context)
+        if targets.numel() == 0:
+            return Selection(keep=dominant, scores=scores)
         keep = merge_kept(dominant, targets)
         slot_of = torch.full((signals.n_tokens,), -1, dtype=torch.long)
         slot_of[keep] = torch.arange(keep.numel())
         rows = torch.cat([keep, members])
-        groups = torch.cat([torch.arange(keep.numel()), slot_of[owner]])
+        groups = torch.cat([torch.arange(keep.numel()), slot_of[targets[owner]]])
         embeds = group_means(signals.embeds[rows], groups, keep.numel())
         return Selection(keep=keep, scores=scores, embeds=embeds, ranked=dominant)
+
+    def select_official(self, signals: SpanSignals, scores, budget: int, preselected) -> Selection:
+        """VisionZip's own rule and budget accounting (see the class docstring)."""
+        features = require(signals, "vision_features", self.name).float()
+        cls = require(signals, "cls_feature", self.name).float()
+        project = require(signals, "project", self.name)
+        if budget <= 0:
+            return Selection(keep=torch.zeros(0, dtype=torch.long), scores=scores)
+        if budget >= signals.n_tokens:  # keep=1.0 keeps the image as it is (VisionZip itself would still merge)
+            return Selection(keep=torch.arange(signals.n_tokens), scores=scores)
+        n_context = min(round(self.contextual * budget), max(0, budget - 1 - preselected.numel()))
+        dominant = top_scores(scores, budget - 1 - n_context, preselected)
+        targets, members, owner = self.contextual_targets(signals, dominant, n_context)
+        sums = torch.zeros(targets.numel(), features.shape[1]).index_add_(0, owner, features[members])
+        counts = torch.bincount(owner, minlength=targets.numel()).clamp_min(1)
+        contextual = features[targets] + sums / counts[:, None]
+        tokens = torch.cat([cls[None], features[dominant], contextual])
+        return Selection(
+            keep=torch.arange(tokens.shape[0]),
+            scores=scores,
+            embeds=project(tokens),
+            ranked=dominant,
+            chosen=merge_kept(dominant, targets),
+        )
 
 
 def largest_remainder(total: int, weights: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:
@@ -249,18 +309,26 @@ class HiRED(Strategy):
     """Budget per AnyRes partition from shallow [CLS] attention, top-k per partition by deep (reference §2.6).
 
     `alpha` of the budget goes to the base (full) image; the rest is split over crops in proportion to how many
-    of the base image's top (1 - alpha) * n_base shallow-attention tokens fall inside each crop's region
-    (2-D regions, not HiRED's row-major chunks). Without partitions (LLaVA-1.5) it is top-k by deep attention.
+    of the base image's top (1 - alpha) * n_base shallow-attention tokens fall inside each crop. Without
+    partitions (LLaVA-1.5) it is top-k by deep attention.
+
+    `mode="region"` (default): a base token votes for the crop covering its 2-D region; crop budgets are
+    rounded by largest remainder and any shortfall is topped up globally, so exactly `budget` tokens stay.
+    `mode="official"`: HiRED's code (`HiRED_sub_img_budgets`): the base grid is cut into row-major chunks
+    (chunk i -> crop i), crop budgets are floored, and no top-up, so fewer than `budget` tokens may stay.
     """
 
     name = "hired"
     needs = frozenset({"cls_attention"})
-    wants = frozenset({"cls_attention_shallow", "partition", "base_crop"})
+    wants = frozenset({"cls_attention_shallow", "partition", "base_crop", "base_chunk"})
+    modes = ("region", "official")
 
-    def __init__(self, alpha: float = 0.5):
+    def __init__(self, alpha: float = 0.5, mode: str = "region"):
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"hired alpha must be in [0, 1]; got {alpha}")
-        self.alpha = alpha
+        if mode not in self.modes:
+            raise ValueError(f"hired mode must be one of {self.modes}; got {mode!r}")
+        self.alpha, self.mode = alpha, mode
 
     def partition_budgets(self, signals: SpanSignals, budget: int, capacity: torch.Tensor) -> torch.Tensor:
         """Tokens per partition [base, crop 1, ...], each at most its free `capacity`."""
@@ -268,9 +336,17 @@ class HiRED(Strategy):
         n_base = int(base.sum())
         base_budget = min(int(budget * self.alpha), int(capacity[0]))
         shallow = signals.cls_attention_shallow if signals.cls_attention_shallow is not None else signals.cls_attention
-        votes = signals.base_crop[base][torch.topk(shallow[base].float(), int((1 - self.alpha) * n_base)).indices]
+        crop_of = signals.base_chunk if self.mode == "official" else signals.base_crop
+        if crop_of is None:
+            raise ValueError("hired mode='official' needs the base_chunk signal (LLaVA-NeXT layouts provide it)")
+        votes = crop_of[base][torch.topk(shallow[base].float(), int((1 - self.alpha) * n_base)).indices]
         weights = torch.bincount(votes[votes > 0], minlength=capacity.numel())[1:]
-        crop_budgets = largest_remainder(budget - base_budget, weights, capacity[1:])
+        if self.mode == "official":
+            total = weights.sum()
+            share = weights.double() * (budget - base_budget) / total if total > 0 else weights.double()
+            crop_budgets = torch.minimum(share.floor().long(), capacity[1:])
+        else:
+            crop_budgets = largest_remainder(budget - base_budget, weights, capacity[1:])
         return torch.cat([torch.tensor([base_budget]), crop_budgets])
 
     def select(self, signals, budget, preselected, generator):
@@ -284,6 +360,8 @@ class HiRED(Strategy):
         budgets = self.partition_budgets(signals, max(0, budget - preselected.numel()), capacity)
         picks = [top_in_partition(scores, free & (signals.partition == p), int(b)) for p, b in enumerate(budgets)]
         keep = merge_kept(preselected, torch.cat(picks))
+        if self.mode == "official":
+            return Selection(keep=keep, scores=scores)
         # Top up globally when a partition had fewer free tokens than its share.
         return Selection(keep=top_scores(scores, budget, keep), scores=scores)
 
@@ -402,39 +480,74 @@ class MMR(Strategy):
         )
 
 
+def dart_pivot_order(image_columns: torch.Tensor, text_columns: torch.Tensor) -> list[int]:
+    """Order in which DART's reference visits its pivots: iteration order of a Python set of their sequence
+    indices (`get_retained_image_token` builds `set(image_indices + query_indices)`). Returns positions
+    into the concatenation [image pivots, text pivots]."""
+    position = {}
+    for slot, column in enumerate(torch.cat([image_columns, text_columns]).tolist()):
+        position.setdefault(column, slot)
+    return [position[column] for column in set(position)]
+
+
 class DART(Strategy):
     """Duplication-aware pruning: keep pivots, then per pivot its least similar visual tokens (reference §2.12).
 
-    Image pivots are the `pivot_image` tokens with the largest post-RoPE key L1 norm at layer K-1; text pivots
-    are chosen the same way among the sample's text tokens. Each pivot adds ceil(remaining / n_pivots) not yet
-    kept tokens with the lowest cosine similarity of layer-K hidden states to it, until the budget is full.
+    Follows DART's reference (`get_retained_image_token`, ModelTC/LightCompress): image pivots are the
+    `pivot_image` visual tokens with the largest post-RoPE key L1 norm at layer K-1, text pivots the
+    `pivot_text` tokens *after the image* with the largest norm (the session selects them); similarity is the
+    cosine of the hidden states entering layer K after the LLM's final norm (`embeds` / `text_pivots` are
+    filled that way). Pivots are visited in the reference's order; each takes its least similar visual tokens
+    not yet kept.
+
+    `count="budget"` (default): each pivot takes ceil((budget - image pivots) / pivots) tokens until exactly
+    `budget` are kept. `count="official"`: each pivot takes floor(budget / pivots) (the reference's
+    TOKEN_TOPK with budget = N * (1 - reduction_ratio)), so image pivots + pivots * floor(budget / pivots)
+    tokens stay (4 + 8 * 15 = 124 for N = 576, reduction 0.778, keep=127).
     """
 
     name = "dart"
     needs = frozenset({"key_norms"})
-    wants = frozenset({"text_pivots"})
+    wants = frozenset({"text_pivots", "columns", "text_pivot_columns"})
     in_llm = True
+    normed_hidden = True  # the session fills `embeds` / `text_pivots` with final-norm states
+    counts = ("budget", "official")
 
-    def __init__(self, pivot_image: int = 4, pivot_text: int = 4):
+    def __init__(self, pivot_image: int = 4, pivot_text: int = 4, count: str = "budget"):
         if pivot_image < 0 or pivot_text < 0:
             raise ValueError(f"dart pivot counts must be >= 0; got {pivot_image}, {pivot_text}")
-        self.pivot_image, self.pivot_text = pivot_image, pivot_text
+        if count not in self.counts:
+            raise ValueError(f"dart count must be one of {self.counts}; got {count!r}")
+        self.pivot_image, self.pivot_text, self.count = pivot_image, pivot_text, count
 
     def select(self, signals, budget, preselected, generator):
         norms = require(signals, "key_norms", self.name)
         n_image_pivots = min(self.pivot_image, max(0, budget - preselected.numel()))
         keep = top_scores(norms, preselected.numel() + n_image_pivots, preselected)
+        image_pivots = keep[~torch.isin(keep, preselected)]
+        image_pivots = image_pivots[norms[image_pivots].float().argsort(descending=True, stable=True)]
         text = signals.text_pivots if signals.text_pivots is not None else signals.embeds[:0]
-        pivots = torch.cat([signals.embeds[keep[~torch.isin(keep, preselected)]], text])
+        pivots = torch.cat([signals.embeds[image_pivots], text])
+        if signals.columns is not None:
+            text_columns = signals.text_pivot_columns
+            if text_columns is None:
+                text_columns = torch.zeros(0, dtype=torch.long)
+            pivots = pivots[dart_pivot_order(signals.columns[image_pivots], text_columns)]
         similarity = F.normalize(pivots.float(), dim=-1) @ F.normalize(signals.embeds.float(), dim=-1).T
         kept = torch.zeros(signals.n_tokens, dtype=torch.bool)
         kept[keep] = True
-        quota = math.ceil(max(0, budget - int(kept.sum())) / max(1, pivots.shape[0]))
+        n_pivots = max(1, pivots.shape[0])
+        if self.count == "official":
+            quota = max(0, budget - preselected.numel()) // n_pivots
+        else:
+            quota = math.ceil(max(0, budget - int(kept.sum())) / n_pivots)
         for row in similarity:
-            room = min(quota, budget - int(kept.sum()))
+            room = min(quota, signals.n_tokens - int(kept.sum()))
+            if self.count == "budget":
+                room = min(room, budget - int(kept.sum()))
             if room <= 0:
                 break
-            kept[row.masked_fill(kept, math.inf).argsort()[:room]] = True
+            kept[row.masked_fill(kept, math.inf).argsort(stable=True)[:room]] = True
         duplication = similarity.max(dim=0).values if pivots.shape[0] else torch.zeros(signals.n_tokens)
         return Selection(keep=kept.nonzero().squeeze(1), scores=-duplication)
 

@@ -14,19 +14,32 @@ def test_jaccard():
     assert jaccard(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long)) == 1.0
 
 
-def test_margin_of_a_top_k_is_the_normalised_gap():
-    scores = torch.tensor([0.0, 1.0, 4.0, 10.0])
-    assert cutoff_margin(scores, torch.tensor([2, 3]), torch.tensor([], dtype=torch.long)) == (4.0 - 1.0) / 10.0
+NONE = torch.tensor([], dtype=torch.long)
+
+
+def test_margin_of_a_top_k_is_the_gap_in_units_of_the_median_neighbour_gap():
+    scores = torch.tensor([0.0, 1.0, 4.0, 10.0, 12.0])  # neighbour gaps 1, 3, 6, 2 -> median 2.5
+    assert cutoff_margin(scores, torch.tensor([2, 3, 4]), NONE) == (4.0 - 1.0) / 2.5
+
+
+def test_margin_of_a_smooth_score_is_about_one_not_a_knife_edge():
+    scores = torch.linspace(0, 1, 577)[1:] ** 2  # smooth, like a softmax tail: no natural break
+    kept = torch.topk(scores, 64).indices
+    margin = cutoff_margin(scores, kept, NONE)
+    assert 0.5 < margin < 5.0  # the range-normalised gap was ~2e-3 here
+    gapped = scores.clone()
+    gapped[kept] += 0.5  # a clear break at the cut-off
+    assert cutoff_margin(gapped, kept, NONE) > 100
 
 
 def test_margin_ignores_reserved_and_infinite_tokens():
-    scores = torch.tensor([0.0, 1.0, 4.0, 10.0, math.inf])
-    assert cutoff_margin(scores, torch.tensor([0, 3, 4]), torch.tensor([0])) == (10.0 - 4.0) / 10.0
+    scores = torch.tensor([0.0, 1.0, 4.0, 10.0, math.inf])  # finite gaps 1, 3, 6 -> median 3
+    assert cutoff_margin(scores, torch.tensor([0, 3, 4]), torch.tensor([0])) == (10.0 - 4.0) / 3.0
 
 
 def test_margin_counts_only_the_ranked_part_of_the_keep_set():
     scores = torch.tensor([0.0, 1.0, 4.0, 10.0])
-    assert cutoff_margin(scores, torch.tensor([0, 3]), torch.tensor([], dtype=torch.long), torch.tensor([3])) == 0.6
+    assert cutoff_margin(scores, torch.tensor([0, 3]), NONE, torch.tensor([3])) == 2.0
 
 
 def test_margin_is_nan_without_a_ranking():
@@ -48,3 +61,27 @@ def test_input_jitter_overlap_is_one_without_noise_and_drops_with_large_noise():
     noisy = input_jitter_overlap(model, inputs, "fastervlm", keep=4, sigma=3.0)
     assert len(noisy) == 2 and min(noisy) < 1.0
     assert input_jitter_overlap(model, inputs, "keep_all", keep=4, sigma=3.0) == [1.0, 1.0]
+
+
+def test_input_jitter_overlap_compares_image_tokens_only(llava):
+    """The overlap is over chosen visual columns: text columns (always kept) must not inflate it."""
+    from tiny_vlms import llava_inputs
+
+    from genaccel import pruning
+    from genaccel.pruning.robustness import input_jitter_overlap
+
+    inputs = llava_inputs([1, 1])
+    noise = torch.randn(inputs["pixel_values"].shape, generator=torch.Generator().manual_seed(0))
+    noisy = dict(inputs, pixel_values=inputs["pixel_values"] + 3.0 * noise)
+    reports = []
+    for batch in (inputs, noisy):
+        with pruning.apply(llava, "fastervlm", keep=4) as session, torch.no_grad():
+            llava(**batch)
+        reports.append(session.reports[-1])
+    image = inputs["input_ids"] == llava.config.image_token_id
+    for row, columns in enumerate(reports[0].selected_columns):
+        assert bool(image[row, columns].all()) and columns.numel() == 4
+    image_only = [jaccard(a, b) for a, b in zip(reports[0].selected_columns, reports[1].selected_columns)]
+    with_text = [jaccard(a, b) for a, b in zip(reports[0].keep_columns, reports[1].keep_columns)]
+    assert input_jitter_overlap(llava, inputs, "fastervlm", keep=4, sigma=3.0) == image_only
+    assert min(image_only) < 1.0 and all(a < b for a, b in zip(image_only, with_text) if a < 1.0)

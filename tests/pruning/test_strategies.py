@@ -28,8 +28,19 @@ def signals(seed: int = 0, n: int = N, **extra) -> SpanSignals:
         "text_attention": torch.rand(n, generator=generator),
         "key_norms": torch.rand(n, generator=generator),
         "text_pivots": torch.randn(3, 8, generator=generator),
+        "vision_features": torch.randn(n, 6, generator=generator),
+        "cls_feature": torch.randn(6, generator=generator),
+        "project": toy_projector,
     }
     return SpanSignals(**{**base, **extra})
+
+
+PROJECTION = torch.randn(6, 8, generator=torch.Generator().manual_seed(99))
+
+
+def toy_projector(features: torch.Tensor) -> torch.Tensor:
+    """A nonlinear row-wise map standing in for LLaVA's Linear-GELU-Linear projector."""
+    return torch.nn.functional.gelu(features @ PROJECTION)
 
 
 def select(name: str, s: SpanSignals, budget: int, reserve=NO_RESERVE, seed: int = 0, **options):
@@ -125,7 +136,7 @@ def test_mmr_without_cls_uses_distinctiveness_from_the_mean():
     assert select("mmr", s, 7).keep.tolist() == reference_mmr(distinct, s.embeds, 7, 0.5)
 
 
-def reference_visionzip(s: SpanSignals, budget: int, share: float):
+def reference_visionzip_llm(s: SpanSignals, budget: int, share: float):
     n_context = round(share * budget)
     dominant = reference_top(s.cls_attention, budget - n_context)
     rest = [i for i in range(N) if i not in dominant]
@@ -133,7 +144,7 @@ def reference_visionzip(s: SpanSignals, budget: int, share: float):
     targets = rest[::step][:n_context]
     groups = {t: [t] for t in targets}
     for i in rest:
-        if i not in targets:
+        if targets and i not in targets:
             groups[max(targets, key=lambda t: cos(s.vision_keys[i], s.vision_keys[t]))].append(i)
     keep = sorted(dominant + targets)
     embeds = torch.stack([s.embeds[groups[i]].mean(0) if i in groups else s.embeds[i] for i in keep])
@@ -142,10 +153,43 @@ def reference_visionzip(s: SpanSignals, budget: int, share: float):
 
 def test_visionzip_keeps_dominant_and_merges_the_rest_into_contextual_targets():
     s = signals(6)
-    result = select("visionzip", s, 16, contextual=0.25)
-    keep, embeds = reference_visionzip(s, 16, 0.25)
+    result = select("visionzip", s, 16, contextual=0.25, mode="llm")
+    keep, embeds = reference_visionzip_llm(s, 16, 0.25)
     assert result.keep.tolist() == keep
     torch.testing.assert_close(result.embeds, embeds)
+
+
+def reference_visionzip_official(s: SpanSignals, dominant_num: int, contextual_num: int) -> tuple[list, torch.Tensor]:
+    """VisionZip's `CLIPVisionTower_VisionZip.forward` on one image, written from its definition: token 0 is
+    [CLS]; `visionzip(model, dominant=D, contextual=C)` passes D - 1 to the top-k over patches."""
+    hidden = torch.cat([s.cls_feature[None], s.vision_features])  # [1 + N, Dv], CLS first
+    attention = s.cls_attention  # over patches
+    top = sorted(range(len(attention)), key=lambda i: -float(attention[i]))[: dominant_num - 1]
+    dominant = [0] + sorted(i + 1 for i in top)
+    rest = [i for i in range(len(hidden)) if i not in dominant]
+    metric = {i: s.vision_keys[i - 1] / s.vision_keys[i - 1].norm() for i in rest}
+    step = max(1, len(rest) // contextual_num) if contextual_num else 1  # (the official code divides by 0 here)
+    targets = [rest[j] for j in range(0, len(rest), step)][:contextual_num]
+    members = {t: [] for t in targets}
+    for i in rest:
+        if targets and i not in targets:
+            sims = [float(metric[i] @ metric[t]) for t in targets]
+            members[targets[sims.index(max(sims))]].append(i)
+    contextual = [hidden[t] + (hidden[members[t]].mean(0) if members[t] else 0.0) for t in targets]
+    tokens = torch.stack([hidden[i] for i in dominant] + contextual)
+    chosen = sorted([i - 1 for i in dominant[1:]] + [t - 1 for t in targets])
+    return chosen, toy_projector(tokens)
+
+
+@pytest.mark.parametrize("seed,budget,share", [(6, 16, 10 / 64), (13, 24, 0.25), (14, 8, 0.5), (15, 5, 0.0)])
+def test_visionzip_official_counts_cls_and_merges_target_plus_member_mean_before_the_projector(seed, budget, share):
+    s = signals(seed)
+    result = select("visionzip", s, budget, contextual=share)
+    n_context = round(share * budget)
+    chosen, tokens = reference_visionzip_official(s, budget - n_context, n_context)
+    assert result.selected.tolist() == chosen
+    assert result.keep.tolist() == list(range(budget))  # the first `budget` slots of the image
+    torch.testing.assert_close(result.embeds, tokens)
 
 
 def anyres_signals(seed: int) -> SpanSignals:
@@ -173,6 +217,30 @@ def test_hired_splits_the_budget_by_shallow_attention_votes():
     assert result.keep.tolist() == sorted(expected)
 
 
+def reference_hired_official(s: SpanSignals, budget: int, alpha: float, n_crops: int) -> list[int]:
+    """HiRED's `HiRED_token_selection` / `HiRED_sub_img_budgets` on one image with a 4x4 base grid."""
+    base = [i for i in range(len(s.partition)) if int(s.partition[i]) == 0]
+    full_budget = min(int(budget * alpha), len(base))
+    sub_budget = budget - full_budget
+    picked = [base[j] for j in reference_top(s.cls_attention[base], full_budget)]
+    spatial = reference_top(s.cls_attention_shallow[base], int(len(base) * (1 - alpha)))
+    chunk = len(base) // n_crops  # reshape(H_crops, W_crops, -1).sum(-1): row-major chunks of the base grid
+    votes = [sum(1 for j in spatial if j // chunk == c) for c in range(n_crops)]
+    for crop, vote in enumerate(votes, start=1):
+        members = [i for i in range(len(s.partition)) if int(s.partition[i]) == crop]
+        count = int(vote / sum(votes) * sub_budget)
+        picked += [members[j] for j in reference_top(s.cls_attention[members], count)]
+    return sorted(picked)
+
+
+@pytest.mark.parametrize("seed,budget", [(7, 12), (16, 9), (17, 21)])
+def test_hired_official_uses_row_major_chunks_and_floored_budgets(seed, budget):
+    s = anyres_signals(seed)
+    chunk = torch.cat([torch.where(torch.arange(16) < 8, 1, 2), torch.full((32,), -1)])
+    s = SpanSignals(**{**vars(s), "base_chunk": chunk})
+    assert select("hired", s, budget, mode="official").keep.tolist() == reference_hired_official(s, budget, 0.5, 2)
+
+
 def test_hired_without_partitions_is_top_k_by_deep_attention():
     s = signals(8)
     assert select("hired", s, 10).keep.tolist() == reference_top(s.cls_attention, 10)
@@ -194,6 +262,48 @@ def test_dart_keeps_pivots_and_their_least_duplicated_tokens():
     assert select("dart", s, 15, pivot_image=2).keep.tolist() == reference_dart(s, 15, 2)
 
 
+def reference_dart_official(states, key_norms, start, length, budget, pivot_image, pivot_text) -> list[int]:
+    """DART's `get_retained_image_token` (LightCompress) on one unpadded sequence, from its definition:
+    `states` = final-norm hidden states entering layer K, `key_norms` = L1 norms of layer K-1's cached keys;
+    `budget` plays image_token_length * (1 - reduction_ratio). Returns kept image offsets within the image."""
+    topk = int(budget / (pivot_image + pivot_text))
+    image = range(start, start + length)
+    image_pivots = [start + j for j in reference_top_ordered(key_norms[start : start + length], pivot_image)]
+    text_pivots = [start + length + j for j in reference_top_ordered(key_norms[start + length :], pivot_text)]
+    chosen = set(image_pivots + text_pivots)
+    valid = set(image) - set(image_pivots)
+    for pivot in list(chosen):
+        ranked = sorted(valid, key=lambda i: cos(states[pivot], states[i]))[:topk]
+        chosen.update(ranked)
+        valid.difference_update(ranked)
+    chosen.difference_update(text_pivots)
+    return sorted(i - start for i in chosen)
+
+
+def reference_top_ordered(scores: torch.Tensor, k: int) -> list[int]:
+    """torch.topk's index order (descending score)."""
+    return sorted(range(len(scores)), key=lambda i: -float(scores[i]))[:k]
+
+
+@pytest.mark.parametrize("seed,budget,start", [(9, 16, 5), (18, 24, 35), (19, 9, 2), (20, 30, 60)])
+def test_dart_official_count_reproduces_the_reference_keep_set(seed, budget, start):
+    generator = torch.Generator().manual_seed(seed)
+    n_text = 12
+    states = torch.randn(start + N + n_text, 8, generator=generator)
+    key_norms = torch.rand(start + N + n_text, generator=generator)
+    image = torch.arange(start, start + N)
+    text_cols = start + N + torch.tensor(reference_top_ordered(key_norms[start + N :], 4))
+    s = SpanSignals(
+        embeds=states[image],
+        key_norms=key_norms[image],
+        text_pivots=states[text_cols],
+        columns=image,
+        text_pivot_columns=text_cols,
+    )
+    expected = reference_dart_official(states, key_norms, start, N, budget, 4, 4)
+    assert select("dart", s, budget, count="official").keep.tolist() == expected
+
+
 @pytest.mark.parametrize("name", sorted(set(available_strategies()) - {"keep-all"}))
 @pytest.mark.parametrize("budget", [0, 1, N, N + 5])
 def test_budget_edges_for_every_strategy(name, budget):
@@ -205,8 +315,8 @@ def test_budget_edges_for_every_strategy(name, budget):
 @pytest.mark.parametrize("name", sorted(set(available_strategies()) - {"keep-all"}))
 def test_reserve_is_always_kept(name):
     reserve = torch.tensor([3, 17, 31])
-    keep = select(name, signals(11), 10, reserve).keep
-    assert torch.isin(reserve, keep).all() and keep.numel() == 10
+    result = select(name, signals(11), 10, reserve)
+    assert torch.isin(reserve, result.selected).all() and result.keep.numel() == 10
 
 
 def test_largest_remainder_respects_capacity_and_total():
