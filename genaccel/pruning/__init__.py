@@ -1,4 +1,4 @@
-"""Training-free visual-token pruning for Hugging Face VLMs (LLaVA, LLaVA-NeXT, Qwen2-VL).
+"""Training-free visual-token pruning for Hugging Face VLMs (LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL).
 
     with genaccel.pruning.apply(model, strategy="divprune", keep=64) as session:
         model.generate(**inputs)
@@ -32,6 +32,7 @@ def apply(
     robustness: bool = False,
     jitter: float = 1e-3,
     seed: int = 0,
+    video_budget: str = "per_video",
     **options,
 ) -> Iterator[PruningSession]:
     """Prune visual tokens in every prefill of `model` inside the block.
@@ -41,7 +42,9 @@ def apply(
     layer: decoder layer K for in-LLM strategies (fastv, dart; default 2); pre-LLM strategies prune at 0.
     reserve: fraction of each image's budget spent on uniformly spread tokens before the strategy chooses.
     robustness: also report keep-set overlap under a `jitter`-relative perturbation of the signals.
-    seed: seeds random selection (and the robustness probe), per prefill.
+    seed: seeds random selection (and the robustness probe), per image and per prefill.
+    video_budget: "per_video" (a video is one span, `keep` for all its frames) or "per_frame" (`keep` per
+    frame; Qwen2-VL / Qwen2.5-VL, whose video tokens are frame-major blocks).
 
     On a transformers release outside `TESTED_TRANSFORMERS` this warns once and still prunes.
     """
@@ -55,6 +58,7 @@ def apply(
         robustness=robustness,
         jitter=jitter,
         seed=seed,
+        video_budget=video_budget,
     )
     session.attach()
     try:

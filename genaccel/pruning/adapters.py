@@ -53,8 +53,14 @@ class VLMAdapter:
 
     model_types: tuple[str, ...] = ()
     has_cls: bool = False
+    has_frames: bool = False  # videos are runs of per-frame token blocks that can be budgeted one by one
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, per_frame: bool = False):
+        if per_frame and not self.has_frames:
+            raise ValueError(
+                f"video_budget='per_frame' needs a model with video frames; {type(model).__name__} has none"
+            )
+        self.per_frame = per_frame
         self.model = model
         self.outer = model.model
         self.text_model = self.outer.language_model
@@ -235,9 +241,16 @@ class LlavaNextAdapter(LlavaAdapter):
 
 
 class Qwen2VLAdapter(VLMAdapter):
-    """Qwen2VLForConditionalGeneration: no [CLS]; images and videos sized by their (t, h, w) grids."""
+    """Qwen2-VL / Qwen2.5-VL: no [CLS]; images and videos sized by their (t, h, w) grids.
 
-    model_types = ("qwen2_vl",)
+    Qwen2.5-VL differs only inside the vision tower (window attention, `window_index` reordering, undone before
+    the features are scattered), so the LLM-side layout, M-RoPE positions and decode offsets are the same. A
+    video's tokens are t / temporal_patch_size frames of (h/2 x w/2) tokens, frame-major: one span by default
+    (the budget applies to the whole video), or one span per frame with `per_frame` (the budget per frame).
+    """
+
+    model_types = ("qwen2_vl", "qwen2_5_vl")
+    has_frames = True
 
     def layouts(self, call):
         config = self.outer.config
@@ -253,7 +266,12 @@ class Qwen2VLAdapter(VLMAdapter):
             rows = [0, *grid.prod(dim=-1).cumsum(0).tolist()]
             for index, thw in enumerate(grid):
                 patches = None if pixels is None else pixels[rows[index] : rows[index + 1]]
-                layouts.append(ImageLayout(length=int(thw.prod()) // merge, token_id=token_id, pixels=patches))
+                frames = int(thw[0]) if self.per_frame and token_id == config.video_token_id else 1
+                frame_rows = (rows[index + 1] - rows[index]) // frames
+                for frame in range(frames):
+                    part = None if patches is None else patches[frame * frame_rows : (frame + 1) * frame_rows]
+                    length = int(thw.prod()) // merge // frames
+                    layouts.append(ImageLayout(length=length, token_id=token_id, pixels=part))
         return layouts
 
     def decode_positions(self, q_len, past, attention_mask, device):
@@ -276,14 +294,15 @@ SUPPORTED_CLASSES = (
     "LlavaForConditionalGeneration",
     "LlavaNextForConditionalGeneration",
     "Qwen2VLForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration",
 )
 
 
-def adapter_for(model: nn.Module) -> VLMAdapter:
+def adapter_for(model: nn.Module, per_frame: bool = False) -> VLMAdapter:
     """The adapter for `model`, or an error naming the supported classes."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if type(model).__name__ not in SUPPORTED_CLASSES or model_type not in ADAPTERS:
         raise TypeError(
             f"visual-token pruning does not support {type(model).__name__}; supported: {', '.join(SUPPORTED_CLASSES)}"
         )
-    return ADAPTERS[model_type](model)
+    return ADAPTERS[model_type](model, per_frame=per_frame)

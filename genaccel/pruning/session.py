@@ -133,10 +133,13 @@ class PruningSession:
         robustness: bool = False,
         jitter: float = 1e-3,
         seed: int = 0,
+        video_budget: str = "per_video",
     ):
         validate_keep(keep)
         reserve_count(0, reserve)
-        self.adapter = adapter_for(model)
+        if video_budget not in ("per_video", "per_frame"):
+            raise ValueError(f"video_budget must be 'per_video' or 'per_frame'; got {video_budget!r}")
+        self.adapter = adapter_for(model, per_frame=video_budget == "per_frame")
         self.strategy, self.keep, self.reserve = strategy, keep, reserve
         self.robustness, self.jitter, self.seed = robustness, jitter, seed
         self.layer = self._resolve_layer(layer)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from tiny_vlms import build_llava, build_llava_next, build_qwen2vl
+from tiny_vlms import build_llava, build_llava_next, build_qwen2vl, build_qwen25vl
 
 
 @pytest.fixture(scope="session")
@@ -24,3 +24,8 @@ def llava_next():
 @pytest.fixture(scope="session")
 def qwen2vl():
     return build_qwen2vl()
+
+
+@pytest.fixture(scope="session")
+def qwen25vl():
+    return build_qwen25vl()

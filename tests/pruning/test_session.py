@@ -41,7 +41,7 @@ def model_inputs(name: str, model) -> dict[str, torch.Tensor]:
     return qwen2vl_inputs([[(1, 8, 8)], [(1, 4, 8), (1, 4, 4)]])
 
 
-@pytest.mark.parametrize("name", ["llava", "llava_next", "qwen2vl"])
+@pytest.mark.parametrize("name", ["llava", "llava_next", "qwen2vl", "qwen25vl"])
 def test_keep_all_reproduces_unpatched_prefill_and_decode(name, request):
     model = request.getfixturevalue(name)
     inputs = model_inputs(name, model)
@@ -103,13 +103,17 @@ def run_masked_reference(model, inputs, keep_columns, prune_layer: int, position
 
 def explicit_positions(name: str, model, inputs) -> torch.Tensor:
     """The positions the model would use, made explicit so the 4-D-mask reference sees the same ones."""
-    if name == "qwen2vl":
-        return model.model.compute_3d_position_ids(
+    if name.startswith("qwen"):
+        compute = model.model.compute_3d_position_ids
+        optional = {"video_grid_thw": None, "cache": None, "past_key_values": None}
+        declared = inspect.signature(compute).parameters
+        return compute(
             input_ids=inputs["input_ids"],
             inputs_embeds=None,
             image_grid_thw=inputs["image_grid_thw"],
             attention_mask=inputs["attention_mask"],
             mm_token_type_ids=inputs["mm_token_type_ids"],
+            **{key: value for key, value in optional.items() if key in declared},
         )
     length = inputs["input_ids"].shape[1]
     return torch.arange(length)[None].expand(inputs["input_ids"].shape[0], -1)
@@ -125,6 +129,8 @@ def explicit_positions(name: str, model, inputs) -> torch.Tensor:
         ("llava_next", "fastervlm", None),
         ("qwen2vl", "mmr", None),
         ("qwen2vl", "fastv", 1),
+        ("qwen25vl", "divprune", None),
+        ("qwen25vl", "dart", 2),
     ],
 )
 def test_pruning_equals_full_sequence_with_pruned_tokens_masked(name, strategy, layer, request):
@@ -176,7 +182,7 @@ def split_batch(inputs, images_per_sample: list[int]) -> list[dict[str, torch.Te
     return singles
 
 
-@pytest.mark.parametrize("name", ["llava", "qwen2vl"])
+@pytest.mark.parametrize("name", ["llava", "qwen2vl", "qwen25vl"])
 def test_cached_decode_matches_recomputing_without_cache(name, request):
     model = request.getfixturevalue(name)
     inputs = model_inputs(name, model)
@@ -329,3 +335,31 @@ def test_beam_search_and_several_sequences_raise_a_clear_error(llava, option):
     with pruning.apply(llava, "divprune", keep=4), pytest.raises(ValueError, match="does not support num_"):
         llava.generate(**llava_inputs([1]), max_new_tokens=2, **option)
     assert "generate" not in vars(llava)
+
+
+@pytest.mark.parametrize("name", ["qwen2vl", "qwen25vl"])
+def test_video_budget_per_frame_keeps_keep_tokens_in_every_frame(name, request):
+    model = request.getfixturevalue(name)
+    # A video of grid (4, 4, 4): 4 temporal patches (8 frames) of 4x4 patches, i.e. 4 blocks of 4 tokens.
+    inputs = qwen2vl_image_and_video()
+    inputs = dict(inputs, pixel_values_videos=torch.randn(64, 24), video_grid_thw=torch.tensor([[4, 4, 4]]))
+    row = inputs["input_ids"][0]
+    video = (row == VIDEO).nonzero().squeeze(1)
+    ids = torch.cat([row[: video[0]], torch.full((16,), VIDEO), row[video[-1] + 1 :]])[None]
+    inputs.update(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        mm_token_type_ids=(ids == IMAGE).int() + 2 * (ids == VIDEO).int(),
+    )
+    with pruning.apply(model, "divprune", keep=2, video_budget="per_frame") as session, torch.no_grad():
+        model(**inputs)
+    spans = session.reports[-1].spans
+    assert [(span.n_tokens, span.n_kept) for span in spans] == [(16, 2), (4, 2), (4, 2), (4, 2), (4, 2)]
+    with pruning.apply(model, "divprune", keep=2) as session, torch.no_grad():
+        model(**inputs)
+    assert [(span.n_tokens, span.n_kept) for span in session.reports[-1].spans] == [(16, 2), (16, 2)]
+    with (
+        pytest.raises(ValueError, match="needs a model with video frames"),
+        pruning.apply(request.getfixturevalue("llava"), "divprune", video_budget="per_frame"),
+    ):
+        pass

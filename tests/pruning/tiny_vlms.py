@@ -10,6 +10,8 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
 )
@@ -58,6 +60,50 @@ def build_llava_next() -> LlavaNextForConditionalGeneration:
     return LlavaNextForConditionalGeneration(config).eval()
 
 
+QWEN_TEXT = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": VOCAB,
+    "max_position_embeddings": 512,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
+}
+QWEN_TOKENS = {
+    "image_token_id": IMAGE,
+    "video_token_id": VIDEO,
+    "vision_start_token_id": VISION_START,
+    "vision_end_token_id": VISION_END,
+}
+
+
+def build_qwen25vl() -> Qwen2_5_VLForConditionalGeneration:
+    """Qwen2.5-VL with window attention in the vision tower (window 8 px = 2x2 merged tokens, one full block)."""
+    torch.manual_seed(0)
+    config = Qwen2_5_VLConfig(
+        vision_config={
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 4,
+            "out_hidden_size": 64,
+            "patch_size": 2,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 8,
+            "fullatt_block_indexes": [1],
+            "in_channels": 3,
+        },
+        text_config=dict(QWEN_TEXT),
+        **QWEN_TOKENS,
+    )
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
 def build_qwen2vl() -> Qwen2VLForConditionalGeneration:
     torch.manual_seed(0)
     config = Qwen2VLConfig(
@@ -72,23 +118,8 @@ def build_qwen2vl() -> Qwen2VLForConditionalGeneration:
             "temporal_patch_size": 2,
             "in_channels": 3,
         },
-        text_config={
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 3,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "vocab_size": VOCAB,
-            "max_position_embeddings": 512,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-            "bos_token_id": 1,
-            "eos_token_id": 2,
-            "pad_token_id": 0,
-        },
-        image_token_id=IMAGE,
-        video_token_id=VIDEO,
-        vision_start_token_id=VISION_START,
-        vision_end_token_id=VISION_END,
+        text_config=dict(QWEN_TEXT),
+        **QWEN_TOKENS,
     )
     return Qwen2VLForConditionalGeneration(config).eval()
 
