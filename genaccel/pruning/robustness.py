@@ -9,8 +9,12 @@ on a knife edge, and `reserve` (uniform coverage) bounds how much an attacker ca
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+
+from genaccel.pruning import signals as sig
+from genaccel.pruning.adapters import adapter_for
 
 
 def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -95,3 +99,107 @@ def input_jitter_overlap(
             model(**batch)
         keeps.append(session.reports[-1].selected_columns)
     return [jaccard(a, b) for a, b in zip(*keeps)]
+
+
+@dataclass
+class AttackReport:
+    """Per-sample overlaps of the chosen visual tokens with the clean choice, under an L-inf budget `epsilon`:
+    `attack` after PGD against the strategy's own ranking, `jitter` after random +-epsilon noise."""
+
+    epsilon: float
+    steps: int
+    attack: list[float]
+    jitter: list[float]
+
+
+CLS_RANKED = ("fastervlm", "visionzip", "hired", "mmr")
+
+
+def ranking_scores(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Differentiable [CLS]-attention score per patch token ([images, tokens]) at the feature layer: the ranking
+    the [CLS] strategies cut (head mean, as `signals.cls_attention`), recomputed with gradients."""
+    adapter = adapter_for(model)
+    attention = adapter.vision_layers()[adapter.vision_layer_index({}, "deep")].self_attn
+    captured: dict[str, torch.Tensor] = {}
+    handles = [
+        getattr(attention, f"{name}_proj").register_forward_hook(
+            lambda module, args, output, name=name: captured.__setitem__(name, output)
+        )
+        for name in ("q", "k")
+    ]
+    try:
+        model.model.vision_tower(pixel_values)
+    finally:
+        for handle in handles:
+            handle.remove()
+    rows = sig.cls_attention(captured["q"], captured["k"], adapter.vision_heads(), attention.scale).mean(dim=1)
+    first = 1 if adapter.feature_choice({})[1] == "default" else 0
+    return rows[:, first:]
+
+
+def chosen_per_image(report) -> list[torch.Tensor]:
+    """Chosen token offsets within each image's span, in scatter order (= pixel_values order for LLaVA)."""
+    return [span.selected - span.start for span in report.spans]
+
+
+def attack_overlap(
+    model: torch.nn.Module,
+    inputs: dict[str, torch.Tensor],
+    strategy: str = "fastervlm",
+    keep: int | float = 64,
+    epsilon: float = 0.03,
+    steps: int = 10,
+    step_size: float | None = None,
+    seed: int = 0,
+    **options,
+) -> AttackReport:
+    """Compression-aware attack probe (arXiv 2601.12042): PGD on the pixels, within an L-inf ball of radius
+    `epsilon` (processor units: 0.03 is about 2/255 of the pixel range for CLIP's std 0.27), that pushes the
+    clean keep set's [CLS]-attention scores down and the dropped tokens' up; next to random +-epsilon noise.
+
+    Both report the Jaccard overlap of the chosen visual tokens with the clean choice, per sample, so the gap between `jitter` and `attack` is what random-noise probes miss. `options` go to
+    `apply` (e.g. `reserve=0.25` to measure the reserve against both). LLaVA-style towers with [CLS] only:
+    the strategy must rank by [CLS] attention (fastervlm, visionzip, hired, mmr).
+    """
+    from genaccel.pruning import apply
+
+    name = strategy if isinstance(strategy, str) else strategy.name
+    if name not in CLS_RANKED or adapter_for(model).projector() is None:
+        raise ValueError(
+            f"attack_overlap attacks [CLS]-attention rankings ({', '.join(CLS_RANKED)}) on LLaVA-1.5-style models; "
+            f"got {name!r} on {type(model).__name__}: use input_jitter_overlap there"
+        )
+    pixels = inputs["pixel_values"]
+
+    def choose(pixel_values: torch.Tensor):
+        with apply(model, strategy, keep, seed=seed, **options) as session, torch.no_grad():
+            model(**dict(inputs, pixel_values=pixel_values))
+        return session.reports[-1]
+
+    clean = choose(pixels)
+    per_image = chosen_per_image(clean)
+    n_tokens = ranking_scores(model, pixels[:1]).shape[1]
+    kept = torch.zeros(len(per_image), n_tokens, dtype=torch.bool)
+    for image, chosen in enumerate(per_image):
+        kept[image, chosen[chosen < n_tokens]] = True
+    kept = kept.to(pixels.device)
+    step = step_size if step_size is not None else 2.5 * epsilon / max(1, steps)
+    delta = torch.zeros_like(pixels, dtype=torch.float32)
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        with torch.enable_grad():
+            scores = ranking_scores(model, (pixels.float() + delta).to(pixels.dtype)).float()
+            kept_mean = (scores * kept).sum(1) / kept.sum(1).clamp_min(1)
+            dropped_mean = (scores * ~kept).sum(1) / (~kept).sum(1).clamp_min(1)
+            loss = (kept_mean - dropped_mean).sum()
+            (grad,) = torch.autograd.grad(loss, delta)
+        delta = (delta.detach() - step * grad.sign()).clamp(-epsilon, epsilon)
+    attacked = choose((pixels.float() + delta).to(pixels.dtype))
+    generator = torch.Generator().manual_seed(seed)
+    noise = epsilon * torch.randn(pixels.shape, generator=generator).sign()
+    jittered = choose((pixels.float() + noise.to(pixels.device)).to(pixels.dtype))
+
+    def overlaps(report) -> list[float]:
+        return [jaccard(a, b) for a, b in zip(clean.selected_columns, report.selected_columns)]
+
+    return AttackReport(epsilon=epsilon, steps=steps, attack=overlaps(attacked), jitter=overlaps(jittered))

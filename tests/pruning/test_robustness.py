@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from genaccel.pruning.robustness import cutoff_margin, jaccard
@@ -85,3 +86,26 @@ def test_input_jitter_overlap_compares_image_tokens_only(llava):
     with_text = [jaccard(a, b) for a, b in zip(reports[0].keep_columns, reports[1].keep_columns)]
     assert input_jitter_overlap(llava, inputs, "fastervlm", keep=4, sigma=3.0) == image_only
     assert min(image_only) < 1.0 and all(a < b for a, b in zip(image_only, with_text) if a < 1.0)
+
+
+def test_pgd_attack_moves_the_keep_set_far_more_than_random_noise_of_the_same_size(llava):
+    from tiny_vlms import llava_inputs
+
+    from genaccel.pruning.robustness import attack_overlap
+
+    inputs = llava_inputs([1, 1, 1])
+    report = attack_overlap(llava, inputs, "fastervlm", keep=16, epsilon=0.1, steps=10)
+    assert max(report.attack) < 0.5 < min(report.jitter)
+    guarded = attack_overlap(llava, inputs, "fastervlm", keep=16, epsilon=0.3, steps=10, reserve=0.5)
+    assert min(guarded.attack) >= 0.5 / (2 - 0.5) - 1e-9  # 8 reserved of 16: Jaccard >= 8 / 24
+
+
+def test_pgd_attack_names_what_it_can_attack(llava, qwen2vl):
+    from tiny_vlms import llava_inputs
+
+    from genaccel.pruning.robustness import attack_overlap
+
+    with pytest.raises(ValueError, match="attacks \\[CLS\\]-attention rankings .* got 'divprune'"):
+        attack_overlap(llava, llava_inputs([1]), "divprune")
+    with pytest.raises(ValueError, match="on Qwen2VLForConditionalGeneration"):
+        attack_overlap(qwen2vl, {"pixel_values": torch.zeros(1)}, "fastervlm")
