@@ -14,6 +14,7 @@ from genaccel.samplers.base import SampleOutput, Sampler, SamplerStats, Sampling
 SAMPLERS: dict[str, str] = {
     "ar": "genaccel.samplers.ar:ARSampler",
     "sjd": "genaccel.samplers.sjd:SJDSampler",
+    "mcsjd": "genaccel.samplers.mcsjd:MCSJDSampler",
     "gsd": "genaccel.samplers.gsd:GSDSampler",
     "lantern": "genaccel.samplers.lantern:LanternSampler",
     "sd": "genaccel.samplers.sd:SDSampler",

@@ -21,7 +21,7 @@ from genaccel.samplers.acceptance import (
     LanternRule,
     respects_truncation,
 )
-from genaccel.samplers.drafting import JacobiDrafter
+from genaccel.samplers.drafting import JacobiDrafter, jacobi_source
 from genaccel.samplers.speculative import (
     CodebookMixin,
     JacobiOptions,
@@ -88,7 +88,7 @@ class GSDSampler(CodebookMixin, SpeculativeSampler):
     Options = GSDOptions
 
     def draft_source(self, model) -> JacobiDrafter:
-        return JacobiDrafter(self.options.window, self.options.init)
+        return jacobi_source(self.options)
 
     def acceptance_rule(self, model) -> GroupedRule:
         o = self.options

@@ -3,7 +3,8 @@
 Draft tokens are accepted against a target where the mass of their nearest latent (VQ codebook)
 neighbours is moved onto them, at most ``lantern_delta`` of it (TV bound; > 1: LANTERN++ lambda).
 Drafts form a chain of ``draft_len`` tokens sampled from the drafter (LANTERN++ static-tree rule with
-tree width 1). Without a drafter checkpoint the Jacobi window drafts instead (with a notice).
+tree width 1). Without a drafter checkpoint the Jacobi window drafts instead (with a notice);
+``draft_coupling`` maximal / gumbel selects the coupled Jacobi window (MC-SJD's drafts) instead of the drafter.
 
 ``resample`` picks what a rejection samples from (ours: the relaxed target's exact residual; official /
 official-v1: LANTERN's / LANTERN++'s code), ``relax bounded`` swaps the per-draft relaxation for one
@@ -24,7 +25,7 @@ from genaccel.samplers.acceptance import (
     LanternRule,
     respects_truncation,
 )
-from genaccel.samplers.drafting import DrafterHeadSource, DrafterMixin, JacobiDrafter
+from genaccel.samplers.drafting import DrafterHeadSource, DrafterMixin, jacobi_source
 from genaccel.samplers.gsd import truncation_cli_option
 from genaccel.samplers.speculative import (
     CodebookMixin,
@@ -88,13 +89,15 @@ class LanternSampler(DrafterMixin, CodebookMixin, SpeculativeSampler):
     Options = LanternOptions
 
     def draft_source(self, model):
+        if self.options.draft_coupling != "independent":  # a coupling is a property of Jacobi drafts
+            return jacobi_source(self.options)
         drafter = self.drafter_for(model)
         if drafter is None:
             if not getattr(self, "_notified", False):
                 self._notified = True
                 print("lantern: no drafter checkpoint found; drafting with the Jacobi window instead (train one with "
                       "`python -m genaccel.train drafter`)", file=sys.stderr)
-            return JacobiDrafter(self.options.window, self.options.init)
+            return jacobi_source(self.options)
         return DrafterHeadSource(drafter, self.options.draft_len)
 
     def acceptance_rule(self, model) -> ExactRule:

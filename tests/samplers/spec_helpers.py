@@ -7,6 +7,7 @@ import itertools
 
 import torch
 
+from genaccel.models.contract import ModelOutput
 from genaccel.models.llamagen import LlamaGenGPT, build_gpt
 from genaccel.samplers.base import SamplingOptions, target_probs
 
@@ -39,3 +40,47 @@ def exact_joint(model: LlamaGenGPT, label: int, opts: SamplingOptions) -> torch.
 def sequence_index(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
     weights = vocab ** torch.arange(tokens.shape[1] - 1, -1, -1)
     return (tokens * weights).sum(-1)
+
+
+class MarkovChainModel:
+    """A sampler-contract model whose next-token distribution depends only on the previous token.
+
+    No cache and no transformer, so tens of thousands of samples take a fraction of a second, and the exact
+    joint of every sequence is a product of table entries. Strong dependence on the previous token makes
+    the target at a position change between Jacobi iterations -- what a draft-coupling bug needs to show.
+    """
+
+    num_classes, null_class, cls_token_num, grid_size, hidden_dim = 1, 1, 1, 0, 1
+
+    def __init__(self, first: torch.Tensor, table: torch.Tensor, num_tokens: int):
+        self.first, self.table, self.num_image_tokens = first.log(), table.log(), num_tokens
+        self.vocab_size = table.shape[0]
+
+    def parameters(self):
+        return iter([self.table])
+
+    def setup_cache(self, batch_size: int, max_seq_len=None, dtype=None, device=None) -> None:
+        """Nothing to allocate: outputs depend on the fed token alone."""
+
+    def prefill(self, labels: torch.Tensor) -> ModelOutput:
+        B = labels.shape[0]
+        return ModelOutput(self.first.expand(B, 1, -1).clone(), torch.zeros(B, 1, 1))
+
+    def forward_tokens(self, tokens, positions, mask=None, rope_positions=None) -> ModelOutput:
+        return ModelOutput(self.table[tokens], torch.zeros(*tokens.shape, 1))
+
+    def rollback(self, length) -> None:
+        """No cache to roll back."""
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """No per-row state."""
+
+    def clear_cache(self) -> None:
+        """No cache."""
+
+    def joint(self) -> torch.Tensor:
+        """Probability of every sequence (base-V index order, as :func:`sequence_index`)."""
+        V, N = self.vocab_size, self.num_image_tokens
+        seqs = torch.tensor(list(itertools.product(range(V), repeat=N)))
+        logp = self.first[seqs[:, 0]] + self.table[seqs[:, :-1], seqs[:, 1:]].sum(-1)
+        return logp.exp().double()

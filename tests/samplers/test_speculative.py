@@ -273,14 +273,14 @@ def test_bad_options_give_one_clear_error(name, options, needle):
 
 def test_cli_option_dests_are_options_fields():
     fields = set()
-    for name in ("sjd", "gsd", "lantern", "sd"):
+    for name in ("sjd", "mcsjd", "gsd", "lantern", "sd"):
         fields |= set(build_sampler(name).Options.__dataclass_fields__)
     dests = {kw["dest"] for _, kw in sampler_cli_options()}
     assert dests <= fields
     assert dests.isdisjoint(SamplingOptions.__dataclass_fields__)
 
 
-@pytest.mark.parametrize("name", ["ar", "sjd", "gsd", "lantern", "sd"])
+@pytest.mark.parametrize("name", ["ar", "sjd", "mcsjd", "gsd", "lantern", "sd"])
 def test_sampler_configs_hold_the_defaults(name):
     sampler = load_sampler_config(Path(__file__).parents[2] / "configs" / "samplers" / f"{name}.yaml")
     assert sampler.name == name
