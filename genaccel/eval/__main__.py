@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 
@@ -63,14 +64,24 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_metric_args(p: argparse.ArgumentParser, default: str = "auto") -> None:
     g = p.add_argument_group("metrics")
     g.add_argument("--metrics", default=default,
-                   help="comma list of fd_domain,class_accuracy,fid,is,prc; 'auto' = FD-domain + class accuracy, "
-                        "plus IS with --inception-weights, plus FID and P&R with --reference too; 'none' to skip")
+                   help="comma list of fd_domain,class_accuracy,fid,sfid,is,prc; 'auto' = FD-domain + class accuracy, "
+                        "plus IS with --inception-weights, plus FID (and sFID, P&R where the reference has what they "
+                        "need) with --reference too; 'none' to skip")
     g.add_argument("--domain-reference", default="heldout",
                    help="FD-domain reference: 'heldout' (bundled held-out crops), a mu/sigma .npz, or images")
     g.add_argument("--reference", default=None, help="Inception reference: ADM reference .npz (mu/sigma[, arr_0]) or image folder")
     g.add_argument("--inception-weights", default=None,
                    help="local torch-fidelity Inception weights (.pth); or set GENACCEL_INCEPTION_WEIGHTS. Never downloaded")
     g.add_argument("--classifier", default=None, help="crop classifier weights (default: the bundled one)")
+    g.add_argument("--is-protocol", default="adm", choices=["adm", "torch-fidelity"],
+                   help="IS splits: adm = in-order splits of 5000 (the ADM evaluator, paper tables), torch-fidelity "
+                        "= 10 shuffled splits (default: adm)")
+    g.add_argument("--prc-dtype", default="fp32", choices=["fp32", "fp16"],
+                   help="precision/recall distances: fp32, or fp16 with fp32 fallback as the ADM evaluator "
+                        "(default: fp32)")
+    g.add_argument("--cache-dir", default=None,
+                   help="reference feature cache, keyed by content hash (default: $GENACCEL_CACHE_DIR, else "
+                        "~/.cache/genaccel/eval); 'none' disables it")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--per-class", type=int, default=64, help="held-out crops per class for 'heldout'")
     r.add_argument("--inception-weights", default=None)
     r.add_argument("--classifier", default=None)
+    r.add_argument("--batch-size", type=int, default=32, help="images per feature-extraction batch")
     return parser
 
 
@@ -167,8 +179,11 @@ def command_line(argv: list[str]) -> str:
 
 
 def _metric_kwargs(a: argparse.Namespace) -> dict:
+    from genaccel.eval.cache import resolve_cache_dir
+
     return {"domain_ref": a.domain_reference, "reference": a.reference, "inception_weights": a.inception_weights,
-                "classifier_path": a.classifier}
+            "classifier_path": a.classifier, "is_protocol": a.is_protocol, "prc_dtype": a.prc_dtype,
+            "cache_dir": resolve_cache_dir(a.cache_dir)}
 
 
 def _metrics_list(a: argparse.Namespace) -> list[str]:
@@ -264,14 +279,12 @@ def _jsonable(options) -> dict:
 
 
 def run_metrics(a: argparse.Namespace) -> dict:
-    import numpy as np
-
-    from genaccel.eval.images import load_images
+    from genaccel.eval.images import open_images
     from genaccel.eval.metrics import compute_metrics
     from genaccel.utils.io import save_json
 
     path = Path(a.samples)
-    images = load_images(path)
+    images = open_images(path)  # streamed in batches: 50k samples never sit in memory at once
     labels = None
     if path.suffix == ".npz":
         with np.load(path) as z:
@@ -314,26 +327,33 @@ def run_throughput(a: argparse.Namespace, argv: list[str]) -> dict:
 
 
 def run_stats(a: argparse.Namespace) -> dict:
+    """The ``stats`` subcommand: mu/sigma of an image set; Inception stats add ADM's mu_s/sigma_s (sFID), so the
+    file is readable by the ADM evaluator's ``read_statistics``."""
     from genaccel.eval.fd import feature_stats, save_stats
-    from genaccel.eval.images import load_images
+    from genaccel.eval.images import open_images
 
     if a.images == "heldout":
         from genaccel.eval.fd import heldout_reference_images
 
-        images = heldout_reference_images(a.per_class, seed=123)
+        images = open_images(heldout_reference_images(a.per_class, seed=123).numpy())
     else:
-        images = torch.from_numpy(load_images(a.images))
+        images = open_images(a.images)
+    spatial = None
     if a.features == "domain":
         from genaccel.eval.feature_extractor import load_feature_extractor
 
-        feats = load_feature_extractor(a.classifier).features(images)
+        extractor = load_feature_extractor(a.classifier)
+        feats = torch.cat([extractor.features(torch.from_numpy(np.ascontiguousarray(b)))
+                           for b in images.batches(a.batch_size)])
     else:
-        from genaccel.eval.inception import POOL, inception_features, load_inception
+        from genaccel.eval.inception import inception_features, load_inception
 
-        feats = inception_features(load_inception(a.inception_weights), images)[POOL]
+        out = inception_features(load_inception(a.inception_weights), images, a.batch_size)
+        feats, spatial = out.pool, out.spatial.stats()
     stats = feature_stats(feats)
-    save_stats(stats, a.out)
-    return {"out": stored_path(a.out), "num": stats.num, "dim": stats.dim, "features": a.features}
+    save_stats(stats, a.out, spatial=spatial)
+    return {"out": stored_path(a.out), "num": stats.num, "dim": stats.dim, "features": a.features,
+            "keys": ["mu", "sigma"] + (["mu_s", "sigma_s"] if spatial is not None else []) + ["num"]}
 
 
 def main(argv: list[str] | None = None) -> dict | None:

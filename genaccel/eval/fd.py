@@ -40,6 +40,52 @@ def feature_stats(features: torch.Tensor | np.ndarray) -> FeatureStats:
     return FeatureStats(mu=f.mean(axis=0), sigma=np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1]), num=f.shape[0])
 
 
+class RunningStats:
+    """Mean and covariance of feature batches seen one at a time, in float64, without keeping the features.
+
+    Batches are merged with Chan et al.'s pairwise update (centred scatter per batch), so the result equals
+    ``feature_stats`` of the concatenation up to float64 rounding, and memory stays at D x D however many
+    images stream through (50k Inception spatial features would otherwise take 400 MB). Two instances built
+    on different shards combine with :meth:`merge`."""
+
+    def __init__(self) -> None:
+        self.num = 0
+        self.mean: np.ndarray | None = None
+        self.scatter: np.ndarray | None = None
+
+    def update(self, features: torch.Tensor | np.ndarray) -> None:
+        """Add a batch (B, D) of feature vectors."""
+        f = np.asarray(features.detach().cpu().numpy() if isinstance(features, torch.Tensor) else features, np.float64)
+        if f.ndim != 2:
+            raise ValueError(f"features must be (N, D), got shape {f.shape}")
+        if len(f):
+            centred = f - f.mean(axis=0)
+            self._combine(len(f), f.mean(axis=0), centred.T @ centred)
+
+    def merge(self, other: RunningStats) -> None:
+        """Fold in the statistics of another stream (e.g. another rank's shard)."""
+        if other.num:
+            self._combine(other.num, other.mean, other.scatter)
+
+    def _combine(self, n: int, mean: np.ndarray, scatter: np.ndarray) -> None:
+        if self.num == 0:
+            self.num, self.mean, self.scatter = n, mean.copy(), scatter.copy()
+            return
+        if mean.shape != self.mean.shape:
+            raise ValueError(f"feature dimension changed from {self.mean.shape[0]} to {mean.shape[0]}")
+        total = self.num + n
+        delta = mean - self.mean
+        self.scatter += scatter + np.outer(delta, delta) * (self.num * n / total)
+        self.mean += delta * (n / total)
+        self.num = total
+
+    def stats(self) -> FeatureStats:
+        """Mean and unbiased covariance (as ``np.cov``); needs at least 2 vectors."""
+        if self.num < 2:
+            raise ValueError(f"need at least 2 feature vectors for a covariance, got {self.num}")
+        return FeatureStats(mu=self.mean.copy(), sigma=self.scatter / (self.num - 1), num=self.num)
+
+
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
@@ -105,27 +151,39 @@ def reference_domain_stats(per_class: int = 64, seed: int = 123, extractor=None,
     return feature_stats(extractor.features(heldout_reference_images(per_class, seed, size)))
 
 
-def save_stats(stats: FeatureStats, path: str | os.PathLike) -> Path:
-    """Write ``mu``/``sigma`` as an ``.npz`` (TTUR / clean-fid / ADM reference convention), atomically."""
+def save_stats(stats: FeatureStats, path: str | os.PathLike, spatial: FeatureStats | None = None) -> Path:
+    """Write ``mu``/``sigma`` (and ``mu_s``/``sigma_s`` when ``spatial`` is given) as an ``.npz``, atomically.
+
+    The keys are the TTUR / clean-fid / ADM reference convention; with the spatial pair the file is what ADM's
+    ``read_statistics`` expects (it reads all four keys once ``mu`` is present), so the ADM evaluator can use
+    our Inception reference statistics for FID and sFID."""
     from genaccel.utils.io import atomic_write
+
+    arrays = {"mu": stats.mu, "sigma": stats.sigma, "num": np.int64(stats.num)}
+    if spatial is not None:
+        arrays.update(mu_s=spatial.mu, sigma_s=spatial.sigma)
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
-            np.savez(f, mu=stats.mu, sigma=stats.sigma, num=np.int64(stats.num))
+            np.savez(f, **arrays)
 
     return atomic_write(path, write)
 
 
-def load_stats(path: str | os.PathLike, dim: int | None = None) -> FeatureStats:
-    """Read ``mu``/``sigma`` from an ``.npz``; raises naming the missing keys or a dimension mismatch."""
+def load_stats(path: str | os.PathLike, dim: int | None = None, spatial: bool = False) -> FeatureStats:
+    """Read ``mu``/``sigma`` (``mu_s``/``sigma_s`` with ``spatial``, the sFID pair) from an ``.npz``; raises
+    naming the missing keys or a dimension mismatch."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"reference statistics not found: {path}")
+    keys = ("mu_s", "sigma_s") if spatial else ("mu", "sigma")
     with np.load(path) as z:
-        missing = [k for k in ("mu", "sigma") if k not in z.files]
+        missing = [k for k in keys if k not in z.files]
         if missing:
-            raise ValueError(f"{path} lacks key(s) {missing} (has {z.files}); a reference .npz needs 'mu' and 'sigma'")
-        mu, sigma = z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
+            what = "sFID needs the spatial statistics 'mu_s' and 'sigma_s'" if spatial else \
+                "a reference .npz needs 'mu' and 'sigma'"
+            raise ValueError(f"{path} lacks key(s) {missing} (has {z.files}); {what}")
+        mu, sigma = z[keys[0]].astype(np.float64), z[keys[1]].astype(np.float64)
         num = int(z["num"]) if "num" in z.files else 0
     if sigma.shape != (mu.shape[0], mu.shape[0]):
         raise ValueError(f"{path}: sigma {sigma.shape} does not match mu {mu.shape}")
@@ -134,5 +192,5 @@ def load_stats(path: str | os.PathLike, dim: int | None = None) -> FeatureStats:
     return FeatureStats(mu=mu, sigma=sigma, num=num)
 
 
-__all__ = ["FeatureStats", "class_accuracy", "heldout_reference_images", "quantize_like_samples", "fd_domain", "fd_from_stats", "feature_stats", "frechet_distance",
+__all__ = ["FeatureStats", "RunningStats", "class_accuracy", "heldout_reference_images", "quantize_like_samples", "fd_domain", "fd_from_stats", "feature_stats", "frechet_distance",
            "load_stats", "reference_domain_stats", "save_stats"]

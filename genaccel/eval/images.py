@@ -8,6 +8,9 @@ them, and atomically (temp file + rename).
 from __future__ import annotations
 
 import os
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -92,9 +95,104 @@ def load_images(path: str | os.PathLike) -> np.ndarray:
     return load_npz_images(path)
 
 
+@dataclass
+class ImageSource:
+    """An image set read in batches of uint8 NHWC arrays, so that feature extraction never holds the whole set.
+
+    50,000 256x256 samples are 9.8 GB as one array; streamed, only ``batch_size`` images are in memory. Build
+    one with :func:`open_images` (an ADM ``.npz``, a folder, or an array already in memory)."""
+
+    name: str
+    num_images: int
+    image_shape: tuple[int, int, int]
+    _array: np.ndarray | None = None
+    _npz: Path | None = None
+    _files: list[Path] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        """Consecutive batches of at most ``batch_size`` images, in file order."""
+        if self._array is not None:
+            for i in range(0, self.num_images, batch_size):
+                yield self._array[i:i + batch_size]
+        elif self._npz is not None:
+            yield from _stream_npz(self._npz, "arr_0", batch_size)
+        else:
+            for i in range(0, self.num_images, batch_size):
+                yield np.stack([_read_image(f) for f in self._files[i:i + batch_size]])
+
+
+def _read_image(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _npy_header(member) -> tuple[tuple[int, ...], bool, np.dtype]:
+    version = np.lib.format.read_magic(member)
+    read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+    if read is None:
+        raise ValueError(f"unsupported .npy format version {version}")
+    return read(member)
+
+
+def _npz_member(path: Path, key: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    with zipfile.ZipFile(path) as zf:
+        if f"{key}.npy" not in zf.namelist():
+            raise ValueError(f"{path} has no '{key}' (keys: {[n[:-4] for n in zf.namelist()]})")
+        with zf.open(f"{key}.npy") as member:
+            return _npy_header(member)
+
+
+def _stream_npz(path: Path, key: str, batch_size: int) -> Iterator[np.ndarray]:
+    """Batches of ``key`` read straight from the zip member (as ADM's ``StreamingNpzArrayReader``)."""
+    with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as member:
+        shape, fortran, dtype = _npy_header(member)
+        if fortran:  # not streamable row by row; rare for image batches
+            member.close()
+            with np.load(path) as z:
+                arr = z[key]
+            for i in range(0, shape[0], batch_size):
+                yield arr[i:i + batch_size]
+            return
+        row = int(np.prod(shape[1:])) * dtype.itemsize
+        for i in range(0, shape[0], batch_size):
+            n = min(batch_size, shape[0] - i)
+            data = member.read(n * row)
+            if len(data) != n * row:
+                raise ValueError(f"{path}: '{key}' is truncated (expected {shape[0]} rows, file ends in row {i})")
+            yield np.frombuffer(bytearray(data), dtype=dtype).reshape(n, *shape[1:])  # writable copy
+
+
+def open_images(source: str | os.PathLike | np.ndarray) -> ImageSource:
+    """An :class:`ImageSource` over an ADM ``.npz`` (``arr_0``, streamed), a folder of same-size images, or a
+    uint8 NHWC array; the same input checks as :func:`load_images`, without reading the pixels."""
+    if isinstance(source, np.ndarray):
+        images = check_images(source, "images")
+        return ImageSource("array", len(images), tuple(images.shape[1:]), _array=images)
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+        if not files:
+            raise ValueError(f"{path} contains no images ({', '.join(IMAGE_EXTS)}); point to a folder of samples")
+        first = _read_image(files[0])
+        return ImageSource(str(path), len(files), tuple(first.shape), _files=files)
+    if not path.is_file():
+        raise FileNotFoundError(f"image set not found: {path} (expected an ADM .npz or a folder of images)")
+    if path.suffix != ".npz":
+        raise ValueError(f"{path}: expected an ADM .npz (key 'arr_0') or a folder of images")
+    shape, _, dtype = _npz_member(path, "arr_0")
+    check_images(np.empty((min(shape[0], 1), *shape[1:]) if shape else (), dtype=dtype), str(path))
+    return ImageSource(str(path), int(shape[0]), tuple(shape[1:]), _npz=path)
+
+
 def npz_keys(path: str | os.PathLike) -> list[str]:
     with np.load(path) as z:
         return list(z.files)
 
 
-__all__ = ["check_images", "load_folder_images", "load_images", "load_npz_images", "npz_keys", "save_adm_npz"]
+__all__ = ["ImageSource", "check_images", "load_folder_images", "load_images", "load_npz_images", "npz_keys",
+           "open_images", "save_adm_npz"]

@@ -1,8 +1,12 @@
-"""All quality metrics of one sample set, by name: FD-domain, class accuracy, FID, IS, precision/recall.
+"""All quality metrics of one sample set, by name: FD-domain, class accuracy, FID, sFID, IS, precision/recall.
 
 ``fd_domain`` / ``class_accuracy`` use the bundled crop classifier and need nothing from outside; ``fid``,
-``is`` and ``prc`` need local Inception weights and (FID, P&R) a reference. Names in the output are
-explicit: ``fd_domain`` is never called FID.
+``sfid``, ``is`` and ``prc`` need local Inception weights and (all but IS) a reference. Names in the output
+are explicit: ``fd_domain`` is never called FID.
+
+Reference handling follows the ADM evaluator: a reference ``.npz`` that carries ``mu``/``sigma`` (and
+``mu_s``/``sigma_s``) is used as is, and its images (``arr_0``) are only read when precision/recall need
+features. Reference features are cached by content hash (:mod:`genaccel.eval.cache`).
 """
 
 from __future__ import annotations
@@ -18,8 +22,10 @@ from genaccel.eval.fd import FeatureStats, fd_from_stats, feature_stats, load_st
 from genaccel.utils.io import stored_path
 
 DOMAIN_METRICS = ("fd_domain", "class_accuracy")
-INCEPTION_METRICS = ("fid", "is", "prc")
+INCEPTION_METRICS = ("fid", "sfid", "is", "prc")
+REFERENCE_METRICS = ("fid", "sfid", "prc")
 ALL_METRICS = DOMAIN_METRICS + INCEPTION_METRICS
+PRC_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
 @dataclass
@@ -29,20 +35,50 @@ class Reference:
     stats: FeatureStats
     features: torch.Tensor | None
     source: str
+    spatial: FeatureStats | None = None
+    stats_from: str = "images"
+
+
+@dataclass(frozen=True)
+class ReferenceContents:
+    """What a reference path offers: pool statistics, spatial (sFID) statistics, images."""
+
+    stats: bool
+    spatial: bool
+    images: bool
+
+
+def reference_contents(path: str | os.PathLike) -> ReferenceContents:
+    """Inspect a reference (keys of an ``.npz``, or a folder) without reading any array."""
+    path = Path(path)
+    if path.is_dir():
+        return ReferenceContents(stats=False, spatial=False, images=True)
+    if path.suffix != ".npz" or not path.is_file():
+        return ReferenceContents(False, False, False)
+    with np.load(path) as z:
+        keys = set(z.files)
+    stats = {"mu", "sigma"} <= keys
+    return ReferenceContents(stats, stats and {"mu_s", "sigma_s"} <= keys, "arr_0" in keys)
 
 
 def parse_metrics(spec: str, weights: str | None = None, reference: str | None = None) -> list[str]:
     """Metric names from ``spec``, checked against the inputs they need before any work is done.
 
-    'auto' = FD-domain + class accuracy, plus IS when Inception weights are given, plus FID and P&R when a
-    reference is given too; 'none' = nothing; otherwise a comma list. Raises naming the missing input.
+    'auto' = FD-domain + class accuracy, plus IS when Inception weights are given, plus FID, and sFID and P&R
+    where the reference provides what they need (spatial statistics or images; images), when a reference is
+    given too; 'none' = nothing; otherwise a comma list. Raises naming the missing input.
     """
     if spec == "none":
         return []
+    contents = reference_contents(reference) if reference else None
     if spec == "auto":
         names = list(DOMAIN_METRICS)
         if weights:
-            names += ["is"] + (["fid", "prc"] if reference else [])
+            names.append("is")
+            if contents is not None:
+                names.append("fid")
+                names += ["sfid"] if contents.spatial or contents.images else []
+                names += ["prc"] if contents.images else []
         return names
     names = [m.strip().replace("-", "_") for m in spec.split(",") if m.strip()]
     unknown = [m for m in names if m not in ALL_METRICS]
@@ -52,10 +88,24 @@ def parse_metrics(spec: str, weights: str | None = None, reference: str | None =
         from genaccel.eval.inception import resolve_weights
 
         resolve_weights(weights)
-    needs_ref = [m for m in names if m in ("fid", "prc")]
+    needs_ref = [m for m in names if m in REFERENCE_METRICS]
     if needs_ref and not reference:
         raise ValueError(f"{needs_ref} need a reference: pass --reference (ADM reference .npz or image folder)")
+    if needs_ref:
+        _check_reference(Path(reference), contents, names)
     return names
+
+
+def _check_reference(path: Path, contents: ReferenceContents, names: list[str]) -> None:
+    if not path.exists():
+        raise FileNotFoundError(f"reference not found: {path} (an ADM reference .npz or a folder of images)")
+    if not (contents.stats or contents.images):
+        raise ValueError(f"{path}: a reference is an .npz with 'mu'/'sigma' and/or 'arr_0', or a folder of images")
+    if "prc" in names and not contents.images:
+        raise ValueError(f"precision/recall need reference images, but {path} holds only mu/sigma (no arr_0)")
+    if "sfid" in names and not (contents.spatial or contents.images):
+        raise ValueError(f"sFID needs spatial statistics, but {path} has no 'mu_s'/'sigma_s' and no images (arr_0); "
+                         "rebuild it with genaccel eval stats --features inception")
 
 
 def is_stats_file(path: Path) -> bool:
@@ -82,26 +132,37 @@ def domain_reference(spec: str, extractor, per_class: int = 64, size: int = 64) 
     return Reference(feature_stats(feats), feats, stored_path(path))
 
 
-def inception_reference(path: str | os.PathLike, model, batch_size: int = 32) -> Reference:
-    """Inception reference from an ADM reference ``.npz`` (``mu``/``sigma``, optional ``arr_0``) or images."""
-    from genaccel.eval.images import load_images, npz_keys
-    from genaccel.eval.inception import POOL, inception_features
+def inception_reference(path: str | os.PathLike, model, need_features: bool = False, need_spatial: bool = False,
+                        batch_size: int = 32, cache_dir: str | os.PathLike | None = None,
+                        weights: str | os.PathLike | None = None, progress: bool = False) -> Reference:
+    """Inception reference from an ADM reference ``.npz`` (``mu``/``sigma``[, ``mu_s``/``sigma_s``][, ``arr_0``])
+    or images.
 
+    As ADM's ``read_statistics``, statistics stored in the file win over statistics of its images. Images are
+    only read when needed (``need_features`` for P&R, or spatial statistics the file lacks), streamed in
+    batches, and their features come from / go to the cache in ``cache_dir`` (None: no cache)."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"reference not found: {path} (an ADM reference .npz or a folder of images)")
-    if is_stats_file(path):
-        stats = load_stats(path, dim=2048)
-        feats = None
-        if "arr_0" in npz_keys(path):
-            feats = inception_features(model, load_images(path), batch_size)[POOL]
-        return Reference(stats, feats, stored_path(path))
-    feats = inception_features(model, load_images(path), batch_size)[POOL]
-    return Reference(feature_stats(feats), feats, stored_path(path))
+    contents = reference_contents(path)
+    if not (contents.stats or contents.images):
+        if not path.exists():
+            raise FileNotFoundError(f"reference not found: {path} (an ADM reference .npz or a folder of images)")
+        raise ValueError(f"{path}: a reference is an .npz with 'mu'/'sigma' and/or 'arr_0', or a folder of images")
+    file_stats = load_stats(path, dim=2048) if contents.stats else None
+    file_spatial = load_stats(path, spatial=True) if contents.spatial else None
+    if file_stats is not None and not need_features and (file_spatial is not None or not need_spatial):
+        return Reference(file_stats, None, stored_path(path), file_spatial, stats_from="file")
+    if not contents.images:
+        raise ValueError(f"{path} holds no images (arr_0) to compute the missing reference features from")
+    from genaccel.eval.cache import reference_features
+
+    cached = reference_features(path, model, weights, cache_dir, batch_size, progress)
+    stats_from = "file" if file_stats is not None else ("cache" if cached.from_cache else "images")
+    return Reference(file_stats or cached.stats, cached.pool, stored_path(path), file_spatial or cached.spatial,
+                     stats_from=stats_from)
 
 
 def compute_metrics(
-    images: np.ndarray,
+    images,
     labels: np.ndarray | None,
     metrics: list[str],
     domain_ref: str = "heldout",
@@ -109,27 +170,48 @@ def compute_metrics(
     inception_weights: str | None = None,
     classifier_path: str | None = None,
     batch_size: int = 64,
+    is_protocol: str = "adm",
+    prc_dtype: str = "fp32",
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = False,
 ) -> dict:
-    """Compute ``metrics`` for uint8 NHWC ``images``; returns values plus where each reference came from."""
-    out: dict = {"num_images": len(images)}
-    tensor = torch.from_numpy(np.ascontiguousarray(images))
+    """Compute ``metrics`` for uint8 NHWC ``images`` (an array, or an ``ImageSource`` streamed in batches);
+    returns values plus where each reference came from and which protocol made them."""
+    from genaccel.eval.images import ImageSource, open_images
+
+    source = images if isinstance(images, ImageSource) else open_images(np.ascontiguousarray(images))
+    out: dict = {"num_images": len(source)}
     if any(m in DOMAIN_METRICS for m in metrics):
         from genaccel.eval.feature_extractor import load_feature_extractor
 
         extractor = load_feature_extractor(classifier_path)
+        feats, preds = _domain_outputs(extractor, source, batch_size, "class_accuracy" in metrics)
         if "fd_domain" in metrics:
-            side = images.shape[1]  # held-out crops as large as the images (128px: same field of view as 64px)
+            side = source.image_shape[0]  # held-out crops as large as the images (128px: same view as 64px)
             ref = domain_reference(domain_ref, extractor, size=side if side % 64 == 0 and side <= 128 else 64)
-            out["fd_domain"] = fd_from_stats(feature_stats(extractor.features(tensor, batch_size)), ref.stats)
+            out["fd_domain"] = fd_from_stats(feature_stats(feats), ref.stats)
             out["fd_domain_reference"] = ref.source
         if "class_accuracy" in metrics:
-            out.update(_class_accuracy(extractor, tensor, labels))
+            out.update(_class_accuracy(extractor, preds, labels))
     if any(m in INCEPTION_METRICS for m in metrics):
-        out.update(_inception_metrics(images, metrics, reference, inception_weights))
+        out.update(_inception_metrics(source, metrics, reference, inception_weights, is_protocol, prc_dtype,
+                                      cache_dir, progress))
     return out
 
 
-def _class_accuracy(extractor, images: torch.Tensor, labels: np.ndarray | None) -> dict:
+@torch.no_grad()
+def _domain_outputs(extractor, source, batch_size: int, predict: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Crop-classifier features (N, 128) and, if asked, predicted classes, streamed over the image batches."""
+    feats, preds = [], []
+    for batch in source.batches(batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(batch))
+        feats.append(extractor.features(x, batch_size))
+        if predict:
+            preds.append(extractor.predict(x, batch_size))
+    return torch.cat(feats), (torch.cat(preds) if predict else None)
+
+
+def _class_accuracy(extractor, predictions: torch.Tensor, labels: np.ndarray | None) -> dict:
     if labels is None:
         raise ValueError("class_accuracy needs the requested labels (ADM 'arr_1'); drop it from --metrics otherwise")
     labels = torch.as_tensor(np.asarray(labels)).long()
@@ -138,17 +220,14 @@ def _class_accuracy(extractor, images: torch.Tensor, labels: np.ndarray | None) 
             f"labels go up to {int(labels.max())} but the crop classifier knows {extractor.config.num_classes} classes: "
             "class_accuracy only applies to models trained on the bundled crops"
         )
-    from genaccel.eval.fd import class_accuracy
+    if len(labels) != len(predictions):
+        raise ValueError(f"{len(predictions)} images but {len(labels)} labels: pass one requested label per image")
+    return {"class_accuracy": float((predictions.cpu() == labels).float().mean())}
 
-    return {"class_accuracy": class_accuracy(images, labels, extractor)}
 
-
-def _inception_metrics(images: np.ndarray, metrics: list[str], reference: str | None,
-                       weights: str | None) -> dict:
-    from genaccel.eval.images import npz_keys
+def _inception_metrics(source, metrics: list[str], reference: str | None, weights: str | None, is_protocol: str,
+                       prc_dtype: str, cache_dir, progress: bool) -> dict:
     from genaccel.eval.inception import (
-        LOGITS,
-        POOL,
         inception_features,
         inception_score,
         load_inception,
@@ -156,25 +235,33 @@ def _inception_metrics(images: np.ndarray, metrics: list[str], reference: str | 
         resolve_weights,
     )
 
+    if prc_dtype not in PRC_DTYPES:
+        raise ValueError(f"unknown precision/recall dtype {prc_dtype!r}; choose from {', '.join(PRC_DTYPES)}")
     model = load_inception(weights)  # raises naming the missing file / flag before any work
-    needs_ref = [m for m in metrics if m in ("fid", "prc")]
-    if needs_ref and not reference:
-        raise ValueError(f"{needs_ref} need a reference: pass --reference (ADM reference .npz or image folder)")
-    if "prc" in metrics and is_stats_file(Path(reference)) and "arr_0" not in npz_keys(reference):
-        raise ValueError(f"precision/recall need reference images, but {reference} holds only mu/sigma (no arr_0)")
-    gen = inception_features(model, images)
-    out: dict = {"inception": "torch-fidelity inception-v3-compat (TF1 bilinear resize)", "inception_weights": str(resolve_weights(weights))}
-    if "is" in metrics:
-        out.update(inception_score(gen[LOGITS], splits=min(10, len(images))))
+    needs_ref = [m for m in metrics if m in REFERENCE_METRICS]
     if needs_ref:
-        ref = inception_reference(reference, model)
+        if not reference:
+            raise ValueError(f"{needs_ref} need a reference: pass --reference (ADM reference .npz or image folder)")
+        _check_reference(Path(reference), reference_contents(reference), metrics)
+    gen = inception_features(model, source, progress=progress)
+    out: dict = {"inception": "torch-fidelity inception-v3-compat (TF1 bilinear resize)",
+                 "inception_weights": stored_path(resolve_weights(weights))}
+    if "is" in metrics:
+        out.update(inception_score(gen.logits, is_protocol, splits=min(10, len(gen))))
+    if needs_ref:
+        ref = inception_reference(reference, model, need_features="prc" in metrics, need_spatial="sfid" in metrics,
+                                  cache_dir=cache_dir, weights=resolve_weights(weights), progress=progress)
         out["reference"] = ref.source
+        out["reference_stats_from"] = ref.stats_from
         if "fid" in metrics:
-            out["fid"] = fd_from_stats(feature_stats(gen[POOL]), ref.stats)
+            out["fid"] = fd_from_stats(feature_stats(gen.pool), ref.stats)
+        if "sfid" in metrics:
+            out["sfid"] = fd_from_stats(gen.spatial.stats(), ref.spatial)
         if "prc" in metrics:
-            out.update(precision_recall(gen[POOL], ref.features))
+            out.update(precision_recall(gen.pool, ref.features, dtype=PRC_DTYPES[prc_dtype]))
+            out["prc_protocol"] = f"adm (k=3, squared distances in {prc_dtype})"
     return out
 
 
-__all__ = ["ALL_METRICS", "DOMAIN_METRICS", "INCEPTION_METRICS", "Reference", "compute_metrics", "domain_reference",
-           "inception_reference", "parse_metrics"]
+__all__ = ["ALL_METRICS", "DOMAIN_METRICS", "INCEPTION_METRICS", "Reference", "ReferenceContents", "compute_metrics",
+           "domain_reference", "inception_reference", "parse_metrics", "reference_contents"]

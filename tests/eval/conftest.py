@@ -31,6 +31,12 @@ def save_tiny_models(folder: Path) -> tuple[Path, Path]:
     return gpt_path, vq_path
 
 
+@pytest.fixture(autouse=True)
+def _feature_cache_in_tmp(tmp_path, monkeypatch):
+    """Reference-feature caching must never write to the user's cache folder from a test."""
+    monkeypatch.setenv("GENACCEL_CACHE_DIR", str(tmp_path / "feature_cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> tuple[Path, Path]:
     return save_tiny_models(tmp_path_factory.mktemp("tiny_models"))

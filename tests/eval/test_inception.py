@@ -52,7 +52,7 @@ def test_adm_reference_stats_give_the_same_fid_as_reference_images(tmp_path, ran
     gen, real = _images(0), _images(1)
     save_adm_npz(tmp_path / "gen.npz", gen)
     model = load_inception(random_inception)
-    stats = feature_stats(inception_features(model, real, progress=False)["2048"])
+    stats = feature_stats(inception_features(model, real, progress=False).pool)
     np.savez(tmp_path / "VIRTUAL_ref.npz", mu=stats.mu, sigma=stats.sigma)  # ADM reference layout, no arr_0
     save_adm_npz(tmp_path / "real.npz", real)
     common = ["metrics", str(tmp_path / "gen.npz"), "--metrics", "fid", "--inception-weights", str(random_inception)]
@@ -75,3 +75,38 @@ def test_missing_or_wrong_inception_weights_name_the_file(tmp_path, monkeypatch)
     with pytest.raises(SystemExit, match="not an InceptionV3 state dict"):
         main(["metrics", str(tmp_path / "gen.npz"), "--metrics", "is", "--inception-weights",
               str(tmp_path / "not_inception.pth")])
+
+
+def test_weights_formats_unwrapped_or_refused_in_one_line(tmp_path, random_inception):
+    """Wrapped / DDP-prefixed state dicts load; ADM's .pb, TorchScript, pickles and ambiguous dicts give one line."""
+    from genaccel.eval.inception import read_inception_state_dict
+
+    sd = torch.load(random_inception, weights_only=True)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3}, tmp_path / "wrapped.pth")
+    unwrapped = read_inception_state_dict(tmp_path / "wrapped.pth")
+    assert unwrapped.keys() == sd.keys()
+    load_inception(tmp_path / "wrapped.pth")  # loads strictly
+    (tmp_path / "classify_image_graph_def.pb").write_bytes(b"\n\x0c\n\x05input\x12\x0bPlaceholder" * 10)
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), tmp_path / "inception-2015-12-05.pt")
+    torch.save({"state_dict": sd, "ema": {}, "model": sd}, tmp_path / "two.pth")
+    torch.save({"args": argparse_namespace()}, tmp_path / "pickled.pth")
+    sd_bad = dict(sd)
+    sd_bad.pop("fc.weight")
+    sd_bad["head.weight"] = torch.zeros(1)
+    torch.save(sd_bad, tmp_path / "bad_keys.pth")
+    save_adm_npz(tmp_path / "gen.npz", _images(0, n=4))
+    for name, message in [("classify_image_graph_def.pb", "ADM's TensorFlow GraphDef"),
+                          ("inception-2015-12-05.pt", "TorchScript archive"),
+                          ("two.pth", r"several state dicts \(state_dict, model\)"),
+                          ("pickled.pth", "cannot be read as a plain state dict"),
+                          ("bad_keys.pth", r"missing keys 1 \(fc.weight\), unexpected keys 1 \(head.weight\)")]:
+        with pytest.raises(SystemExit, match=message) as err:
+            main(["metrics", str(tmp_path / "gen.npz"), "--metrics", "is", "--inception-weights",
+                  str(tmp_path / name)])
+        assert "\n" not in str(err.value), name
+
+
+def argparse_namespace():
+    import argparse
+
+    return argparse.Namespace(lr=1e-4)
