@@ -86,6 +86,10 @@ class VLMAdapter:
         """Layouts of every image in the call, in the order the model scatters them into the sequence."""
         raise NotImplementedError
 
+    def output_layouts(self, modality: str, kwargs: dict[str, Any], output: Any) -> list[ImageLayout] | None:
+        """Layouts read off an encoder's output when its inputs do not fix them (None: use `layouts`)."""
+        return None
+
     def decode_positions(
         self, q_len: int, past: int, attention_mask: torch.Tensor | None, device: torch.device
     ) -> torch.Tensor:
@@ -285,9 +289,51 @@ class Qwen2VLAdapter(VLMAdapter):
         return positions if deltas is None else positions + deltas.to(device)
 
 
+class LlavaOnevisionAdapter(VLMAdapter):
+    """LlavaOnevisionForConditionalGeneration: SigLIP tower (no [CLS]), AnyRes packing that may *interpolate*
+    the unpadded crop grid (anyres_max_9) and videos pooled 2x per frame with one newline at the end.
+
+    Interpolated tokens have no single source patch, so layouts are read off the encoder output instead:
+    rows equal to `image_newline` are newlines (always kept). Only strategies that need no [CLS] apply.
+    """
+
+    model_types = ("llava_onevision",)
+    has_frames = True
+
+    def output_layouts(self, modality, kwargs, output):
+        features = output.pooler_output
+        newline = self.outer.image_newline.detach()
+        token_id = self.outer.config.image_token_id if modality == "image" else self.outer.config.video_token_id
+        # transformers < 5.24 names the video argument `pixel_values` and appends the video's newline later.
+        pixels = kwargs.get("pixel_values_videos", kwargs.get("pixel_values"))
+        layouts = []
+        for index, packed in enumerate(features):
+            is_newline = (packed.detach() == newline.to(packed)).all(dim=-1).cpu()
+            if modality == "video" and not bool(is_newline[-1]):
+                is_newline = torch.cat([is_newline, torch.ones(1, dtype=torch.bool)])
+            source = torch.where(is_newline, -1, torch.arange(is_newline.numel()))
+            first = None if pixels is None else pixels[index]
+            if modality == "image" and first is not None and first.dim() == 4:
+                first = first[0]  # the base crop: never padding, unlike the stacked crops of a batch
+            if modality == "video" and self.per_frame:
+                frames = pixels.shape[1]
+                per_frame = (source.numel() - 1) // frames
+                for frame in range(frames):
+                    part = source[frame * per_frame : (frame + 1) * per_frame]
+                    if frame == frames - 1:
+                        part = source[frame * per_frame :]  # the trailing newline joins the last frame
+                    layouts.append(ImageLayout(part.numel(), token_id, source=part, pixels=first[frame]))
+                continue
+            layouts.append(ImageLayout(source.numel(), token_id, source=source, pixels=first))
+        return layouts
+
+    def layouts(self, call):
+        return list(call.get("image_layouts") or []) + list(call.get("video_layouts") or [])
+
+
 ADAPTERS: dict[str, type[VLMAdapter]] = {
     model_type: adapter
-    for adapter in (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter)
+    for adapter in (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, LlavaOnevisionAdapter)
     for model_type in adapter.model_types
 }
 SUPPORTED_CLASSES = (
@@ -295,6 +341,7 @@ SUPPORTED_CLASSES = (
     "LlavaNextForConditionalGeneration",
     "Qwen2VLForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration",
+    "LlavaOnevisionForConditionalGeneration",
 )
 
 

@@ -292,6 +292,9 @@ class PruningSession:
                 output = original(*args, **kwargs)
             finally:
                 self._active_encoding = None
+            layouts = self.adapter.output_layouts(modality, record.kwargs, output)
+            if layouts is not None:
+                record.kwargs[f"{modality}_layouts"] = layouts
             self._encodings = {key: value for key, value in self._encodings.items() if value[0]() is not None}
             self._encodings[id(output)] = (weakref.ref(output), record)
             self._call_encodings.append(record)

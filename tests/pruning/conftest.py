@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from tiny_vlms import build_llava, build_llava_next, build_qwen2vl, build_qwen25vl
+from tiny_vlms import build_llava, build_llava_next, build_llava_onevision, build_qwen2vl, build_qwen25vl
 
 
 @pytest.fixture(scope="session")
@@ -29,3 +29,14 @@ def qwen2vl():
 @pytest.fixture(scope="session")
 def qwen25vl():
     return build_qwen25vl()
+
+
+@pytest.fixture(scope="session")
+def llava_onevision():
+    return build_llava_onevision()
+
+
+@pytest.fixture(scope="session")
+def llava_onevision_interpolated():
+    """anyres_max_1: the packing interpolates the unpadded crop grid down."""
+    return build_llava_onevision(max_patches=1)

@@ -11,6 +11,7 @@ from tiny_vlms import (
     VIDEO,
     llava_inputs,
     llava_next_inputs,
+    llava_onevision_inputs,
     qwen2vl_image_and_video,
     qwen2vl_inputs,
     tiny_llama,
@@ -34,14 +35,16 @@ def all_logits(output) -> torch.Tensor:
 
 def model_inputs(name: str, model) -> dict[str, torch.Tensor]:
     """A padded batch of 2 for each model family (one sample holds two images where supported)."""
-    if name.startswith("llava") and name != "llava_next":
+    if name in ("llava", "llava_eager"):
         return llava_inputs([1, 2])
     if name == "llava_next":
         return llava_next_inputs(model, [(40, 60), (64, 30)])
+    if name.startswith("llava_onevision"):
+        return llava_onevision_inputs(model, [(40, 60), (64, 30)], frames=2)
     return qwen2vl_inputs([[(1, 8, 8)], [(1, 4, 8), (1, 4, 4)]])
 
 
-@pytest.mark.parametrize("name", ["llava", "llava_next", "qwen2vl", "qwen25vl"])
+@pytest.mark.parametrize("name", ["llava", "llava_next", "qwen2vl", "qwen25vl", "llava_onevision"])
 def test_keep_all_reproduces_unpatched_prefill_and_decode(name, request):
     model = request.getfixturevalue(name)
     inputs = model_inputs(name, model)
@@ -131,6 +134,8 @@ def explicit_positions(name: str, model, inputs) -> torch.Tensor:
         ("qwen2vl", "fastv", 1),
         ("qwen25vl", "divprune", None),
         ("qwen25vl", "dart", 2),
+        ("llava_onevision", "mmr", None),
+        ("llava_onevision_interpolated", "fastv", 1),
     ],
 )
 def test_pruning_equals_full_sequence_with_pruned_tokens_masked(name, strategy, layer, request):
@@ -182,7 +187,7 @@ def split_batch(inputs, images_per_sample: list[int]) -> list[dict[str, torch.Te
     return singles
 
 
-@pytest.mark.parametrize("name", ["llava", "qwen2vl", "qwen25vl"])
+@pytest.mark.parametrize("name", ["llava", "qwen2vl", "qwen25vl", "llava_onevision"])
 def test_cached_decode_matches_recomputing_without_cache(name, request):
     model = request.getfixturevalue(name)
     inputs = model_inputs(name, model)
@@ -363,3 +368,38 @@ def test_video_budget_per_frame_keeps_keep_tokens_in_every_frame(name, request):
         pruning.apply(request.getfixturevalue("llava"), "divprune", video_budget="per_frame"),
     ):
         pass
+
+
+def test_llava_onevision_batch_equals_each_alone_and_explains_cls_strategies(llava_onevision):
+    model = llava_onevision
+    inputs = llava_onevision_inputs(model, [(40, 60), (64, 30)])
+    with pruning.apply(model, "divprune", keep=6):
+        batched = greedy(model, inputs)
+    for row in range(2):
+        real = inputs["attention_mask"][row].bool()
+        single = {
+            "input_ids": inputs["input_ids"][row, real][None],
+            "attention_mask": torch.ones(1, int(real.sum()), dtype=torch.long),
+            "pixel_values": inputs["pixel_values"][row : row + 1],
+            "image_sizes": inputs["image_sizes"][row : row + 1],
+        }
+        with pruning.apply(model, "divprune", keep=6):
+            alone = greedy(model, single)
+        torch.testing.assert_close(all_logits(batched)[row], all_logits(alone)[0], atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="no \\[CLS\\] token\\); use divprune"):
+        enter(model, "fastervlm")
+
+
+def test_llava_onevision_newlines_stay_and_video_frames_are_budgeted(llava_onevision):
+    model = llava_onevision
+    inputs = llava_onevision_inputs(model, [(40, 60)], frames=3)
+    with pruning.apply(model, "uniform", keep=4, video_budget="per_frame") as session, torch.no_grad():
+        model(**inputs)
+    image, *frames = session.reports[-1].spans
+    newline = model.model.image_newline.detach()
+    with torch.no_grad():
+        packed = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output[0]
+    n_newlines = int((packed == newline).all(dim=-1).sum())
+    assert n_newlines > 0 and image.n_kept == 4 + n_newlines  # newlines kept outside the budget
+    # 3 frames of 16 pooled tokens, the video's one newline joins the last frame's span
+    assert [(f.n_tokens, f.n_kept) for f in frames] == [(16, 4), (16, 4), (17, 5)]

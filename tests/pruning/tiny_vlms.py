@@ -10,10 +10,13 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    SiglipVisionConfig,
 )
 
 IMAGE = 100
@@ -58,6 +61,51 @@ def build_llava_next() -> LlavaNextForConditionalGeneration:
         image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]],
     )
     return LlavaNextForConditionalGeneration(config).eval()
+
+
+def build_llava_onevision(max_patches: int = 9) -> LlavaOnevisionForConditionalGeneration:
+    """SigLIP tower (no [CLS]) + Qwen2 LLM; 8x8 patches per crop, AnyRes up to 2x2 crops; `max_patches` below 4
+    makes the packing interpolate the unpadded grid (anyres_max_N)."""
+    torch.manual_seed(0)
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=4,
+        ),
+        text_config={"model_type": "qwen2", **{k: v for k, v in QWEN_TEXT.items() if k != "rope_parameters"}},
+        image_token_id=IMAGE,
+        video_token_id=VIDEO,
+        image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]],
+        vision_aspect_ratio=f"anyres_max_{max_patches}",
+        vision_feature_layer=-1,
+    )
+    return LlavaOnevisionForConditionalGeneration(config).eval()
+
+
+def llava_onevision_inputs(model, image_sizes: list[tuple[int, int]], frames: int = 0, seed: int = 0):
+    """One image per sample (placeholder counts from the model's own packing); with `frames`, sample 0 also
+    holds a video of that many frames after its image."""
+    torch.manual_seed(seed)
+    pixel_values = torch.randn(len(image_sizes), 5, 3, 32, 32)
+    sizes = torch.tensor(image_sizes)
+    with torch.no_grad():
+        lengths = [f.shape[0] for f in model.model.get_image_features(pixel_values, sizes).pooler_output]
+    rows = [text_ids(3 + i, seed + i) + [IMAGE] * n + text_ids(4, seed + 5 + i) for i, n in enumerate(lengths)]
+    inputs = {"pixel_values": pixel_values, "image_sizes": sizes}
+    if frames:
+        videos = torch.randn(1, frames, 3, 32, 32)
+        with torch.no_grad():
+            features = model.model.get_video_features(videos).pooler_output[0]
+        # one newline after the frames (inside the encoder output from transformers 5.24 on, added later before)
+        n_video = features.shape[0] + int(not bool((features[-1] == model.model.image_newline).all()))
+        rows[0] += [VIDEO] * n_video + text_ids(3, seed + 11)
+        inputs["pixel_values_videos"] = videos
+    ids, mask = left_pad(rows)
+    return {"input_ids": ids, "attention_mask": mask, **inputs}
 
 
 QWEN_TEXT = {
