@@ -484,10 +484,11 @@ def dart_pivot_order(image_columns: torch.Tensor, text_columns: torch.Tensor) ->
     """Order in which DART's reference visits its pivots: iteration order of a Python set of their sequence
     indices (`get_retained_image_token` builds `set(image_indices + query_indices)`). Returns positions
     into the concatenation [image pivots, text pivots]."""
-    position = {}
-    for slot, column in enumerate(torch.cat([image_columns, text_columns]).tolist()):
-        position.setdefault(column, slot)
-    return [position[column] for column in set(position)]
+    columns = torch.cat([image_columns, text_columns]).tolist()
+    position = {column: slot for slot, column in reversed(list(enumerate(columns)))}
+    # Built from the list exactly as the reference does: a set made from a dict is sized differently and
+    # can iterate in another order.
+    return [position[column] for column in set(columns)]
 
 
 class DART(Strategy):

@@ -285,14 +285,18 @@ def reference_top_ordered(scores: torch.Tensor, k: int) -> list[int]:
     return sorted(range(len(scores)), key=lambda i: -float(scores[i]))[:k]
 
 
-@pytest.mark.parametrize("seed,budget,start", [(9, 16, 5), (18, 24, 35), (19, 9, 2), (20, 30, 60)])
-def test_dart_official_count_reproduces_the_reference_keep_set(seed, budget, start):
+@pytest.mark.parametrize(
+    "seed,budget,start,n",
+    [(9, 16, 5, N), (18, 24, 35, N), (19, 9, 2, N), (20, 30, 60, N), (1, 32, 35, 144), (9, 48, 35, 144)],
+)
+def test_dart_official_count_reproduces_the_reference_keep_set(seed, budget, start, n):
+    """Includes cases where the pivot visiting order (a Python set's) changes the result."""
     generator = torch.Generator().manual_seed(seed)
-    n_text = 12
-    states = torch.randn(start + N + n_text, 8, generator=generator)
-    key_norms = torch.rand(start + N + n_text, generator=generator)
-    image = torch.arange(start, start + N)
-    text_cols = start + N + torch.tensor(reference_top_ordered(key_norms[start + N :], 4))
+    n_text = 12 if n == N else 20
+    states = torch.randn(start + n + n_text, 8 if n == N else 16, generator=generator)
+    key_norms = torch.rand(start + n + n_text, generator=generator)
+    image = torch.arange(start, start + n)
+    text_cols = start + n + torch.tensor(reference_top_ordered(key_norms[start + n :], 4))
     s = SpanSignals(
         embeds=states[image],
         key_norms=key_norms[image],
@@ -300,7 +304,7 @@ def test_dart_official_count_reproduces_the_reference_keep_set(seed, budget, sta
         columns=image,
         text_pivot_columns=text_cols,
     )
-    expected = reference_dart_official(states, key_norms, start, N, budget, 4, 4)
+    expected = reference_dart_official(states, key_norms, start, n, budget, 4, 4)
     assert select("dart", s, budget, count="official").keep.tolist() == expected
 
 
