@@ -180,3 +180,17 @@ def test_sfid_needs_spatial_statistics_or_images(tmp_path, random_inception):
         main([*args, "--metrics", "sfid"])
     auto = main([*args, "--metrics", "auto"])  # auto leaves out what the reference cannot give
     assert "fid" in auto and "sfid" not in auto and "precision" not in auto
+
+
+def test_precision_recall_memory_is_bounded_by_the_tile(monkeypatch):
+    """No distance block larger than block x block is ever built (ADM's full rows would be block x N)."""
+    from genaccel.eval import inception
+
+    shapes = []
+    real = inception._sq_dist
+    monkeypatch.setattr(inception, "_sq_dist", lambda u, v: shapes.append((len(u), len(v))) or real(u, v))
+    gen, ref = torch.from_numpy(_features(6, 530)), torch.from_numpy(_features(7, 200))
+    tiled = precision_recall(gen, ref, block=64)
+    assert max(max(s) for s in shapes) == 64
+    monkeypatch.setattr(inception, "_sq_dist", real)
+    assert tiled == precision_recall(gen, ref)

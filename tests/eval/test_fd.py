@@ -50,3 +50,14 @@ def test_stats_roundtrip_and_wrong_keys(tmp_path):
         load_stats(tmp_path / "bad.npz")
     with pytest.raises(ValueError, match="16-d statistics"):
         load_stats(tmp_path / "ref.npz", dim=128)
+
+
+def test_feature_stats_beyond_one_chunk_equal_np_cov(monkeypatch):
+    from genaccel.eval import fd
+
+    monkeypatch.setattr(fd, "STATS_CHUNK", 64)
+    f = _features(3, n=300, d=8) + 50.0
+    s = feature_stats(f.astype(np.float32))
+    np.testing.assert_allclose(s.mu, f.astype(np.float32).astype(np.float64).mean(0), rtol=1e-12)
+    np.testing.assert_allclose(s.sigma, np.cov(f.astype(np.float32).astype(np.float64), rowvar=False), rtol=1e-9)
+    assert s.num == 300

@@ -51,3 +51,31 @@ def test_folder_images_load_sorted_as_uint8(tmp_path):
     imgs = load_images(tmp_path)
     assert imgs.shape == (2, 8, 8, 3) and imgs.dtype == np.uint8
     assert imgs[0, 0, 0, 0] == 20 and imgs[1, 0, 0, 0] == 10
+
+
+def test_open_images_streams_an_adm_npz_in_batches(tmp_path):
+    from genaccel.eval.images import open_images
+
+    images = np.random.default_rng(0).integers(0, 256, (23, 8, 6, 3), dtype=np.uint8)
+    save_adm_npz(tmp_path / "s.npz", images)
+    source = open_images(tmp_path / "s.npz")
+    assert (len(source), source.image_shape) == (23, (8, 6, 3))
+    batches = list(source.batches(5))
+    assert [len(b) for b in batches] == [5, 5, 5, 5, 3] and all(b.flags.writeable for b in batches)
+    np.testing.assert_array_equal(np.concatenate(batches), images)
+    np.savez(tmp_path / "float.npz", arr_0=images.astype(np.float32))
+    with pytest.raises(ValueError, match="uint8"):
+        open_images(tmp_path / "float.npz")
+
+
+def test_truncated_npz_is_an_error_naming_the_row(tmp_path):
+    import zipfile
+
+    from genaccel.eval.images import open_images
+
+    images = np.zeros((10, 4, 4, 3), np.uint8)
+    with zipfile.ZipFile(tmp_path / "cut.npz", "w") as zf, zf.open("arr_0.npy", "w") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": images.shape})
+        f.write(images[:7].tobytes())  # header says 10 rows, 7 are there
+    with pytest.raises(ValueError, match="truncated"):
+        list(open_images(tmp_path / "cut.npz").batches(4))
