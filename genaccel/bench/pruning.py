@@ -2,7 +2,9 @@
 
 A random-init LLaVA-style model (CLIP-style tower at 336 px / patch 14 = 576 image tokens, Llama-style LLM of
 >= 100M parameters) runs one prefill (vision tower + projector + LLM, as the first step of `generate`) for
-each strategy and budget. Latency is the median over repeats, with strategies interleaved per repeat so that
+each strategy and budget; `--family qwen2_5_vl` / `llava_onevision` builds the same-sized LLM behind a
+Qwen2.5-VL window-attention tower (672 px, 576 merged tokens) or a SigLIP tower with AnyRes packing (base +
+one crop, 2 x 576 + 24 newline tokens). Latency is the median over repeats, with strategies interleaved per repeat so that
 load from other jobs on a shared CPU hits every configuration alike; scoring overhead is the time the
 pruning hook spends computing signals, selecting and compacting, relative to the pruned prefill.
 """
@@ -15,7 +17,17 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    SiglipVisionConfig,
+)
 
 from genaccel import pruning
 from genaccel.bench.sections import write_section
@@ -23,6 +35,8 @@ from genaccel.cli import environment
 from genaccel.pruning.flops import config_prefill_flops
 
 IMAGE_TOKEN = 32000
+VIDEO_TOKEN = 32001
+FAMILIES = ("llava", "qwen2_5_vl", "llava_onevision")
 
 
 @dataclass
@@ -40,8 +54,12 @@ class ModelSize:
     patch: int = 14
 
 
-def build_model(size: ModelSize) -> LlavaForConditionalGeneration:
-    """Random-init LLaVA-1.5-shaped model (fp32, SDPA)."""
+def build_model(size: ModelSize, family: str = "llava") -> torch.nn.Module:
+    """Random-init model of `family` (fp32, SDPA); the LLM has the same shape in every family."""
+    if family == "qwen2_5_vl":
+        return build_qwen25vl(size)
+    if family == "llava_onevision":
+        return build_onevision(size)
     torch.manual_seed(0)
     vision = CLIPVisionConfig(
         hidden_size=size.vision_hidden,
@@ -65,20 +83,110 @@ def build_model(size: ModelSize) -> LlavaForConditionalGeneration:
     return LlavaForConditionalGeneration(config).eval()
 
 
-def prompt(model: LlavaForConditionalGeneration, system: int = 35, question: int = 20) -> dict[str, torch.Tensor]:
-    """LLaVA-1.5-like layout: system text, the image's placeholders, a question."""
-    generator = torch.Generator().manual_seed(0)
+def text_dict(size: ModelSize) -> dict:
+    """The LLM of the Qwen-based families, sized like the LLaVA one."""
+    return {
+        "hidden_size": size.hidden,
+        "intermediate_size": size.mlp,
+        "num_hidden_layers": size.layers,
+        "num_attention_heads": size.heads,
+        "num_key_value_heads": size.heads,
+        "vocab_size": size.vocab,
+        "max_position_embeddings": 4096,
+    }
+
+
+def build_qwen25vl(size: ModelSize) -> Qwen2_5_VLForConditionalGeneration:
+    """Qwen2.5-VL: window-attention ViT (112 px windows, full attention in the last block) + 2x2 merger."""
+    torch.manual_seed(0)
+    head_dim = size.hidden // size.heads
+    third = head_dim // 2 // 4
+    config = Qwen2_5_VLConfig(
+        vision_config={
+            "depth": size.vision_layers,
+            "hidden_size": size.vision_hidden,
+            "intermediate_size": 4 * size.vision_hidden,
+            "num_heads": max(1, size.vision_hidden // 64),
+            "out_hidden_size": size.hidden,
+            "patch_size": size.patch,
+            "fullatt_block_indexes": [size.vision_layers - 1],
+        },
+        text_config={
+            **text_dict(size),
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [head_dim // 2 - 2 * third, third, third],
+            },
+        },
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=VIDEO_TOKEN,
+        vision_start_token_id=VIDEO_TOKEN + 1,
+        vision_end_token_id=VIDEO_TOKEN + 2,
+    )
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def build_onevision(size: ModelSize) -> LlavaOnevisionForConditionalGeneration:
+    """LLaVA-OneVision: SigLIP tower (no [CLS]) and AnyRes packing with newlines."""
+    torch.manual_seed(0)
+    side = size.image_size
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(
+            hidden_size=size.vision_hidden,
+            intermediate_size=4 * size.vision_hidden,
+            num_hidden_layers=size.vision_layers,
+            num_attention_heads=max(1, size.vision_hidden // 64),
+            image_size=side,
+            patch_size=size.patch,
+        ),
+        text_config={"model_type": "qwen2", **text_dict(size)},
+        image_token_id=IMAGE_TOKEN,
+        video_token_id=VIDEO_TOKEN,
+        image_grid_pinpoints=[[side, side], [side, 2 * side], [2 * side, side], [2 * side, 2 * side]],
+        vision_feature_layer=-1,
+    )
+    return LlavaOnevisionForConditionalGeneration(config).eval()
+
+
+def family_of(model: torch.nn.Module) -> str:
+    return {"qwen2_5_vl": "qwen2_5_vl", "llava_onevision": "llava_onevision"}.get(model.config.model_type, "llava")
+
+
+def image_inputs(model: torch.nn.Module, generator: torch.Generator, grid: int) -> tuple[dict[str, torch.Tensor], int]:
+    """Pixel inputs of one image and its placeholder count, per family (Qwen: `grid` x `grid` merged tokens)."""
+    family = family_of(model)
     vision = model.config.vision_config
-    n_image = (vision.image_size // vision.patch_size) ** 2
-    ids = torch.cat(
-        [
-            torch.randint(1, 30000, (system,), generator=generator),
-            torch.full((n_image,), IMAGE_TOKEN),
-            torch.randint(1, 30000, (question,), generator=generator),
-        ]
-    )[None]
+    if family == "qwen2_5_vl":
+        side = 2 * grid  # e.g. 48 x 48 patches of 14 px = 672 px -> 576 merged tokens
+        grid = torch.tensor([[1, side, side]])
+        pixels = torch.randn(side * side, 3 * 2 * vision.patch_size**2, generator=generator)
+        return {"pixel_values": pixels, "image_grid_thw": grid}, side * side // 4
+    if family == "llava_onevision":
+        pixels = torch.randn(1, 2, 3, vision.image_size, vision.image_size, generator=generator)
+        sizes = torch.tensor([[vision.image_size, vision.image_size]])
+        with torch.no_grad():
+            n_image = model.model.get_image_features(pixels, sizes).pooler_output[0].shape[0]
+        return {"pixel_values": pixels, "image_sizes": sizes}, n_image
     pixels = torch.randn(1, 3, vision.image_size, vision.image_size, generator=generator)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
+    return {"pixel_values": pixels}, (vision.image_size // vision.patch_size) ** 2
+
+
+def prompt(model: torch.nn.Module, system: int = 35, question: int = 20, grid: int = 24) -> dict[str, torch.Tensor]:
+    """LLaVA-1.5-like layout: system text, the image's placeholders, a question (Qwen: inside vision
+    start / end tokens)."""
+    generator = torch.Generator().manual_seed(0)
+    system_ids = torch.randint(1, 30000, (system,), generator=generator)
+    question_ids = torch.randint(1, 30000, (question,), generator=generator)
+    media, n_image = image_inputs(model, generator, grid)
+    image = torch.full((n_image,), IMAGE_TOKEN)
+    if family_of(model) == "qwen2_5_vl":
+        image = torch.cat([torch.tensor([VIDEO_TOKEN + 1]), image, torch.tensor([VIDEO_TOKEN + 2])])
+    ids = torch.cat([system_ids, image, question_ids])[None]
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **media}
+    if family_of(model) == "qwen2_5_vl":
+        inputs["mm_token_type_ids"] = (ids == IMAGE_TOKEN).int()
+    return inputs
 
 
 @dataclass
@@ -128,12 +236,19 @@ def summarise(samples: list[Sample], full: list[Sample], flops_ratio: float, str
 
 @torch.no_grad()
 def run(
-    strategies: list[str], keeps: list[int], repeats: int, warmup: int, threads: int, layer: int, size: ModelSize
+    strategies: list[str],
+    keeps: list[int],
+    repeats: int,
+    warmup: int,
+    threads: int,
+    layer: int,
+    size: ModelSize,
+    family: str = "llava",
 ) -> dict:
     """Latency, scoring overhead and FLOPs per (strategy, keep), plus the unpruned baseline."""
     torch.set_num_threads(threads)
-    model = build_model(size)
-    inputs = prompt(model)
+    model = build_model(size, family)
+    inputs = prompt(model, grid=size.image_size // size.patch)
     configs = [(None, 0)] + [(s, k) for s in strategies for k in keeps]
     in_llm = {s for s in strategies if pruning.build_strategy(s).in_llm}
     samples: dict[tuple, list[Sample]] = {c: [] for c in configs}
@@ -161,15 +276,17 @@ def run(
         "params": sum(p.numel() for p in model.parameters()),
         "repeats": repeats,
         "environment": environment(),
+        "family": family,
     }
 
 
 def render(result: dict, command: str, size: ModelSize, layer: int) -> str:
     """Markdown section for docs/benchmarks.md."""
     env = result["environment"]
+    style = {"llava": "LLaVA-style", "qwen2_5_vl": "Qwen2.5-VL-style", "llava_onevision": "LLaVA-OneVision-style"}
     title = (
         "## Visual-token pruning: prefill vs tokens kept "
-        f"(random-init LLaVA-style, {result['params'] / 1e6:.0f}M params)"
+        f"(random-init {style[result.get('family', 'llava')]}, {result['params'] / 1e6:.0f}M params)"
     )
     environment_line = (
         f"Environment: torch {env['torch']}, {env['threads']} thread{'s' * (env['threads'] != 1)}, {env['machine']} CPU (shared with other jobs), "
@@ -178,7 +295,8 @@ def render(result: dict, command: str, size: ModelSize, layer: int) -> str:
     model_line = (
         f"Model: LLM hidden {size.hidden}, {size.layers} layers, MLP {size.mlp}; vision tower {size.vision_layers} "
         f"layers x {size.vision_hidden}; prompt {result['n_full']} tokens "
-        f"(35 system + {result['n_image']} image + 20 question). "
+        f"(35 system + {result['n_image']} image + 20 question"
+        f"{' + 2 vision start/end' if result.get('family') == 'qwen2_5_vl' else ''}). "
         "Latency = one cached prefill incl. vision tower and last-token logits, as in `generate`; best of "
         f"{result['repeats']} (median also shown; the CPU is shared with a higher-priority training job). Unpruned: "
         f"best {result['full_best_s'] * 1e3:.0f} ms, median {result['full_median_s'] * 1e3:.0f} ms, process CPU time "
@@ -235,16 +353,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hidden", type=int, default=ModelSize.hidden)
     parser.add_argument("--layers", type=int, default=ModelSize.layers)
     parser.add_argument("--mlp", type=int, default=ModelSize.mlp)
+    parser.add_argument("--family", choices=FAMILIES, default="llava", help="model family behind the same LLM")
     parser.add_argument("--write", action="store_true", help="record the table in docs/benchmarks.md")
     args = parser.parse_args(argv)
     strategies = [s for s in args.strategies if s != "keep-all"]
     size = ModelSize(hidden=args.hidden, layers=args.layers, mlp=args.mlp, heads=max(1, args.hidden // 64))
-    result = run(strategies, args.keep, args.repeats, args.warmup, args.threads, args.layer, size)
+    if args.family != "llava":
+        strategies = [s for s in strategies if not pruning.build_strategy(s).needs & {"cls_attention"}]
+    result = run(strategies, args.keep, args.repeats, args.warmup, args.threads, args.layer, size, args.family)
     command = " ".join(["python -m genaccel.bench pruning", *(argv if argv is not None else [])])
     body = render(result, command, size, args.layer)
     print(body)
     if args.write:
-        write_section("pruning", body)
+        write_section("pruning" if args.family == "llava" else f"pruning-{args.family}", body)
 
 
 if __name__ == "__main__":
