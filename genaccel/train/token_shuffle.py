@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -167,10 +168,12 @@ def export(model: TokenShuffleGPT, cfg: dict, out, metrics: dict) -> None:
     half = {k: v.half() for k, v in model.state_dict().items()}
     meta = {**export_metadata(model), "stored_dtype": "float16"}
     save_safetensors(half, out / "token_shuffle.safetensors", metadata=meta)
+    config = {**json.loads(meta["config"]), "token_shuffle": json.loads(meta["token_shuffle"])}
+    record = {"config": config, "metrics": metrics, "recipe": cfg}
+    save_json(record, out / "token_shuffle_metrics.json")
     if cfg["export_path"]:
         save_safetensors(half, cfg["export_path"], metadata=meta)
-    config = {**json.loads(meta["config"]), "token_shuffle": json.loads(meta["token_shuffle"])}
-    save_json({"config": config, "metrics": metrics, "recipe": cfg}, out / "token_shuffle_metrics.json")
+        save_json(record, Path(cfg["export_path"]).with_suffix(".json"))
 
 
 def main(argv: list[str] | None = None) -> dict:
