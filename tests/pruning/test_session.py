@@ -403,3 +403,28 @@ def test_llava_onevision_newlines_stay_and_video_frames_are_budgeted(llava_onevi
     assert n_newlines > 0 and image.n_kept == 4 + n_newlines  # newlines kept outside the budget
     # 3 frames of 16 pooled tokens, the video's one newline joins the last frame's span
     assert [(f.n_tokens, f.n_kept) for f in frames] == [(16, 4), (16, 4), (17, 5)]
+
+
+@pytest.mark.parametrize("strategy", ["divprune", "random", "dart"])
+def test_qwen25vl_batch_of_padded_prompts_equals_each_alone(qwen25vl, strategy):
+    grids = [[(1, 8, 8)], [(1, 4, 8), (1, 4, 4)]]
+    inputs = qwen2vl_inputs(grids)
+    options = {"layer": 1} if strategy == "dart" else {}
+    with pruning.apply(qwen25vl, strategy, keep=5, **options):
+        batched = greedy(qwen25vl, inputs)
+    first_row, first_image = 0, 0
+    for row, sample in enumerate(grids):
+        real = inputs["attention_mask"][row].bool()
+        rows = sum(t * h * w for t, h, w in sample)
+        ids = inputs["input_ids"][row, real][None]
+        single = {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "mm_token_type_ids": (ids == IMAGE).int(),
+            "pixel_values": inputs["pixel_values"][first_row : first_row + rows],
+            "image_grid_thw": inputs["image_grid_thw"][first_image : first_image + len(sample)],
+        }
+        first_row, first_image = first_row + rows, first_image + len(sample)
+        with pruning.apply(qwen25vl, strategy, keep=5, **options):
+            alone = greedy(qwen25vl, single)
+        torch.testing.assert_close(all_logits(batched)[row], all_logits(alone)[0], atol=2e-5, rtol=1e-4)
