@@ -548,11 +548,13 @@ class PruningSession:
 
     def _generator(self, layout, ordinal: int, stream: int = 0) -> torch.Generator:
         """Random stream of one image in one call: seeded by `seed`, the prefill's index in this session, the
-        image's own pixels (when the model passes them) and its ordinal within the sample, so different images
-        and calls draw different sets while a sample prunes the same alone or batched (same call index)."""
+        image's own pixels (when the model passes them and the stream is drawn from) and its ordinal within the
+        sample, so different images and calls draw different sets while a sample prunes the same alone or batched
+        (same call index)."""
         digest = hashlib.blake2b(digest_size=8)
         digest.update(repr((self.seed, len(self.reports), ordinal, stream)).encode())
-        if layout.pixels is not None:
+        # Hashing the pixels costs a pass over them; only streams that are drawn from need it.
+        if layout.pixels is not None and (self.strategy.uses_generator or stream > 0):
             pixels = layout.pixels.detach().float().cpu().contiguous()
             digest.update(repr(tuple(pixels.shape)).encode())
             digest.update(pixels.numpy().tobytes())

@@ -83,6 +83,7 @@ class Strategy:
     wants: ClassVar[frozenset[str]] = frozenset()
     in_llm: ClassVar[bool] = False  # selects inside the LLM at decoder layer K from LLM attention
     normed_hidden: ClassVar[bool] = False  # in-LLM `embeds` pass through the LLM's final norm first
+    uses_generator: ClassVar[bool] = False  # draws from `generator` (the session then seeds it by image content)
 
     def select(
         self, signals: SpanSignals, budget: int, preselected: torch.Tensor, generator: torch.Generator
@@ -148,6 +149,7 @@ class RandomPrune(Strategy):
     """Uniformly random subset (seeded); a strong baseline per reference §2.15."""
 
     name = "random"
+    uses_generator = True
 
     def select(self, signals, budget, preselected, generator):
         pool = candidates(signals.n_tokens, preselected)
