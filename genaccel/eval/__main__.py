@@ -209,13 +209,14 @@ def _metrics_for_model(metrics: list[str], num_classes: int, explicit: bool) -> 
 
 def run_sample(a: argparse.Namespace, argv: list[str]) -> dict | None:
     """The ``sample`` subcommand; returns the run record on rank 0 (None on other ranks)."""
-    from genaccel.eval.job import init_distributed, shutdown_distributed
+    from genaccel.eval.job import init_distributed, release_job_lock, shutdown_distributed
 
     metrics = _metrics_list(a)  # validate before any sampling
     info = init_distributed()
     try:
         return _sample_and_score(a, argv, metrics, info)
     finally:
+        release_job_lock(a.out)  # only if this process took it
         shutdown_distributed(info)
 
 
@@ -255,7 +256,8 @@ def _sample_and_score(a: argparse.Namespace, argv: list[str], metrics: list[str]
     if a.latency_repeats:
         lat = measure_latency(pipeline, sampler, repeats=a.latency_repeats)
         speed.update({k: lat[k] for k in ("latency_median_s", "latency_mean_s", "latency_min_s", "latencies_s")})
-    run = {"schema": RUN_SCHEMA, "name": a.name or a.sampler, "command": command_line(argv), "samples": stored_path(npz),
+    run = {"schema": RUN_SCHEMA, "name": a.name or a.sampler, "created": _now(), "command": command_line(argv),
+           "samples": stored_path(npz),
            "sampler": {"name": a.sampler, "options": _jsonable(sampler.options)}, "model": pipeline.info,
            "job": job.fingerprint(), "speed": speed,
            "metrics": compute_metrics(images, labels, metrics, **_metric_kwargs(a)) if metrics else {},
@@ -270,6 +272,13 @@ def _gather_counts(progress: dict, info) -> dict:
 
     keys = ("images_sampled", "shards_resumed", "shards_sampled")
     return {k: int(v) for k, v in sum_across_ranks({k: progress[k] for k in keys}, info).items()}
+
+
+def _now() -> str:
+    """UTC time of a run record (``genaccel report`` keeps the newest value when runs disagree)."""
+    import datetime
+
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")
 
 
 def _jsonable(options) -> dict:
@@ -319,7 +328,7 @@ def run_throughput(a: argparse.Namespace, argv: list[str]) -> dict:
              "batch_times_s": thr["batch_times_s"], "nfe_per_image": lat["nfe_per_image"],
              "step_compression": lat["step_compression"], "include_decode": decode,
              **{k: v for k, v in thr.items() if k.startswith("peak_")}}
-    run = {"schema": RUN_SCHEMA, "name": a.name or a.sampler, "command": command_line(argv),
+    run = {"schema": RUN_SCHEMA, "name": a.name or a.sampler, "created": _now(), "command": command_line(argv),
            "sampler": {"name": a.sampler, "options": _jsonable(sampler.options)}, "model": pipeline.info,
            "speed": speed, "metrics": {}, "environment": environment(device, DTYPES[a.dtype])}
     save_json(run, a.out)

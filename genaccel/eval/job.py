@@ -2,10 +2,13 @@
 
 The job is cut into shards of ``batch_size`` consecutive global indices. Shard ``k`` always holds images
 ``k*B .. k*B+B-1`` with labels from a fixed global label plan and a generator seeded from ``(seed, k)``, so
-what a shard contains does not depend on how many processes run. Rank ``r`` of ``W`` samples shards
-``k % W == r``. Every shard is written atomically (temp file + rename) as soon as it is done; a killed
-job re-run with the same arguments skips the finished shards, so no sample is lost or duplicated, even
-with a different number of processes. Rank 0 then packs the shards in index order into an ADM ``.npz``.
+what a shard contains does not depend on how many processes run. Rank 0 lists the shards not yet on disk
+and rank ``r`` of ``W`` samples every ``W``-th of them from the ``r``-th, so a resumed job is rebalanced over
+the processes it has now. Every shard is written atomically (temp file, fsync, rename) as soon as it is
+done; a killed job re-run with the same arguments skips the finished shards and resamples empty or truncated
+ones, so no sample is lost or duplicated, even with a different number of processes. A lock file
+(``<out>/.lock``) keeps a second job off the folder. Rank 0 then packs the shards in index order into an ADM
+``.npz``.
 
 This follows LlamaGen's ``sample_c2i_ddp.py`` (rank-sharded seeds, rank 0 packs ``arr_0``), with two
 changes: seeds are per shard instead of per rank (world-size independent), and there is no
@@ -17,6 +20,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import time
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -160,8 +164,38 @@ def shard_seed(seed: int, k: int) -> int:
     return int(np.random.SeedSequence([seed, k]).generate_state(1, np.uint64)[0] % (2**63))
 
 
-def shards_for_rank(job: SampleJob, info: DistInfo) -> list[int]:
-    return list(range(info.rank, job.num_shards, info.world))
+def shards_for_rank(job: SampleJob, info: DistInfo, todo: list[int] | None = None) -> list[int]:
+    """Rank ``r``'s share of ``todo`` (default: all shards): every ``world``-th entry from ``r``. Passing the
+    missing shards rebalances a resumed job over the current world size."""
+    todo = list(range(job.num_shards)) if todo is None else todo
+    return todo[info.rank::info.world]
+
+
+def shard_done(job: SampleJob, k: int) -> bool:
+    """Whether shard ``k`` is on disk and complete, reading only its small ``indices`` array (not the images);
+    a zero-length, truncated or foreign file counts as not done and is resampled."""
+    path = job.shard_path(k)
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    start, end = job.shard_range(k)
+    try:
+        with np.load(path) as z:
+            if not {"images", "labels", "indices", "stats"} <= set(z.files):
+                return False
+            member = zipfile.ZipFile(path).getinfo("images.npy")
+            indices = z["indices"]
+    except Exception:  # noqa: BLE001 - any unreadable shard is simply sampled again
+        return False
+    return member.file_size > 0 and np.array_equal(indices, np.arange(start, end))
+
+
+def missing_shards(job: SampleJob, info: DistInfo) -> list[int]:
+    """Shards still to sample, decided by rank 0 and broadcast, so every rank splits the same list even while
+    others start writing."""
+    todo = [[k for k in range(job.num_shards) if not shard_done(job, k)] if info.is_main else None]
+    if info.world > 1:
+        dist.broadcast_object_list(todo, src=0, device=info.comm_device if info.backend == "nccl" else None)
+    return todo[0]
 
 
 def read_shard(job: SampleJob, k: int) -> dict | None:
@@ -173,7 +207,7 @@ def read_shard(job: SampleJob, k: int) -> dict | None:
     try:
         with np.load(path) as z:
             data = {key: z[key] for key in z.files}
-    except (OSError, ValueError, zipfile.BadZipFile):
+    except Exception:  # noqa: BLE001 - zero-length (EOFError), truncated or foreign files are not shards
         return None
     if data.get("indices") is None or not np.array_equal(data["indices"], np.arange(start, end)):
         return None
@@ -203,9 +237,82 @@ def remove_stale_temp_files(job: SampleJob) -> int:
     return len(stale)
 
 
+LOCK_FILE = ".lock"
+
+
+class JobLocked(ValueError):
+    """Another live process is writing this job folder."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def acquire_job_lock(out: str | os.PathLike) -> Path:
+    """Create ``<out>/.lock`` (pid, host, start time) exclusively; a second job on the same folder is refused
+    with one line naming the holder, and a lock left by a dead process on this host is taken over.
+
+    Orphaned ``torchrun`` workers (started in their own sessions) keep sampling after their launcher dies;
+    the lock makes a new job wait for them instead of writing the same shards at once."""
+    import socket
+
+    path = Path(out) / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    me = {"pid": os.getpid(), "host": socket.gethostname(),
+          "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text() or "{}")
+            except (OSError, ValueError):
+                holder = {}
+            pid, host = holder.get("pid"), holder.get("host")
+            if isinstance(pid, int) and host == me["host"] and not _pid_alive(pid):
+                path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            if not holder:  # being written by a process that just created it
+                time.sleep(0.2)
+                continue
+            raise JobLocked(
+                f"{Path(out)} is in use by another sampling job (pid {pid} on {host}, since {holder.get('started')}); "
+                f"wait for it or stop it (kill {pid}), or choose another --out; a lock of a dead process is taken "
+                f"over automatically ({path})") from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return path
+    raise JobLocked(f"could not take the lock {path}; remove it if no job is running")
+
+
+def release_job_lock(out: str | os.PathLike) -> None:
+    """Remove ``<out>/.lock`` if this process holds it."""
+    path = Path(out) / LOCK_FILE
+    try:
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+    except (OSError, ValueError):
+        pass
+
+
 def prepare_job_dir(job: SampleJob, info: DistInfo) -> None:
-    """Rank 0 records the job; every rank then checks that an existing job directory holds this same job."""
+    """Rank 0 takes the folder's lock and records the job; every rank then checks that an existing job
+    directory holds this same job. A lock held by another live job is an error on every rank."""
     path = job.out / JOB_FILE
+    failure = None
+    if info.is_main:
+        try:
+            acquire_job_lock(job.out)
+        except JobLocked as e:
+            failure = e
+    if sum_across_ranks({"locked": float(failure is not None)}, info)["locked"]:
+        raise failure or JobLocked(f"{job.out} is in use by another sampling job (see rank 0's error)")
     if info.is_main:
         remove_stale_temp_files(job)
         if not path.exists():
@@ -225,12 +332,12 @@ def prepare_job_dir(job: SampleJob, info: DistInfo) -> None:
 
 
 def sample_shards(pipeline, sampler, job: SampleJob, info: DistInfo, progress: bool = True) -> dict:
-    """Sample this rank's missing shards; returns counts and the wall time spent sampling (+ decoding)."""
-    import time
-
+    """Sample this rank's share of the missing shards (rebalanced over the current world size); returns counts
+    and the wall time spent sampling (+ decoding)."""
     labels = label_plan(pipeline.num_classes, job)
-    mine = shards_for_rank(job, info)
-    todo = [k for k in mine if read_shard(job, k) is None]
+    missing = missing_shards(job, info)
+    todo = shards_for_rank(job, info, missing)
+    resumed = job.num_shards - len(missing) if info.is_main else 0  # counted once, summed over ranks later
     device = next(pipeline.gpt.parameters()).device
     start, images = time.perf_counter(), 0
     for k in tqdm(todo, desc=f"sampling rank {info.rank}/{info.world}", disable=not progress, position=info.rank):
@@ -239,7 +346,7 @@ def sample_shards(pipeline, sampler, job: SampleJob, info: DistInfo, progress: b
         out = sampler.generate(pipeline.gpt, labels[s:e].to(device), gen)
         write_shard(job, k, pipeline.decode(out.tokens), labels[s:e], out.stats)
         images += e - s
-    return {"shards_assigned": len(mine), "shards_sampled": len(todo), "shards_resumed": len(mine) - len(todo),
+    return {"shards_assigned": len(todo), "shards_sampled": len(todo), "shards_resumed": resumed,
             "images_sampled": images, "wall_time_s": time.perf_counter() - start}
 
 
@@ -278,10 +385,14 @@ __all__ = [
     "barrier",
     "collect_shards",
     "init_distributed",
+    "acquire_job_lock",
     "label_plan",
+    "missing_shards",
     "pack_samples",
     "prepare_job_dir",
     "read_shard",
+    "release_job_lock",
+    "shard_done",
     "sample_shards",
     "shard_seed",
     "shards_for_rank",

@@ -1,9 +1,11 @@
 """``genaccel report runs/*.json``: one table (JSON + Markdown) and a speed-vs-quality plot across runs.
 
 Input: run records (schema ``genaccel.run/1``) written by ``genaccel eval sample`` (``<out>/run.json``) or
-``genaccel eval throughput``. Runs that share a name and sampler options are merged (e.g. quality from a ``sample`` run and
-speed from a ``throughput`` run), later files filling fields the earlier ones lack. FD-domain is always
-labelled FD-domain; FID appears only when a run measured it with Inception weights.
+``genaccel eval throughput``. Runs that share a name and sampler options are merged (e.g. quality from a
+``sample`` run and speed from a ``throughput`` run). The merge does not depend on file names or their order:
+where two runs give a field different values, the newest run (its ``created`` time, else the file's
+modification time) wins and a warning names both values. FD-domain is always labelled FD-domain; FID appears
+only when a run measured it with Inception weights.
 """
 
 from __future__ import annotations
@@ -63,22 +65,39 @@ def run_row(run: dict) -> dict[str, Any]:
     row["device"] = env.get("gpu") or env.get("device")
     row["torch"] = env.get("torch")
     row["threads"] = env.get("torch_threads")
+    row["processes"] = (run.get("speed") or {}).get("processes") or env.get("world_size")
     row["load_avg_1m"] = env.get("load_avg_1m")
+    row["created"] = run.get("created")
     return row
 
 
+MERGE_IGNORED = ("created", "source", "load_avg_1m")  # differ between runs by nature: no conflict warning
+
+
 def merge_rows(rows: list[dict]) -> list[dict]:
-    """Merge rows with the same name and sampler options; later rows fill missing fields, commands are kept."""
+    """Merge rows with the same name and sampler options, independent of their order: rows are taken oldest
+    first (``created``, then ``source`` for a stable tie-break), a newer non-missing value replaces an older
+    one, and each replaced differing value is a warning naming both sources. Commands are all kept."""
+    import warnings
+
     merged: dict[str, dict] = {}
-    for row in rows:
+    origin: dict[tuple[str, str], str] = {}
+    for row in sorted(rows, key=lambda r: (str(r.get("created") or ""), str(r.get("source") or ""))):
         key = json.dumps([row["name"], row.get("sampler_options")], sort_keys=True, default=str)
         target = merged.setdefault(key, {"commands": []})
         for k, v in row.items():
             if k == "command":
                 if v:
                     target["commands"].append(v)
-            elif target.get(k) is None:
-                target[k] = v
+                continue
+            if v is None:
+                continue
+            old = target.get(k)
+            if old is not None and old != v and k not in MERGE_IGNORED:
+                warnings.warn(f"run {row['name']!r}: {k} = {old!r} ({origin[key, k]}) and {v!r} ({row.get('source')}); "
+                              "keeping the newer", stacklevel=2)
+            target[k] = v
+            origin[key, k] = str(row.get("source"))
     return list(merged.values())
 
 
@@ -100,7 +119,8 @@ def markdown_table(rows: list[dict]) -> str:
     for r in rows:
         for cmd in r.get("commands", []):
             lines.append(f"- `{r['name']}`: `{cmd}`")
-    envs = sorted({f"{r.get('device')}, torch {r.get('torch')}, {r.get('threads')} thread(s)" for r in rows})
+    envs = sorted({f"{r.get('device')}, torch {r.get('torch')}, {r.get('processes') or 1} process(es) x "
+                   f"{r.get('threads')} thread(s)" for r in rows})
     lines.append("")
     lines.append("Environment: " + "; ".join(envs))
     loads = [r["load_avg_1m"] for r in rows if r.get("load_avg_1m") is not None]
@@ -137,6 +157,19 @@ def speed_quality_plot(rows: list[dict], path: Path) -> Path | None:
     return path
 
 
+def _sourced_row(path: str) -> dict:
+    """A file's row with its source and creation time (the run's ``created``, else the file's mtime)."""
+    import datetime
+    import os
+
+    row = run_row(load_run(path))
+    row["source"] = stored_path(path)
+    if not row.get("created"):
+        mtime = os.path.getmtime(path)
+        row["created"] = datetime.datetime.fromtimestamp(mtime, datetime.timezone.utc).isoformat(timespec="seconds")
+    return row
+
+
 def build_report(paths: list[str], out: Path, title: str = "genaccel report") -> dict:
     """Read runs, write ``<out>.json``, ``<out>.md`` and ``<out>.png``; returns the JSON content."""
     files = sorted({p for spec in paths for p in (glob.glob(spec) or [spec])})
@@ -145,7 +178,7 @@ def build_report(paths: list[str], out: Path, title: str = "genaccel report") ->
     missing = [f for f in files if not Path(f).is_file()]
     if missing:
         raise FileNotFoundError(f"run file(s) not found: {', '.join(missing)}")
-    rows = merge_rows([run_row(load_run(f)) for f in files])
+    rows = merge_rows([_sourced_row(f) for f in files])
     md = f"# {title}\n\n" + markdown_table(rows)
     plot = speed_quality_plot(rows, out.with_suffix(".png"))
     atomic_write(out.with_suffix(".md"), lambda tmp: Path(tmp).write_text(md))

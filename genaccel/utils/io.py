@@ -25,8 +25,21 @@ def stored_path(path: str | os.PathLike) -> str:
     return os.path.abspath(os.fspath(path))
 
 
+def _fsync(path: str | os.PathLike, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on directories; the file's own fsync is what matters
+        if not directory:
+            raise
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` on a temp file in the target folder, then rename it onto ``path``."""
+    """Call ``write(tmp_path)`` on a temp file in the target folder, fsync it, then rename it onto ``path``
+    (and fsync the folder), so that after a crash or power loss ``path`` is either the old file or the whole
+    new one, never a zero-length or truncated file under the final name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -34,7 +47,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file normal permissions
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent, directory=True)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -109,3 +109,50 @@ def test_fid_without_inception_weights_names_the_fix(tmp_path, tiny_model_args, 
             "--reference", str(tmp_path), *tiny_model_args]
     with pytest.raises(SystemExit, match="--inception-weights"):
         main(args)
+
+
+def test_missing_shards_are_split_over_the_current_ranks(tmp_path):
+    from genaccel.eval.job import shard_done
+
+    job = SampleJob(out_dir=str(tmp_path), num_images=16, batch_size=2)
+    assert shards_for_rank(job, DistInfo(rank=0, world=2), [1, 4, 5, 7]) == [1, 5]
+    assert shards_for_rank(job, DistInfo(rank=1, world=2), [1, 4, 5, 7]) == [4, 7]
+    job.shard_path(0).parent.mkdir(parents=True)
+    job.shard_path(0).write_bytes(b"")
+    assert not shard_done(job, 0) and read_shard(job, 0) is None  # a zero-length file is no shard (was EOFError)
+
+
+def test_empty_and_truncated_shards_are_resampled(tmp_path, tiny_model_args, reference_run):
+    out = tmp_path / "damaged"
+    args = [*SAMPLE, "--out", str(out), "--num-images", str(NUM), *tiny_model_args]
+    main(args)
+    (out / "samples.npz").unlink()
+    (out / "shards" / "shard_000003.npz").write_bytes(b"")
+    full = (out / "shards" / "shard_000005.npz").read_bytes()
+    (out / "shards" / "shard_000005.npz").write_bytes(full[: len(full) // 2])
+    run = main(args)
+    assert run["speed"]["resumed_shards"] == NUM // 2 - 2
+    images, labels = _arrays(out)
+    np.testing.assert_array_equal(images, reference_run[0])
+    np.testing.assert_array_equal(labels, reference_run[1])
+
+
+def test_a_second_job_on_the_folder_is_refused_and_a_dead_lock_taken_over(tmp_path, tiny_model_args):
+    import json
+    import socket
+
+    out = tmp_path / "locked"
+    out.mkdir()
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        (out / ".lock").write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(), "started": "t"}))
+        args = [*SAMPLE, "--out", str(out), "--num-images", "2", *tiny_model_args]
+        with pytest.raises(SystemExit, match=f"in use by another sampling job \\(pid {holder.pid} on") as err:
+            main(args)
+        assert "\n" not in str(err.value)
+        assert not (out / "shards").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    main(args)  # the holder is dead: its lock is taken over
+    assert (out / "samples.npz").is_file() and not (out / ".lock").exists()

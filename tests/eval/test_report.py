@@ -33,3 +33,22 @@ def test_report_rejects_non_run_json(tmp_path, capsys):
         main([str(tmp_path / "x.json"), "--out", str(tmp_path / "r")])
     with pytest.raises(SystemExit, match="not found"):
         main([str(tmp_path / "missing.json"), "--out", str(tmp_path / "r")])
+
+
+def test_merge_keeps_the_newest_value_whatever_the_file_names(tmp_path):
+    """The same two runs give the same merged row under either naming (was: the first file name won)."""
+    results = []
+    for old_name, new_name in [("a.json", "b.json"), ("b.json", "a.json")]:
+        folder = tmp_path / old_name[0]
+        folder.mkdir()
+        old = json.loads(_run(folder / old_name, "ar", speed={"images_per_s": 1.54, "processes": 2}).read_text())
+        old["created"] = "2026-12-01T10:00:00+00:00"
+        (folder / old_name).write_text(json.dumps(old))
+        new = json.loads(_run(folder / new_name, "ar", speed={"images_per_s": 1.65, "processes": 2}).read_text())
+        new["created"] = "2026-12-02T10:00:00+00:00"
+        (folder / new_name).write_text(json.dumps(new))
+        with pytest.warns(UserWarning, match=r"images_per_s = 1.54 .* and 1.65 .*keeping the newer"):
+            report = build_report([str(folder / "*.json")], folder / "report")
+        results.append(report["rows"][0]["images_per_s"])
+        assert "2 process(es) x" in (folder / "report.md").read_text()
+    assert results == [1.65, 1.65]
