@@ -223,6 +223,7 @@ def run_sample(a: argparse.Namespace, argv: list[str]) -> dict | None:
 def _sample_and_score(a: argparse.Namespace, argv: list[str], metrics: list[str], info) -> dict | None:
     import time
 
+    from genaccel.eval.images import open_images
     from genaccel.eval.job import SampleJob, barrier, pack_samples, prepare_job_dir, sample_shards, summarize_stats
     from genaccel.eval.metrics import compute_metrics
     from genaccel.eval.throughput import environment, measure_latency
@@ -247,7 +248,7 @@ def _sample_and_score(a: argparse.Namespace, argv: list[str], metrics: list[str]
     counts = _gather_counts(progress, info)
     if not info.is_main:
         return None
-    npz, images, labels, stats = pack_samples(job)
+    npz, labels, stats = pack_samples(job)  # streamed shard by shard; metrics read it back in batches
     speed = {**summarize_stats(stats), "images_sampled_this_run": counts["images_sampled"],
              "processes": info.world, "sampling_wall_time_s": wall,
              "resumed_shards": counts["shards_resumed"]}
@@ -260,7 +261,7 @@ def _sample_and_score(a: argparse.Namespace, argv: list[str], metrics: list[str]
            "samples": stored_path(npz),
            "sampler": {"name": a.sampler, "options": _jsonable(sampler.options)}, "model": pipeline.info,
            "job": job.fingerprint(), "speed": speed,
-           "metrics": compute_metrics(images, labels, metrics, **_metric_kwargs(a)) if metrics else {},
+           "metrics": compute_metrics(open_images(npz), labels, metrics, **_metric_kwargs(a)) if metrics else {},
            "environment": environment(device, DTYPES[a.dtype])}
     save_json(run, Path(a.out) / "run.json")
     return run

@@ -30,7 +30,6 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from genaccel.eval.images import save_adm_npz
 from genaccel.utils.dtypes import canonical_dtype
 from genaccel.utils.io import stored_path
 
@@ -364,10 +363,42 @@ def collect_shards(job: SampleJob) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     return images, labels, [json.loads(str(p["stats"])) for p in parts]
 
 
-def pack_samples(job: SampleJob) -> tuple[Path, np.ndarray, np.ndarray, list[dict]]:
-    """Write ``samples.npz`` (ADM: ``arr_0`` uint8 NHWC, ``arr_1`` labels) from the shards."""
-    images, labels, stats = collect_shards(job)
-    return save_adm_npz(job.out / SAMPLES_FILE, images, labels), images, labels, stats
+def pack_samples(job: SampleJob) -> tuple[Path, np.ndarray, list[dict]]:
+    """Write ``samples.npz`` (ADM: ``arr_0`` uint8 NHWC, ``arr_1`` labels, uncompressed) shard by shard.
+
+    Only one shard's images are in memory at a time (50,000 x 256^2 x 3 = 9.8 GB would otherwise sit on rank 0),
+    and the file is written to a temp name, fsynced and renamed, like every other output. Returns the path,
+    the labels and the per-shard sampler stats; read the images back with ``open_images(path)``."""
+    from genaccel.utils.io import atomic_write
+
+    missing = [k for k in range(job.num_shards) if not shard_done(job, k)]
+    if missing:
+        raise RuntimeError(
+            f"{len(missing)} of {job.num_shards} shards are missing in {job.out / SHARD_DIR} (first: {missing[:5]}); "
+            "re-run the same command to sample them"
+        )
+    with np.load(job.shard_path(0)) as z:
+        image_shape, dtype = z["images"].shape[1:], z["images"].dtype
+    labels, stats = [], []
+
+    def write(tmp: str) -> None:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with zf.open("arr_0.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array_header_2_0(
+                    member, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                             "shape": (job.num_images, *image_shape)})
+                for k in range(job.num_shards):
+                    part = read_shard(job, k)
+                    if part is None or part["images"].shape[1:] != image_shape:
+                        raise RuntimeError(f"shard {k} of {job.out} changed while packing; re-run the command")
+                    member.write(np.ascontiguousarray(part["images"], dtype=dtype).tobytes())
+                    labels.append(part["labels"].astype(np.int64))
+                    stats.append(json.loads(str(part["stats"])))
+            with zf.open("arr_1.npy", "w") as member:
+                np.lib.format.write_array(member, np.concatenate(labels), allow_pickle=False)
+
+    path = atomic_write(job.out / SAMPLES_FILE, write)
+    return path, np.concatenate(labels), stats
 
 
 def summarize_stats(stats: list[dict]) -> dict:

@@ -61,6 +61,20 @@ def test_packed_npz_is_adm_format_with_balanced_labels(reference_run):
     assert labels.tolist() == [i % 16 for i in range(NUM)]
 
 
+def test_packed_npz_is_written_shard_by_shard_and_streams_back(tmp_path, tiny_model_args, reference_run):
+    import zipfile
+
+    from genaccel.eval.images import open_images
+
+    out = tmp_path / "packed"
+    main([*SAMPLE, "--out", str(out), "--num-images", str(NUM), *tiny_model_args])
+    with zipfile.ZipFile(out / "samples.npz") as zf:
+        assert sorted(zf.namelist()) == ["arr_0.npy", "arr_1.npy"]
+        assert all(i.compress_type == zipfile.ZIP_STORED for i in zf.infolist())  # ADM streams uncompressed arr_0
+    np.testing.assert_array_equal(np.concatenate(list(open_images(out / "samples.npz").batches(5))), reference_run[0])
+    assert not list(out.glob(".samples.npz.*"))
+
+
 def test_two_process_torchrun_matches_single_process(tmp_path, tiny_model_args, reference_run):
     out = tmp_path / "ddp"
     proc = _run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "genaccel.eval",
