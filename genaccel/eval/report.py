@@ -60,6 +60,13 @@ def run_row(run: dict) -> dict[str, Any]:
     for key, value in {**run.get("speed", {}), **run.get("metrics", {})}.items():
         if isinstance(value, (int, float, str)) or value is None:
             row[key] = value
+    speed = run.get("speed") or {}
+    times, batch = speed.get("batch_times_s"), speed.get("throughput_batch_size")
+    if isinstance(times, list) and len(times) > 1 and batch:  # repeats: spread of images/s over timed batches
+        rates = [batch / t for t in times if t > 0]
+        mean = sum(rates) / len(rates)
+        row["images_per_s_std"] = math.sqrt(sum((r - mean) ** 2 for r in rates) / (len(rates) - 1))
+        row["images_per_s_repeats"] = len(rates)
     row["command"] = run.get("command")
     env = run.get("environment", {})
     row["device"] = env.get("gpu") or env.get("device")
@@ -131,7 +138,11 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def speed_quality_plot(rows: list[dict], path: Path) -> Path | None:
-    """Scatter of speed (images/s, else 1/latency) against FD-domain (or FID); None if no run has both."""
+    """Scatter of speed (images/s, else 1/latency) against FD-domain (or FID); None if no run has both.
+
+    Made to be read, not to flatter: both axes start at zero (so small differences look small), each run
+    has its own marker and a legend entry with its sample count outside the axes (no labels on top of each
+    other or of the frame), and images/s carries +-1 std error bars where timed repeats exist."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -142,17 +153,25 @@ def speed_quality_plot(rows: list[dict], path: Path) -> Path | None:
     points = [r for r in rows if qkey and r.get(qkey) is not None and r.get(skey)]
     if not points:
         return None
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for r in points:
+    fig, ax = plt.subplots(figsize=(9.5, 4.5))
+    markers = "osD^vP*Xh<>p"
+    for i, r in enumerate(points):
         x = r[skey] if skey == "images_per_s" else 1.0 / r[skey]
-        ax.scatter(x, r[qkey])
-        ax.annotate(r["name"], (x, r[qkey]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("images / s" if skey == "images_per_s" else "1 / latency at batch 1 (1/s)")
-    ax.set_ylabel({"fd_domain": "FD-domain (crop-classifier features, not FID)", "fid": "FID"}[qkey])
-    ax.set_title("speed vs quality (lower right is better)")
+        xerr = r.get("images_per_s_std") if skey == "images_per_s" else None
+        n = r.get("num_images")
+        reps = f", {r['images_per_s_repeats']} timed batches" if xerr is not None else ""
+        ax.errorbar(x, r[qkey], xerr=xerr, fmt=markers[i % len(markers)], capsize=3, markersize=7,
+                    label=f"{r['name']} (n={n if n is not None else '?'}{reps})")
+    ax.set_xlim(left=0, right=ax.get_xlim()[1] * 1.05)
+    ax.set_ylim(bottom=0, top=ax.get_ylim()[1] * 1.05)
+    ax.set_xlabel("images / s (axis from 0)" if skey == "images_per_s" else "1 / latency at batch 1 (1/s, axis from 0)")
+    ax.set_ylabel({"fd_domain": "FD-domain (crop-classifier features, not FID)", "fid": "FID"}[qkey] + ", from 0")
+    ax.set_title("speed vs quality (lower right is better)", fontsize=10)
     ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False, title="run (n = images scored)",
+              title_fontsize=8)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight", pad_inches=0.15))
     plt.close(fig)
     return path
 

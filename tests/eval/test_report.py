@@ -52,3 +52,29 @@ def test_merge_keeps_the_newest_value_whatever_the_file_names(tmp_path):
         results.append(report["rows"][0]["images_per_s"])
         assert "2 process(es) x" in (folder / "report.md").read_text()
     assert results == [1.65, 1.65]
+
+
+def test_plot_axes_start_at_zero_with_error_bars_and_counts(tmp_path, monkeypatch):
+    """The figure is drawn from the rows: zero-based axes, one legend entry per run with n, std of images/s."""
+    import matplotlib.pyplot as plt
+
+    seen = {}
+    real_close = plt.close
+
+    def keep(fig=None):
+        if fig is not None and not seen:
+            ax = fig.axes[0]
+            seen.update(xlim=ax.get_xlim(), ylim=ax.get_ylim(),
+                        labels=[t.get_text() for t in ax.get_legend().get_texts()], texts=len(ax.texts))
+        real_close(fig)
+
+    monkeypatch.setattr(plt, "close", keep)
+    _run(tmp_path / "a.json", "ar", speed={"images_per_s": 4.0, "batch_times_s": [4.0, 4.2, 3.8],
+                                           "throughput_batch_size": 16}, metrics={"fd_domain": 14.7, "num_images": 64})
+    _run(tmp_path / "b.json", "fast", speed={"images_per_s": 9.0}, metrics={"fd_domain": 14.1, "num_images": 64},
+         cfg=1.0)
+    report = build_report([str(tmp_path / "*.json")], tmp_path / "r")
+    row = {r["name"]: r for r in report["rows"]}["ar"]
+    assert row["images_per_s_repeats"] == 3 and 0.1 < row["images_per_s_std"] < 0.3
+    assert seen["xlim"][0] == 0 and seen["ylim"][0] == 0 and seen["texts"] == 0  # no labels drawn in the axes
+    assert seen["labels"] == ["ar (n=64, 3 timed batches)", "fast (n=64)"]
