@@ -79,6 +79,8 @@ def _add_metric_args(p: argparse.ArgumentParser, default: str = "auto") -> None:
     g.add_argument("--prc-dtype", default="fp32", choices=["fp32", "fp16"],
                    help="precision/recall distances: fp32, or fp16 with fp32 fallback as the ADM evaluator "
                         "(default: fp32)")
+    g.add_argument("--feature-batch-size", type=int, default=32,
+                   help="images per feature-extraction batch (Inception, crop classifier) (default: 32)")
     g.add_argument("--cache-dir", default=None,
                    help="reference feature cache, keyed by content hash (default: $GENACCEL_CACHE_DIR, else "
                         "~/.cache/genaccel/eval); 'none' disables it")
@@ -183,7 +185,7 @@ def _metric_kwargs(a: argparse.Namespace) -> dict:
 
     return {"domain_ref": a.domain_reference, "reference": a.reference, "inception_weights": a.inception_weights,
             "classifier_path": a.classifier, "is_protocol": a.is_protocol, "prc_dtype": a.prc_dtype,
-            "cache_dir": resolve_cache_dir(a.cache_dir)}
+            "cache_dir": resolve_cache_dir(a.cache_dir), "batch_size": a.feature_batch_size}
 
 
 def _metrics_list(a: argparse.Namespace) -> list[str]:
@@ -224,8 +226,16 @@ def _sample_and_score(a: argparse.Namespace, argv: list[str], metrics: list[str]
     import time
 
     from genaccel.eval.images import open_images
-    from genaccel.eval.job import SampleJob, barrier, pack_samples, prepare_job_dir, sample_shards, summarize_stats
-    from genaccel.eval.metrics import compute_metrics
+    from genaccel.eval.job import (
+        SAMPLES_FILE,
+        SampleJob,
+        barrier,
+        pack_samples,
+        prepare_job_dir,
+        sample_shards,
+        summarize_stats,
+    )
+    from genaccel.eval.metrics import INCEPTION_METRICS, compute_metrics, sharded_inception_features
     from genaccel.eval.throughput import environment, measure_latency
     from genaccel.samplers import build_sampler
     from genaccel.utils.io import save_json
@@ -246,9 +256,15 @@ def _sample_and_score(a: argparse.Namespace, argv: list[str], metrics: list[str]
     barrier(info)
     wall = time.perf_counter() - start
     counts = _gather_counts(progress, info)
+    if info.is_main:
+        npz, labels, stats = pack_samples(job)  # streamed shard by shard; metrics read it back in batches
+    barrier(info)
+    generated = None
+    if info.world > 1 and any(m in INCEPTION_METRICS for m in metrics):  # every rank embeds its share
+        generated = sharded_inception_features(Path(a.out) / SAMPLES_FILE, a.inception_weights, info, device,
+                                               a.feature_batch_size)
     if not info.is_main:
         return None
-    npz, labels, stats = pack_samples(job)  # streamed shard by shard; metrics read it back in batches
     speed = {**summarize_stats(stats), "images_sampled_this_run": counts["images_sampled"],
              "processes": info.world, "sampling_wall_time_s": wall,
              "resumed_shards": counts["shards_resumed"]}
@@ -261,7 +277,8 @@ def _sample_and_score(a: argparse.Namespace, argv: list[str], metrics: list[str]
            "samples": stored_path(npz),
            "sampler": {"name": a.sampler, "options": _jsonable(sampler.options)}, "model": pipeline.info,
            "job": job.fingerprint(), "speed": speed,
-           "metrics": compute_metrics(open_images(npz), labels, metrics, **_metric_kwargs(a)) if metrics else {},
+           "metrics": compute_metrics(open_images(npz), labels, metrics, **_metric_kwargs(a), device=device,
+                                      generated_inception=generated) if metrics else {},
            "environment": environment(device, DTYPES[a.dtype])}
     save_json(run, Path(a.out) / "run.json")
     return run

@@ -174,9 +174,13 @@ def compute_metrics(
     prc_dtype: str = "fp32",
     cache_dir: str | os.PathLike | None = None,
     progress: bool = False,
+    device: str | torch.device = "cpu",
+    generated_inception=None,
 ) -> dict:
     """Compute ``metrics`` for uint8 NHWC ``images`` (an array, or an ``ImageSource`` streamed in batches);
-    returns values plus where each reference came from and which protocol made them."""
+    returns values plus where each reference came from and which protocol made them. Inception runs on
+    ``device``; ``generated_inception`` (an ``InceptionFeatures`` of ``images``, e.g. gathered from ranks by
+    :func:`sharded_inception_features`) skips extracting the generated set again."""
     from genaccel.eval.images import ImageSource, open_images
 
     source = images if isinstance(images, ImageSource) else open_images(np.ascontiguousarray(images))
@@ -195,7 +199,7 @@ def compute_metrics(
             out.update(_class_accuracy(extractor, preds, labels))
     if any(m in INCEPTION_METRICS for m in metrics):
         out.update(_inception_metrics(source, metrics, reference, inception_weights, is_protocol, prc_dtype,
-                                      cache_dir, progress))
+                                      cache_dir, progress, device, generated_inception, batch_size))
     return out
 
 
@@ -225,8 +229,41 @@ def _class_accuracy(extractor, predictions: torch.Tensor, labels: np.ndarray | N
     return {"class_accuracy": float((predictions.cpu() == labels).float().mean())}
 
 
+def sharded_inception_features(samples: str | os.PathLike, weights: str | None, info, device: str | torch.device,
+                               batch_size: int = 32):
+    """Inception features of an ADM ``.npz`` computed by all ranks and gathered on rank 0 (None elsewhere).
+
+    Rank ``r`` of ``W`` embeds batches ``b`` with ``b % W == r`` (streamed from the file); rank 0 puts them back
+    in file order (ADM's IS splits are consecutive) and merges the spatial statistics. One process: plain
+    extraction."""
+    import torch.distributed as dist
+
+    from genaccel.eval.fd import RunningStats
+    from genaccel.eval.images import open_images
+    from genaccel.eval.inception import InceptionFeatures, inception_features, load_inception
+
+    model = load_inception(weights, device)
+    if info.world == 1:
+        return inception_features(model, open_images(samples), batch_size, progress=False)
+    mine = []
+    for b, batch in enumerate(open_images(samples).batches(batch_size)):
+        if b % info.world == info.rank:
+            f = inception_features(model, batch, batch_size, progress=False)
+            mine.append((b, f.pool, f.logits, f.spatial))
+    gathered = [None] * info.world if info.is_main else None
+    dist.gather_object(mine, gathered, dst=0)
+    if not info.is_main:
+        return None
+    parts = sorted((p for rank_parts in gathered for p in rank_parts), key=lambda p: p[0])
+    spatial = RunningStats()
+    for p in parts:
+        spatial.merge(p[3])
+    return InceptionFeatures(torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts]), spatial)
+
+
 def _inception_metrics(source, metrics: list[str], reference: str | None, weights: str | None, is_protocol: str,
-                       prc_dtype: str, cache_dir, progress: bool) -> dict:
+                       prc_dtype: str, cache_dir, progress: bool, device: str | torch.device = "cpu",
+                       generated=None, batch_size: int = 32) -> dict:
     from genaccel.eval.inception import (
         inception_features,
         inception_score,
@@ -237,20 +274,23 @@ def _inception_metrics(source, metrics: list[str], reference: str | None, weight
 
     if prc_dtype not in PRC_DTYPES:
         raise ValueError(f"unknown precision/recall dtype {prc_dtype!r}; choose from {', '.join(PRC_DTYPES)}")
-    model = load_inception(weights)  # raises naming the missing file / flag before any work
+    model = load_inception(weights, device)  # raises naming the missing file / flag before any work
     needs_ref = [m for m in metrics if m in REFERENCE_METRICS]
     if needs_ref:
         if not reference:
             raise ValueError(f"{needs_ref} need a reference: pass --reference (ADM reference .npz or image folder)")
         _check_reference(Path(reference), reference_contents(reference), metrics)
-    gen = inception_features(model, source, progress=progress)
+    gen = generated if generated is not None else inception_features(model, source, batch_size, progress=progress)
+    if len(gen) != len(source):
+        raise ValueError(f"{len(gen)} generated Inception features for {len(source)} images")
     out: dict = {"inception": "torch-fidelity inception-v3-compat (TF1 bilinear resize)",
                  "inception_weights": stored_path(resolve_weights(weights))}
     if "is" in metrics:
         out.update(inception_score(gen.logits, is_protocol, splits=min(10, len(gen))))
     if needs_ref:
         ref = inception_reference(reference, model, need_features="prc" in metrics, need_spatial="sfid" in metrics,
-                                  cache_dir=cache_dir, weights=resolve_weights(weights), progress=progress)
+                                  batch_size=batch_size, cache_dir=cache_dir, weights=resolve_weights(weights),
+                                  progress=progress)
         out["reference"] = ref.source
         out["reference_stats_from"] = ref.stats_from
         if "fid" in metrics:
@@ -264,4 +304,5 @@ def _inception_metrics(source, metrics: list[str], reference: str | None, weight
 
 
 __all__ = ["ALL_METRICS", "DOMAIN_METRICS", "INCEPTION_METRICS", "Reference", "ReferenceContents", "compute_metrics",
-           "domain_reference", "inception_reference", "parse_metrics", "reference_contents"]
+           "domain_reference", "inception_reference", "parse_metrics", "reference_contents",
+           "sharded_inception_features"]

@@ -170,3 +170,26 @@ def test_a_second_job_on_the_folder_is_refused_and_a_dead_lock_taken_over(tmp_pa
         holder.wait()
     main(args)  # the holder is dead: its lock is taken over
     assert (out / "samples.npz").is_file() and not (out / ".lock").exists()
+
+
+def test_two_ranks_share_inception_extraction_and_match_one_process(tmp_path, tiny_model_args, random_inception):
+    from genaccel.eval.images import save_adm_npz
+
+    ref = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    save_adm_npz(tmp_path / "ref.npz", ref)
+    # 3 extraction batches of 4: rank 0 embeds batches 0 and 2, rank 1 batch 1; torch-fidelity's IS shuffles
+    # with a fixed seed, so it changes if rank 0 put the gathered features back in the wrong order
+    scored = ["--metrics", "fid,sfid,is", "--reference", str(tmp_path / "ref.npz"), "--inception-weights",
+              str(random_inception), "--cache-dir", "none", "--feature-batch-size", "4", "--is-protocol",
+              "torch-fidelity"]
+    args = [*SAMPLE, "--num-images", "12", *tiny_model_args, *scored]
+    single = main([*args, "--out", str(tmp_path / "one")])["metrics"]
+    proc = _run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "genaccel.eval",
+                     *args, "--out", str(tmp_path / "two")])
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log
+    import json
+
+    two = json.loads((tmp_path / "two" / "run.json").read_text())["metrics"]
+    for key in ("fid", "sfid", "inception_score_mean"):
+        assert two[key] == single[key], key  # same batches, same threads: bit-identical
