@@ -154,6 +154,8 @@ def plot(recon: dict, gen: dict, path: Path) -> None:
     twin.plot(ks, [recon[k]["fd_domain"] for k in ks], "s--", color="tab:red", label="FD-domain")
     twin.set_ylabel("FD-domain (lower is better)")
     left.set_title("reconstruction of held-out crops")
+    handles = [h for ax in (left, twin) for h in ax.get_legend_handles_labels()[0]]
+    left.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="center right")
     ar = gen["ar"]
     flex = {name: r for name, r in gen.items() if name != "ar"}
     gk = [r["k"] for r in flex.values()]
@@ -169,7 +171,7 @@ def plot(recon: dict, gen: dict, path: Path) -> None:
     twin.set_ylabel("seconds per image")
     right.set_title("generation (ar sampler, cfg 4)")
     handles = [h for ax in (right, twin) for h in ax.get_legend_handles_labels()[0]]
-    right.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="upper center")
+    right.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="center right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
