@@ -125,13 +125,15 @@ def train_on_tokens(
 
 
 @torch.no_grad()
-def heldout_nll(model: torch.nn.Module, data: dict) -> float:
+def heldout_nll(model: torch.nn.Module, data: dict, extra: str | None = None) -> float:
     """Mean per-token NLL (nats) of held-out tokens under the model's ``teacher_forced`` objective (raster GPT,
-    NAR cells, Token-Shuffle windows), conditional on the class, fp32."""
+    NAR cells, Token-Shuffle windows), conditional on the class, fp32; ``extra`` names other logits of the
+    output to score instead (``ModelOutput.extra[extra]``, e.g. Token-Shuffle's intra-window head)."""
     model.eval()
     total, count = 0.0, 0
     for toks, labs in zip(data["tokens"].split(128), data["labels"].split(128)):
-        logits = model.teacher_forced(labs, toks).logits
+        out = model.teacher_forced(labs, toks)
+        logits = out.logits if extra is None else out.extra[extra]
         total += F.cross_entropy(logits.flatten(0, 1), toks.flatten(), reduction="sum").item()
         count += toks.numel()
     model.train()

@@ -68,19 +68,9 @@ def token_shuffle_loss(model: TokenShuffleGPT, labels: torch.Tensor, tokens: tor
     return loss
 
 
-@torch.no_grad()
 def heldout_sequential_nll(model: TokenShuffleGPT, data: dict) -> float | None:
     """Held-out NLL (nats/token) of the intra-window head's logits, or None without the head."""
-    if model.intra_window is None:
-        return None
-    model.eval()
-    total, count = 0.0, 0
-    for toks, labs in zip(data["tokens"].split(128), data["labels"].split(128)):
-        logits = model.teacher_forced(labs, toks).extra["sequential_logits"]
-        total += F.cross_entropy(logits.flatten(0, 1), toks.flatten(), reduction="sum").item()
-        count += toks.numel()
-    model.train()
-    return total / count
+    return None if model.intra_window is None else heldout_nll(model, data, extra="sequential_logits")
 
 
 def fresh_model(cfg: dict, vocab_size: int, block_size: int, generator: torch.Generator) -> TokenShuffleGPT:
