@@ -191,5 +191,9 @@ def test_two_ranks_share_inception_extraction_and_match_one_process(tmp_path, ti
     import json
 
     two = json.loads((tmp_path / "two" / "run.json").read_text())["metrics"]
-    for key in ("fid", "sfid", "inception_score_mean"):
-        assert two[key] == single[key], key  # same batches, same threads: bit-identical
+    # A random network's features barely vary, so FID / sFID here are ~1e-13: rounding noise of sqrtm that differs
+    # in its last bits between runs (measured 1.07441013586e-13 vs 1.07441013369e-13); the order-sensitive check
+    # is IS (torch-fidelity's fixed-seed shuffled splits), which stays bit-identical.
+    for key in ("fid", "sfid"):
+        assert two[key] == pytest.approx(single[key], abs=1e-9), key
+    assert two["inception_score_mean"] == single["inception_score_mean"]
