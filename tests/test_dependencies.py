@@ -62,7 +62,6 @@ CALLED_APIS = [
     ),
     ("torch-fidelity", "torch_fidelity.feature_extractor_inceptionv3", "load_state_dict_from_url", ()),
     ("torch-fidelity", "torch_fidelity.metric_isc", "isc_features_to_metric", ("splits",)),
-    ("torch-fidelity", "torch_fidelity.metric_prc", "calculate_precision_recall_full", ()),
     ("torchvision", "torchvision.utils", "make_grid", ("nrow", "padding", "pad_value")),
     ("safetensors", "safetensors.torch", "save_file", ("metadata",)),
     ("safetensors", "safetensors.torch", "load_file", ()),

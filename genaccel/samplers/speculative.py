@@ -47,7 +47,7 @@ class JacobiOptions(SamplingOptions):
     """Options of the training-free Jacobi draft window (SJD, MC-SJD, GSD)."""
 
     window: int = 16
-    init: str = "repeat_horizon"  # SJD's LlamaGen setting; 'random' is its Lumina-mGPT / GSD setting
+    init: str = "repeat_horizon"  # named by SJD's LlamaGen script, whose drafts are in fact random (docs/speculative.md)
     draft_coupling: str = "independent"  # SJD; 'maximal' / 'gumbel': MC-SJD's coupled re-drafting (lossless)
 
     def validate(self) -> None:
