@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from genaccel.eval.fd import quantize_like_samples
 from genaccel.models import (
     BUNDLED,
     LlamaGenGPT,
@@ -91,7 +92,7 @@ class ImagePipeline:
             images = self.vq.detokenize(tokens)
         else:
             images = self.vq.decode(tokens, grid=(self.gpt.grid_size,) * 2)
-        return torch.clamp(127.5 * images.float() + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+        return quantize_like_samples(images).cpu()
 
     def prepare_sampler(self, sampler: Sampler) -> Sampler:
         """Give a LANTERN / GSD sampler this tokenizer's code vectors when no --codebook was named: the FSQ

@@ -49,15 +49,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] (B, 3, H, W) -> uint8 (B, H, W, 3) with the pipelines' mapping."""
-    return torch.clamp(127.5 * images.float() + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-
-
 @torch.no_grad()
 def reconstruction(tokenizer, per_class: int, reference, extractor) -> dict[int, dict]:
     """Held-out crops decoded from their first k tokens: MSE and PSNR in [0, 1] units, FD-domain."""
     from genaccel.data.skimage_crops import make_crops
+    from genaccel.eval.fd import quantize_like_samples
     from genaccel.train.flextok import eval_lengths, psnr_db
 
     crops, labels = make_crops("heldout", per_class, seed=123, size=tokenizer.args.image_size)
@@ -66,7 +62,7 @@ def reconstruction(tokenizer, per_class: int, reference, extractor) -> dict[int,
     for k in eval_lengths(tokenizer.num_tokens):
         rec = torch.cat([tokenizer.detokenize(t[:, :k]) for t in tokens.split(128)])
         rows[k] = {"mse": float(((rec - crops) / 2).pow(2).mean()), "psnr_db": float(psnr_db(rec, crops).mean()),
-                   **score(to_uint8(rec), labels, reference, extractor)}
+                   **score(quantize_like_samples(rec), labels, reference, extractor)}
     return rows
 
 
@@ -138,6 +134,12 @@ def goal_lines(gen: dict) -> list[str]:
     return [f"- {'met' if ok else 'NOT met'}: {text}" for ok, text in checks]
 
 
+def twin_legend(ax, twin) -> None:
+    """One legend for a panel and its twin y-axis."""
+    handles = [h for a in (ax, twin) for h in a.get_legend_handles_labels()[0]]
+    ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="center right")
+
+
 def plot(recon: dict, gen: dict, path: Path) -> None:
     import matplotlib
 
@@ -154,8 +156,7 @@ def plot(recon: dict, gen: dict, path: Path) -> None:
     twin.plot(ks, [recon[k]["fd_domain"] for k in ks], "s--", color="tab:red", label="FD-domain")
     twin.set_ylabel("FD-domain (lower is better)")
     left.set_title("reconstruction of held-out crops")
-    handles = [h for ax in (left, twin) for h in ax.get_legend_handles_labels()[0]]
-    left.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="center right")
+    twin_legend(left, twin)
     ar = gen["ar"]
     flex = {name: r for name, r in gen.items() if name != "ar"}
     gk = [r["k"] for r in flex.values()]
@@ -170,8 +171,7 @@ def plot(recon: dict, gen: dict, path: Path) -> None:
     twin.axhline(ar["total_s"], ls="-.", color="tab:green", lw=0.8, label="ar total b=1 (s)")
     twin.set_ylabel("seconds per image")
     right.set_title("generation (ar sampler, cfg 4)")
-    handles = [h for ax in (right, twin) for h in ax.get_legend_handles_labels()[0]]
-    right.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="center right")
+    twin_legend(right, twin)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

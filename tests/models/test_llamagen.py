@@ -210,13 +210,7 @@ def test_contract_errors_are_clear():
 
 # ----------------------------------------------------------------------------- 1-D layout (FlexTok tokens)
 def tiny_1d(seq_len: int = 12) -> LlamaGenGPT:
-    torch.manual_seed(0)
-    model = build_gpt(None, dim=32, n_layer=2, n_head=2, vocab_size=50, num_classes=6, block_size=seq_len,
-                      multiple_of=32, layout="1d", token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0)
-    model.init_weights(torch.Generator().manual_seed(0))
-    for prm in model.parameters():
-        torch.nn.init.normal_(prm, 0.0, 0.3)
-    return model.eval()
+    return tiny(block_size=seq_len, layout="1d")  # head_dim 16
 
 
 def test_1d_rope_table_is_llamagens_1d_formula_and_grid_size_is_zero():

@@ -27,10 +27,12 @@ BACKBONE = dict(dim=32, n_layer=2, n_head=2, vocab_size=24, num_classes=3, multi
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_shuffle(grid: int = 4, window: int = 2, seed: int = 0, **kw) -> TokenShuffleGPT:
+def tiny_shuffle(grid: int = 4, window: int = 2, seed: int = 0, intra_window_head: bool = False,
+                 **kw) -> TokenShuffleGPT:
     """Random Token-Shuffle model whose zero-initialised parts (LM head, residual outputs) are random too."""
     gen = torch.Generator().manual_seed(seed)
-    model = build_token_shuffle(None, TokenShuffleArgs(window=window), **{**BACKBONE, "block_size": grid * grid, **kw})
+    shuffle = TokenShuffleArgs(window=window, intra_window_head=intra_window_head)
+    model = build_token_shuffle(None, shuffle, **{**BACKBONE, "block_size": grid * grid, **kw})
     model.init_weights(gen)
     for prm in model.parameters():
         if prm.dim() >= 2:
@@ -209,14 +211,12 @@ def test_wrong_window_in_metadata_names_the_one_the_weights_have(tmp_path):
 
 # ----------------------------------------------------------------------------- intra-window head
 def head_model(seed: int = 0, random_head: bool = True) -> TokenShuffleGPT:
-    gen = torch.Generator().manual_seed(seed)
-    model = build_token_shuffle(None, TokenShuffleArgs(window=2, intra_window_head=True), dim=32, n_layer=1,
-                                n_head=2, vocab_size=24, num_classes=3, block_size=16, multiple_of=32)
-    model.init_weights(gen)
-    for name, prm in model.named_parameters():
-        if prm.dim() >= 2 and (random_head or not name.startswith("intra_window.down")):
-            torch.nn.init.normal_(prm, 0.0, 0.5, generator=gen)
-    return model.eval()
+    """A random s = 2 model with an intra-window head; ``random_head=False`` leaves the head at its zero init."""
+    model = tiny_shuffle(seed=seed, intra_window_head=True)
+    if not random_head:
+        with torch.no_grad():
+            model.intra_window.down.weight.zero_()
+    return model
 
 
 def test_intra_window_part_k_reads_only_the_earlier_tokens_of_its_window():

@@ -23,10 +23,12 @@ from genaccel.samplers.token_shuffle import (
 )
 
 
-def tiny_shuffle(grid: int, window: int = 2, seed: int = 0, dim: int = 32) -> TokenShuffleGPT:
+def tiny_shuffle(grid: int, window: int = 2, seed: int = 0, dim: int = 32,
+                 intra_window_head: bool = False) -> TokenShuffleGPT:
     """Random Token-Shuffle model with random (not zero) LM head and residual outputs, so tokens vary."""
     gen = torch.Generator().manual_seed(seed)
-    model = build_token_shuffle(None, TokenShuffleArgs(window=window), dim=dim, n_layer=1, n_head=2, vocab_size=24,
+    shuffle = TokenShuffleArgs(window=window, intra_window_head=intra_window_head)
+    model = build_token_shuffle(None, shuffle, dim=dim, n_layer=1, n_head=2, vocab_size=24,
                                 num_classes=3, block_size=grid * grid, multiple_of=32)
     model.init_weights(gen)
     for prm in model.parameters():
@@ -184,18 +186,6 @@ def test_s1_identity_model_samples_what_ar_samples_on_its_backbone(cfg_scale):
 
 
 # ----------------------------------------------------------------------------- intra-window head
-def tiny_shuffle_with_head(grid: int = 4, seed: int = 0) -> TokenShuffleGPT:
-    """A random s = 2 model with a random (non-identity) intra-window head."""
-    gen = torch.Generator().manual_seed(seed)
-    model = build_token_shuffle(None, TokenShuffleArgs(window=2, intra_window_head=True), dim=32, n_layer=1,
-                                n_head=2, vocab_size=24, num_classes=3, block_size=grid * grid, multiple_of=32)
-    model.init_weights(gen)
-    for prm in model.parameters():
-        if prm.dim() >= 2:
-            torch.nn.init.normal_(prm, 0.0, 0.5, generator=gen)
-    return model.eval()
-
-
 class RecordingHead:
     """Wraps a model and records every intra-window head call (the window passed, the part, the logits)."""
 
@@ -212,7 +202,7 @@ class RecordingHead:
 
 
 def test_sequential_greedy_takes_each_token_as_the_argmax_of_the_head_given_the_earlier_ones():
-    model = RecordingHead(tiny_shuffle_with_head())
+    model = RecordingHead(tiny_shuffle(4, intra_window_head=True))
     out = TokenShuffleSampler(cfg_scale=1.0, top_k=1, window_sampling="sequential").generate(
         model, torch.tensor([2]), torch.Generator().manual_seed(0))
     windows = shuffle_tokens(out.tokens, 2)[0]  # (P, 4)
@@ -225,7 +215,7 @@ def test_sequential_greedy_takes_each_token_as_the_argmax_of_the_head_given_the_
 
 
 def test_sequential_batch_of_three_equals_three_single_runs_greedy_with_cfg():
-    model = tiny_shuffle_with_head(seed=1)
+    model = tiny_shuffle(4, seed=1, intra_window_head=True)
     sampler = TokenShuffleSampler(cfg_scale=3.0, top_k=1, window_sampling="sequential")
     labels = torch.tensor([0, 2, 1])
     batch = sampler.generate(model, labels, torch.Generator().manual_seed(0)).tokens
