@@ -490,6 +490,11 @@ def flow_scheduler(steps: int):
 # ---------------------------------------------------------------------------------------------- the tokenizer
 
 
+def trainable(module: nn.Module) -> bool:
+    """Whether any parameter of ``module`` is trained (the recipe freezes parts with ``requires_grad_(False)``)."""
+    return any(p.requires_grad for p in module.parameters())
+
+
 @dataclass
 class TrainingLosses:
     direct_mse: torch.Tensor | None  # pixel MSE of the direct decoder
@@ -636,13 +641,15 @@ class FlexTokenizer(nn.Module):
         what the tokens mean.
         """
         x = self.images_to_input(images)  # the reconstruction target: pixels, or the first stage's latent
-        codes, indices = self.quantize(self.encoder(x, self.args.train_length))
+        # A frozen encoder (the flow stage of the bundled recipe) runs without a graph; a frozen decoder is skipped.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trainable(self.encoder)):
+            codes, indices = self.quantize(self.encoder(x, self.args.train_length))
         keep_k = sample_keep_k(images.shape[0], self.args.train_length, self.args.nested_dropout, generator)
         keep_k = keep_k.to(images.device)
         direct_mse = flow_mse = None
-        if hasattr(self, "direct"):
+        if hasattr(self, "direct") and trainable(self.direct):
             direct_mse = F.mse_loss(self.direct(codes, keep_k), x)
-        if hasattr(self, "flow"):
+        if hasattr(self, "flow") and trainable(self.flow):
             b = images.shape[0]
             noise = torch.randn(x.shape, generator=generator).to(images.device)
             sigma = torch.sigmoid(torch.randn(b, generator=generator)).to(images.device)  # logit-normal

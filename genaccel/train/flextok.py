@@ -6,6 +6,11 @@ draw per sample (the schedule and RTP are model fields, see ``FlexTokenizer.trai
 REPA loss and the perceptual / GAN terms of TiTok-style tokenizers need pretrained networks that cannot be
 fetched here. AdamW (weight decay on linear weights only), linear warmup then cosine, grad clip 1.
 
+Stages: ``init_from`` (a FlexTok export) copies its weights into the new model and ``frozen`` (module names:
+``encoder``, ``direct``, ``flow``) stops their training. The bundled tokenizer is made in two stages that way:
+``flextok.yaml`` trains encoder + direct decoder, then ``flextok_flow.yaml`` trains the rectified-flow decoder
+on the frozen tokens, so the tokens (and every model trained on them) stay valid.
+
 Resumable: ``last.pt`` in ``out_dir`` every ``ckpt_every`` steps and before a ``stop_at`` / ``max_minutes``
 stop; rerunning the same command continues the same LR schedule, data stream and noise draws.
 Metrics (held-out crops): reconstruction MSE / PSNR of the direct decoder with the first k tokens for
@@ -23,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from genaccel.data.skimage_crops import RandomCropStream, make_crops
+from genaccel.models.loading import config_from_metadata, read_state_dict
 from genaccel.tokenizers.flex import FlexTokArgs, FlexTokenizer, export_metadata
 from genaccel.train.common import checkpoint_or_stop, cosine_lr, resume, set_lr, start_run
 from genaccel.utils.io import save_json, save_safetensors
@@ -34,6 +40,7 @@ DEFAULTS = dict(
     out_dir="checkpoints/flextok", seed=0, steps=1600, batch_size=32, lr=1e-3, warmup=100, weight_decay=0.05,
     threads=1, flow_weight=1.0, direct_weight=1.0, ckpt_every=100, log_every=50, stop_at=None,
     max_minutes=MAX_MINUTES, eval_per_class=16, eval_flow_images=64, eval_flow_steps=8, export_path="",
+    init_from="", frozen=[],
     **{k: v for k, v in FlexTokArgs().__dict__.items() if k in MODEL_FIELDS},
 )
 
@@ -44,9 +51,44 @@ def flextok_args(cfg: dict) -> FlexTokArgs:
     return FlexTokArgs(**fields)
 
 
+def init_stage(model: FlexTokenizer, cfg: dict) -> list[str]:
+    """Copy an earlier stage's export into ``model`` (same architecture apart from ``decoders``) and freeze the
+    ``frozen`` parts; returns the names of the parameters that were not in the export (the new parts)."""
+    parts = {"encoder", "direct", "flow"}
+    unknown = set(cfg["frozen"]) - parts
+    if unknown:
+        raise SystemExit(f"frozen: unknown part(s) {sorted(unknown)}; known: {sorted(parts)}")
+    missing_parts = [name for name in cfg["frozen"] if not hasattr(model, name)]
+    if missing_parts:
+        raise SystemExit(f"frozen names {missing_parts}, which this model (decoders={model.args.decoders!r}) lacks")
+    new: list[str] = []
+    if cfg["init_from"]:
+        path = Path(cfg["init_from"])
+        if not path.is_file():
+            raise SystemExit(f"init_from: {path} not found (train the earlier stage first: "
+                             f"python -m genaccel.train flextok --config configs/train/flextok.yaml)")
+        sd, meta = read_state_dict(path)
+        config = config_from_metadata(meta)
+        mismatch = {k: (v, getattr(model.args, k)) for k, v in config.items()
+                    if k != "decoders" and getattr(model.args, k) != v}
+        if mismatch:
+            raise SystemExit(f"init_from {path} disagrees with this config on {mismatch} (export value, config value)")
+        result = model.load_state_dict(sd, strict=False)
+        if result.unexpected_keys:
+            raise SystemExit(f"init_from {path} holds tensors this model lacks: {result.unexpected_keys[:5]} ...")
+        new = list(result.missing_keys)
+        for name in cfg["frozen"]:
+            if any(key.startswith(name + ".") for key in new):
+                raise SystemExit(f"frozen part {name!r} is not in init_from {path}: it would stay untrained")
+    for name in cfg["frozen"]:
+        getattr(model, name).requires_grad_(False)
+    return new
+
+
 def make_optimizer(model: FlexTokenizer, cfg: dict) -> torch.optim.Optimizer:
-    """AdamW; decay on linear weight matrices, none on registers, mask tokens, positions, norms and biases."""
-    named = list(model.named_parameters())
+    """AdamW over the trained parameters; decay on linear weight matrices, none on registers, mask tokens,
+    positions, norms and biases."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in named if n.endswith(".weight") and p.dim() == 2]
     rest = [p for n, p in named if not (n.endswith(".weight") and p.dim() == 2)]
     return torch.optim.AdamW(
@@ -105,7 +147,7 @@ def training_step(model: FlexTokenizer, opt: torch.optim.Optimizer, x: torch.Ten
     loss = sum(w * value for value, w in parts.values() if value is not None)
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
     opt.step()
     values = {name: value.item() for name, (value, _) in parts.items() if value is not None}
     return {"loss": loss.item(), **values}, out.indices
@@ -127,12 +169,15 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg["max_minutes"] > MAX_MINUTES:
         raise SystemExit(f"max_minutes {cfg['max_minutes']} exceeds the recipe's budget of {MAX_MINUTES} minutes")
     model = FlexTokenizer(flextok_args(cfg))
+    new = init_stage(model, cfg)
     opt = make_optimizer(model, cfg)
     ckpt = out / "last.pt"
     step = resume(ckpt, model, opt, log)
     params_m = sum(p.numel() for p in model.parameters()) / 1e6
-    log.info(f"FlexTok {params_m:.2f}M params, K={model.num_tokens}, vocab {model.vocab_size}, "
-             f"train length {model.args.train_length}, schedule {model.args.nested_dropout}")
+    trained_m = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
+    log.info(f"FlexTok {params_m:.2f}M params ({trained_m:.2f}M trained), K={model.num_tokens}, "
+             f"vocab {model.vocab_size}, train length {model.args.train_length}, schedule {model.args.nested_dropout}"
+             + (f"; from {cfg['init_from']} ({len(new)} new tensors), frozen {cfg['frozen']}" if cfg["init_from"] else ""))
     stream = RandomCropStream("train", seed=cfg["seed"] * 1000 + step, crop_size=model.args.image_size)
     gen = torch.Generator().manual_seed(cfg["seed"] + step)
     used = torch.zeros(model.vocab_size, dtype=torch.bool)
