@@ -92,6 +92,9 @@ def build_sample_parser(prog: str = "genaccel sample") -> argparse.ArgumentParse
     p.add_argument("--num-tokens", type=int, default=None,
                    help="--model flextok: generate and decode the first K of its 1-D tokens, K forwards "
                         "(default: all 64)")
+    p.add_argument("--decoder", choices=("direct", "flow"), default=None,
+                   help="--model flextok: the one-pass decoder (direct, default) or the rectified-flow decoder (flow)")
+    p.add_argument("--decode-steps", type=int, default=8, help="--decoder flow: Euler steps (default: 8)")
     p.add_argument("--classes", type=int, nargs="+", default=None, help="class ids (cycled to --num-images)")
     p.add_argument("--num-images", type=int, default=None, help="number of images (default: one per class given)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same images (default: 0)")
@@ -313,7 +316,8 @@ def run_sample(argv: list[str] | None = None, prog: str = "genaccel sample") -> 
     sampler = sampler_class(args.sampler)(**sampler_options(args, specs, family_defaults(args, file_opts)))
     pipe = load_model(args.model, ckpt=args.ckpt, vq_ckpt=args.vq_ckpt, gpt_model=args.gpt_model,
                       image_size=args.image_size, device=args.device, dtype=DTYPES[args.dtype],
-                      num_tokens=args.num_tokens, n_head=args.n_head)
+                      num_tokens=args.num_tokens, n_head=args.n_head, decoder=args.decoder,
+                      decode_steps=args.decode_steps)
     num_images = args.num_images or (len(args.classes) if args.classes else pipe.num_classes)
     labels = labels_for(pipe.num_classes, args.classes, num_images)
     all_images, totals = [], {"nfe": 0, "wall_time_s": 0.0, "tokens": 0}

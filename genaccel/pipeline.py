@@ -70,6 +70,8 @@ class ImagePipeline:
     vq: VQModel | FlexTokenizer
     name: str = "llamagen"
     info: dict = field(default_factory=dict)
+    decoder: str | None = None  # FlexTok only: "direct" (one pass) or "flow" (rectified flow); None = its default
+    decode_steps: int = 8  # Euler steps of the flow decoder
 
     @property
     def num_classes(self) -> int:
@@ -82,14 +84,15 @@ class ImagePipeline:
         return self.gpt.grid_size * self.vq.downsample
 
     @torch.no_grad()
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Tokens (B, N) -> uint8 images (B, H, W, 3), LlamaGen's ``clamp(127.5 x + 128)`` mapping.
 
-        FlexTok tokens are a prefix (B, k), decoded by the tokenizer's default (one-pass) decoder.
+        FlexTok tokens are a prefix (B, k), decoded by ``decoder`` (the flow decoder draws its starting noise
+        from ``generator``).
         """
         tokens = tokens.to(next(self.vq.parameters()).device)
         if isinstance(self.vq, FlexTokenizer):
-            images = self.vq.detokenize(tokens)
+            images = self.vq.detokenize(tokens, steps=self.decode_steps, decoder=self.decoder, generator=generator)
         else:
             images = self.vq.decode(tokens, grid=(self.gpt.grid_size,) * 2)
         return quantize_like_samples(images).cpu()
@@ -117,7 +120,7 @@ class ImagePipeline:
         for i, chunk in enumerate(tqdm(chunks, desc=f"sampling ({sampler.name})", disable=not progress)):
             gen = torch.Generator(device=device).manual_seed(seed + i)
             out = sampler.generate(self.gpt, chunk.to(device), gen)
-            yield chunk, self.decode(out.tokens), out.stats
+            yield chunk, self.decode(out.tokens, gen), out.stats
 
 
 def load_model(
@@ -130,10 +133,14 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     num_tokens: int | None = None,
     n_head: int | None = None,
+    decoder: str | None = None,
+    decode_steps: int = 8,
 ) -> ImagePipeline:
     """Build a pipeline; without checkpoints it loads the bundled model trained in this repo.
 
     ``num_tokens`` (FlexTok only): generate and decode the first k of the model's tokens (k forwards).
+    ``decoder`` / ``decode_steps`` (FlexTok only): "direct" (one pass, the default) or "flow" (the rectified-flow
+    decoder, ``decode_steps`` Euler steps).
     ``n_head``: the head count of a custom-size checkpoint without a stored config (shapes cannot tell it).
     """
     if name not in MODELS:
@@ -142,9 +149,18 @@ def load_model(
     if num_tokens is not None and family.tokenizer != "flextok":
         raise ValueError(f"--num-tokens chooses how many 1-D FlexTok tokens to generate: use it with --model "
                          f"flextok (model {name!r} has a 2-D token grid that needs all its tokens)")
+    if decoder is not None and family.tokenizer != "flextok":
+        raise ValueError(f"--decoder chooses a FlexTok decoder: use it with --model flextok (model {name!r} decodes "
+                         "with its VQ)")
+    if decode_steps < 1:
+        raise ValueError(f"--decode-steps must be >= 1, got {decode_steps}")
     vq_path = vq_ckpt or require_bundled(family.vq_asset)
     if family.tokenizer == "flextok":
-        return _load_flextok_pipeline(name, family, ckpt, vq_path, device, dtype, num_tokens)
+        pipe = _load_flextok_pipeline(name, family, ckpt, vq_path, device, dtype, num_tokens)
+        pipe.vq.decoder_kind(decoder)  # a decoder the tokenizer lacks fails here, before any sampling
+        pipe.decoder, pipe.decode_steps = decoder, decode_steps
+        pipe.info.update(decoder=pipe.vq.decoder_kind(decoder), decode_steps=decode_steps)
+        return pipe
     vq = load_vq(vq_path, device=device)
     gpt_path = ckpt or require_bundled(family.asset)
     size = image_size or (256 if ckpt else 64)

@@ -116,3 +116,38 @@ def test_flextok_benchmark_smoke_writes_rows_per_k_and_goal_lines(flex_ckpts, tm
     text = doc.read_text()
     assert "| flextok | 4 | 4 |" in text and "not measured: k = 32" in text
     assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+def test_flow_decoder_through_the_pipeline_and_the_cli(flex_ckpts, tmp_path, capsys, one_thread):
+    """--decoder flow decodes with the rectified-flow decoder (noise from the batch's generator), is recorded in
+    stats.json, and is refused for tokenizers without one and for VQ models, before any sampling."""
+    from genaccel.eval.fd import quantize_like_samples
+
+    torch.manual_seed(1)
+    both = FlexTokenizer(FlexTokArgs(image_size=64, patch_size=16, width=32, depth=1, decoder_depth=1, heads=2,
+                                     num_tokens=K, fsq_levels=[5, 4, 3], decoders="both"))
+    with torch.no_grad():
+        for p in both.parameters():
+            p.normal_(0.0, 0.2)
+    save_safetensors(both.state_dict(), tmp_path / "both.safetensors", metadata=export_metadata(both))
+    pipe = load_model("flextok", ckpt=flex_ckpts / "gpt.safetensors", vq_ckpt=tmp_path / "both.safetensors",
+                      decoder="flow", decode_steps=2)
+    tokens = torch.randint(0, 60, (2, 4), generator=torch.Generator().manual_seed(0))
+    got = pipe.decode(tokens, torch.Generator().manual_seed(5))
+    want = both.detokenize(tokens, steps=2, decoder="flow", generator=torch.Generator().manual_seed(5))
+    assert torch.equal(got, quantize_like_samples(want))
+    assert not torch.equal(got, quantize_like_samples(both.detokenize(tokens, decoder="direct")))
+
+    with pytest.raises(ValueError, match="decoders='direct'; cannot decode with 'flow'"):
+        load_model("flextok", ckpt=flex_ckpts / "gpt.safetensors", vq_ckpt=flex_ckpts / "flextok.safetensors",
+                   decoder="flow")
+    with pytest.raises(ValueError, match="--decoder chooses a FlexTok decoder"):
+        load_model("llamagen", decoder="flow")
+
+    out = tmp_path / "out"
+    rc = cli_main(["sample", "--model", "flextok", "--num-tokens", "3", "--decoder", "flow", "--decode-steps", "2",
+                   "--ckpt", str(flex_ckpts / "gpt.safetensors"), "--vq-ckpt", str(tmp_path / "both.safetensors"),
+                   "--classes", "0", "--out", str(out), "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    recorded = json.loads((out / "stats.json").read_text())["checkpoints"]
+    assert recorded["decoder"] == "flow" and recorded["decode_steps"] == 2
