@@ -4,8 +4,8 @@
 
 * reconstruction of held-out crops from their first k tokens (k = 1, 2, 4, ..., K): MSE, PSNR, FD-domain;
 * generation with ``ar`` on the 1-D GPT at each k of ``--ks``: forwards, FD-domain and class accuracy of a
-  class-balanced batch run, batch-1 latency split into AR sampling and decoding (the tokenizer's one-pass
-  decoder), and the same for the 256-token LlamaGen AR model with its VQ decoder;
+  class-balanced batch run, batch-1 latency split into AR sampling and decoding (``--decoder``: the tokenizer's
+  one-pass decoder, or its rectified-flow decoder with ``--decode-steps`` Euler steps), and the same for the 256-token LlamaGen AR model with its VQ decoder;
 
 then writes the ``flextok`` section of docs/benchmarks.md, a two-panel PNG and a JSON record.
 """
@@ -36,6 +36,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--latency-images", type=int, default=8, help="batch-1 images for the latency medians")
     p.add_argument("--recon-per-class", type=int, default=16, help="held-out crops per class for reconstruction")
     p.add_argument("--cfg-scale", type=float, default=4.0)
+    p.add_argument("--decoder", choices=("direct", "flow"), default="direct",
+                   help="FlexTok decoder for reconstruction and generation (default: direct, one pass)")
+    p.add_argument("--decode-steps", type=int, default=8, help="Euler steps of --decoder flow")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--ckpt", default=None, help="1-D GPT over FlexTok tokens (default: bundled)")
@@ -50,7 +53,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 @torch.no_grad()
-def reconstruction(tokenizer, per_class: int, reference, extractor) -> dict[int, dict]:
+def reconstruction(tokenizer, per_class: int, reference, extractor, decoder: str = "direct",
+                   steps: int = 8) -> dict[int, dict]:
     """Held-out crops decoded from their first k tokens: MSE and PSNR in [0, 1] units, FD-domain."""
     from genaccel.data.skimage_crops import make_crops
     from genaccel.eval.fd import quantize_like_samples
@@ -60,7 +64,9 @@ def reconstruction(tokenizer, per_class: int, reference, extractor) -> dict[int,
     tokens = torch.cat([tokenizer.tokenize(c) for c in crops.split(128)])
     rows = {}
     for k in eval_lengths(tokenizer.num_tokens):
-        rec = torch.cat([tokenizer.detokenize(t[:, :k]) for t in tokens.split(128)])
+        gen = torch.Generator().manual_seed(k)  # the flow decoder's noise
+        rec = torch.cat([tokenizer.detokenize(t[:, :k], steps=steps, decoder=decoder, generator=gen)
+                         for t in tokens.split(128)])
         rows[k] = {"mse": float(((rec - crops) / 2).pow(2).mean()), "psnr_db": float(psnr_db(rec, crops).mean()),
                    **score(quantize_like_samples(rec), labels, reference, extractor)}
     return rows
@@ -76,7 +82,7 @@ def latency(pipe, sampler, labels: torch.Tensor, seed: int) -> dict:
     """Median batch-1 AR sampling and decoding times (after one warm-up image), and forwards per image."""
     def one(label, i):
         out = sampler.generate(pipe.gpt, label[None], torch.Generator().manual_seed(seed + i))
-        _, decode_s = timed(pipe.decode, out.tokens)
+        _, decode_s = timed(pipe.decode, out.tokens, torch.Generator().manual_seed(seed + i))
         return out.stats, decode_s
 
     one(labels[0], -1)
@@ -89,19 +95,27 @@ def latency(pipe, sampler, labels: torch.Tensor, seed: int) -> dict:
 
 
 def generation(pipe, sampler, labels: torch.Tensor, batch_size: int, seed: int, reference, extractor) -> dict:
-    images = [pipe.decode(sampler.generate(pipe.gpt, chunk, torch.Generator().manual_seed(seed + 1000 + i)).tokens)
-              for i, chunk in enumerate(labels.split(batch_size))]
+    images = []
+    for i, chunk in enumerate(labels.split(batch_size)):
+        gen = torch.Generator().manual_seed(seed + 1000 + i)
+        images.append(pipe.decode(sampler.generate(pipe.gpt, chunk, gen).tokens, gen))
     return score(torch.cat(images), labels, reference, extractor)
 
 
-def markdown(recon: dict, gen: dict, command: str, env: dict, png: str, num_tokens: int) -> str:
+def decoder_name(decoder: str, steps: int) -> str:
+    return "one-pass decoder" if decoder == "direct" else f"rectified-flow decoder, {steps} Euler steps"
+
+
+def markdown(recon: dict, gen: dict, command: str, env: dict, png: str, num_tokens: int, decoder: str = "direct",
+             steps: int = 8) -> str:
     ar = gen["ar"]
+    which = decoder_name(decoder, steps)
     lines = [
-        "## FlexTok: reconstruction and generation vs the number of tokens k (fp32)", "",
+        f"## FlexTok: reconstruction and generation vs the number of tokens k (fp32, {which})", "",
         f"Command: `{command}`", "",
         f"Environment: {env['cpu']}, {env['threads']} threads, fp32, torch {env['torch']}, commit {env['commit']}, "
         f"{env['date_utc']}. Ratios come from this one run.", "",
-        f"Reconstruction of held-out crops from their first k of K = {num_tokens} tokens (one-pass decoder):", "",
+        f"Reconstruction of held-out crops from their first k of K = {num_tokens} tokens ({which}):", "",
         "| k | MSE | PSNR (dB) | FD-domain | class accuracy |", "|---|---|---|---|---|",
     ]
     lines += [f"| {k} | {r['mse']:.4f} | {r['psnr_db']:.2f} | {r['fd_domain']:.2f} | {r['class_accuracy']:.3f} |"
@@ -140,7 +154,7 @@ def twin_legend(ax, twin) -> None:
     ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="center right")
 
 
-def plot(recon: dict, gen: dict, path: Path) -> None:
+def plot(recon: dict, gen: dict, path: Path, which: str = "one-pass decoder") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -155,7 +169,7 @@ def plot(recon: dict, gen: dict, path: Path) -> None:
     twin = left.twinx()
     twin.plot(ks, [recon[k]["fd_domain"] for k in ks], "s--", color="tab:red", label="FD-domain")
     twin.set_ylabel("FD-domain (lower is better)")
-    left.set_title("reconstruction of held-out crops")
+    left.set_title(f"reconstruction of held-out crops\n({which})", fontsize=10)
     twin_legend(left, twin)
     ar = gen["ar"]
     flex = {name: r for name, r in gen.items() if name != "ar"}
@@ -170,7 +184,7 @@ def plot(recon: dict, gen: dict, path: Path) -> None:
     twin.plot(gk, [r["total_s"] for r in flex.values()], "v-", color="tab:olive", label="sampling + decode b=1 (s)")
     twin.axhline(ar["total_s"], ls="-.", color="tab:green", lw=0.8, label="ar total b=1 (s)")
     twin.set_ylabel("seconds per image")
-    right.set_title("generation (ar sampler, cfg 4)")
+    right.set_title(f"generation (ar sampler, cfg 4)\n({which})", fontsize=10)
     twin_legend(right, twin)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -186,13 +200,13 @@ def main(argv: list[str] | None = None) -> dict:
     from genaccel.eval.fd import reference_domain_stats
     from genaccel.eval.feature_extractor import load_feature_extractor
 
-    flex = load_model("flextok", ckpt=a.ckpt, vq_ckpt=a.tokenizer)
+    flex = load_model("flextok", ckpt=a.ckpt, vq_ckpt=a.tokenizer, decoder=a.decoder, decode_steps=a.decode_steps)
     if not ks or min(ks) < 1 or max(ks) > flex.gpt.args.block_size:
         raise SystemExit(f"--ks must lie in [1, {flex.gpt.args.block_size}], got {a.ks!r}")
     ar_pipe = load_model("llamagen")
     extractor = load_feature_extractor(a.classifier)
     reference = reference_domain_stats(a.reference_per_class, extractor=extractor, size=flex.image_size)
-    recon = reconstruction(flex.vq, a.recon_per_class, reference, extractor)
+    recon = reconstruction(flex.vq, a.recon_per_class, reference, extractor, a.decoder, a.decode_steps)
     sampler = flex.prepare_sampler(build_sampler("ar", cfg_scale=a.cfg_scale))
     labels = labels_for(flex.num_classes, None, a.num_images)
     latency_labels = labels_for(flex.num_classes, None, a.latency_images)
@@ -212,9 +226,10 @@ def main(argv: list[str] | None = None) -> dict:
         Path(a.json).write_text(json.dumps({"command": command, "env": env, "reconstruction": recon,
                                             "generation": gen}, indent=2))
     if a.png:
-        plot(recon, gen, Path(a.png))
+        plot(recon, gen, Path(a.png), decoder_name(a.decoder, a.decode_steps))
     if a.doc:
-        write_section(a.section, markdown(recon, gen, command, env, a.png, flex.vq.num_tokens), Path(a.doc))
+        write_section(a.section, markdown(recon, gen, command, env, a.png, flex.vq.num_tokens, a.decoder,
+                                          a.decode_steps), Path(a.doc))
     return {"reconstruction": recon, "generation": gen}
 
 
