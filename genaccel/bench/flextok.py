@@ -49,6 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--section", default="flextok")
     p.add_argument("--png", default="docs/flextok_vs_k.png", help="plot ('' = none)")
     p.add_argument("--json", default="runs/bench_flextok.json", help="JSON record ('' = none)")
+    p.add_argument("--recon-grid", default="", help="also write a reconstruction grid PNG here (every decoder; '' = none)")
     return p.parse_args(argv)
 
 
@@ -70,6 +71,31 @@ def reconstruction(tokenizer, per_class: int, reference, extractor, decoder: str
         rows[k] = {"mse": float(((rec - crops) / 2).pow(2).mean()), "psnr_db": float(psnr_db(rec, crops).mean()),
                    **score(quantize_like_samples(rec), labels, reference, extractor)}
     return rows
+
+
+@torch.no_grad()
+def reconstruction_grid(tokenizer, path: Path, ks: tuple[int, ...] = (1, 4, 16, 64), steps: int = 8,
+                        per_class: int = 1) -> None:
+    """PNG: one held-out crop per class (columns); rows: the crops, then their reconstructions from the first k
+    tokens for each k, by every decoder the tokenizer has (direct rows first, then flow rows)."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    from genaccel.data.skimage_crops import make_crops
+    from genaccel.eval.fd import quantize_like_samples
+    from genaccel.utils.io import save_image
+
+    crops, _ = make_crops("heldout", per_class, seed=123, size=tokenizer.args.image_size)
+    tokens = tokenizer.tokenize(crops)
+    rows = [crops]
+    for decoder in [d for d in ("direct", "flow") if hasattr(tokenizer, d)]:
+        for k in [k for k in ks if k <= tokenizer.num_tokens]:
+            gen = torch.Generator().manual_seed(k)
+            rows.append(tokenizer.detokenize(tokens[:, :k], steps=steps, decoder=decoder, generator=gen))
+    images = quantize_like_samples(torch.cat(rows)).permute(0, 3, 1, 2)
+    grid = make_grid(images, nrow=len(crops), padding=2, pad_value=255).permute(1, 2, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(Image.fromarray(grid.numpy()), path)
 
 
 def timed(fn, *args):
@@ -206,6 +232,8 @@ def main(argv: list[str] | None = None) -> dict:
     ar_pipe = load_model("llamagen")
     extractor = load_feature_extractor(a.classifier)
     reference = reference_domain_stats(a.reference_per_class, extractor=extractor, size=flex.image_size)
+    if a.recon_grid:
+        reconstruction_grid(flex.vq, Path(a.recon_grid), steps=a.decode_steps)
     recon = reconstruction(flex.vq, a.recon_per_class, reference, extractor, a.decoder, a.decode_steps)
     sampler = flex.prepare_sampler(build_sampler("ar", cfg_scale=a.cfg_scale))
     labels = labels_for(flex.num_classes, None, a.num_images)

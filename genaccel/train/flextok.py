@@ -35,7 +35,8 @@ from genaccel.utils.io import save_json, save_safetensors
 
 MAX_MINUTES = 45.0
 MODEL_FIELDS = ("image_size", "patch_size", "width", "depth", "decoder_depth", "heads", "mlp_ratio", "num_tokens",
-                "fsq_levels", "nested_dropout", "rtp", "rtp_tokens", "decoders", "code_init_std")
+                "fsq_levels", "nested_dropout", "rtp", "rtp_tokens", "decoders", "code_init_std", "flow_prediction")
+STAGE_FIELDS = ("decoders", "flow_prediction")  # may differ between an init_from export and the next stage
 DEFAULTS = dict(
     out_dir="checkpoints/flextok", seed=0, steps=1600, batch_size=32, lr=1e-3, warmup=100, weight_decay=0.05,
     threads=1, flow_weight=1.0, direct_weight=1.0, ckpt_every=100, log_every=50, stop_at=None,
@@ -52,7 +53,7 @@ def flextok_args(cfg: dict) -> FlexTokArgs:
 
 
 def init_stage(model: FlexTokenizer, cfg: dict) -> list[str]:
-    """Copy an earlier stage's export into ``model`` (same architecture apart from ``decoders``) and freeze the
+    """Copy an earlier stage's export into ``model`` (same architecture apart from STAGE_FIELDS) and freeze the
     ``frozen`` parts; returns the names of the parameters that were not in the export (the new parts)."""
     parts = {"encoder", "direct", "flow"}
     unknown = set(cfg["frozen"]) - parts
@@ -70,7 +71,7 @@ def init_stage(model: FlexTokenizer, cfg: dict) -> list[str]:
         sd, meta = read_state_dict(path)
         config = config_from_metadata(meta)
         mismatch = {k: (v, getattr(model.args, k)) for k, v in config.items()
-                    if k != "decoders" and getattr(model.args, k) != v}
+                    if k not in STAGE_FIELDS and getattr(model.args, k) != v}
         if mismatch:
             raise SystemExit(f"init_from {path} disagrees with this config on {mismatch} (export value, config value)")
         result = model.load_state_dict(sd, strict=False)

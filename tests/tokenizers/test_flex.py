@@ -132,6 +132,27 @@ def test_flow_decoder_steps_equal_euler_steps_by_hand(one_thread):
         torch.testing.assert_close(got, expected.clamp(-1, 1), atol=1e-5, rtol=1e-5)
 
 
+def test_x_prediction_derives_the_velocity_from_the_predicted_input(one_thread):
+    """flow_prediction='x': the network's output is the clean input x^, the velocity (x_t - x^) / max(sigma, 0.05);
+    so one Euler step from sigma 1 to 0 lands exactly on x^. Same weights as a velocity model, whose output is x^."""
+    raw, xpred = tiny(decoders="flow"), tiny(decoders="flow", flow_prediction="x")
+    randomise(raw.flow)
+    xpred.load_state_dict(raw.state_dict())
+    tokens = torch.randint(0, raw.vocab_size, (2, 4), generator=torch.Generator().manual_seed(4))
+    codes, keep = raw.padded_codes(tokens)
+    x_t = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        for sigma in (1.0, 0.3, 0.01):
+            s = torch.full((2,), sigma)
+            x_hat = raw.flow(x_t, s, codes, keep)
+            torch.testing.assert_close(xpred.flow(x_t, s, codes, keep), (x_t - x_hat) / max(sigma, 0.05))
+        x_hat = raw.flow(x_t, torch.ones(2), codes, keep)
+    got = xpred.detokenize(tokens, steps=1, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(got, x_hat.clamp(-1, 1), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="flow_prediction must be one of"):
+        FlexTokArgs(**{**TINY, "flow_prediction": "eps"}).validate()
+
+
 def test_nested_dropout_schedules_and_mask_token():
     assert keep_k_choices(64, "pow2").tolist() == [1, 2, 4, 8, 16, 32, 64]
     assert keep_k_choices(120, "pow2").tolist() == [1, 2, 4, 8, 16, 32, 64, 120]
