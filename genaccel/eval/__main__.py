@@ -64,9 +64,19 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_metric_args(p: argparse.ArgumentParser, default: str = "auto") -> None:
     g = p.add_argument_group("metrics")
     g.add_argument("--metrics", default=default,
-                   help="comma list of fd_domain,class_accuracy,fid,sfid,is,prc; 'auto' = FD-domain + class accuracy, "
-                        "plus IS with --inception-weights, plus FID (and sFID, P&R where the reference has what they "
-                        "need) with --reference too; 'none' to skip")
+                   help="comma list of fd_domain,class_accuracy,fid,sfid,is,prc,fd,kid,dc (prc = precision, recall, "
+                        "F-score; dc = density, coverage; prc/fd/kid/dc on --feature-extractor); 'auto' = FD-domain "
+                        "+ class accuracy, plus IS with --inception-weights, plus FID (and sFID where the reference "
+                        "has what it needs) with --reference too, and with a reference holding images prc + dc on a "
+                        "--feature-extractor other than domain (fd too if it is not inception); 'none' to skip")
+    g.add_argument("--feature-extractor", default="auto", metavar="NAME",
+                   help="network for prc/fd/kid/dc: domain (bundled crop classifier, vs --domain-reference), "
+                        "inception (--inception-weights), clip:DIR or dinov2:DIR (a local transformers "
+                        "save_pretrained folder, vs --reference images); auto = inception with Inception weights, "
+                        "else domain (default: auto)")
+    g.add_argument("--kid-subsets", type=int, default=100, help="KID: random subsets (default: 100, torch-fidelity's)")
+    g.add_argument("--kid-subset-size", type=int, default=1000,
+                   help="KID: features per subset and side, at most the smaller set (default: 1000, torch-fidelity's)")
     g.add_argument("--domain-reference", default="heldout",
                    help="FD-domain reference: 'heldout' (bundled held-out crops), a mu/sigma .npz, or images")
     g.add_argument("--reference", default=None, help="Inception reference: ADM reference .npz (mu/sigma[, arr_0]) or image folder")
@@ -182,10 +192,13 @@ def command_line(argv: list[str]) -> str:
 
 def _metric_kwargs(a: argparse.Namespace) -> dict:
     from genaccel.eval.cache import resolve_cache_dir
+    from genaccel.eval.metrics import FeatureMetricOptions
 
     return {"domain_ref": a.domain_reference, "reference": a.reference, "inception_weights": a.inception_weights,
             "classifier_path": a.classifier, "is_protocol": a.is_protocol, "prc_dtype": a.prc_dtype,
-            "cache_dir": resolve_cache_dir(a.cache_dir), "batch_size": a.feature_batch_size}
+            "cache_dir": resolve_cache_dir(a.cache_dir), "batch_size": a.feature_batch_size,
+            "feature_extractor": a.feature_extractor,
+            "options": FeatureMetricOptions(kid_subsets=a.kid_subsets, kid_subset_size=a.kid_subset_size)}
 
 
 def _metrics_list(a: argparse.Namespace) -> list[str]:
@@ -194,7 +207,11 @@ def _metrics_list(a: argparse.Namespace) -> list[str]:
     from genaccel.eval.inception import WEIGHTS_ENV
     from genaccel.eval.metrics import parse_metrics
 
-    return parse_metrics(a.metrics, a.inception_weights or os.environ.get(WEIGHTS_ENV), a.reference)
+    if a.kid_subsets < 1 or a.kid_subset_size < 2:
+        raise UsageError(f"--kid-subsets must be >= 1 and --kid-subset-size >= 2 (got {a.kid_subsets}, "
+                         f"{a.kid_subset_size})")
+    return parse_metrics(a.metrics, a.inception_weights or os.environ.get(WEIGHTS_ENV), a.reference,
+                         a.feature_extractor, a.domain_reference)
 
 
 def _metrics_for_model(metrics: list[str], num_classes: int, explicit: bool) -> list[str]:
@@ -235,7 +252,7 @@ def _sample_and_score(a: argparse.Namespace, argv: list[str], metrics: list[str]
         sample_shards,
         summarize_stats,
     )
-    from genaccel.eval.metrics import INCEPTION_METRICS, compute_metrics, sharded_inception_features
+    from genaccel.eval.metrics import compute_metrics, needs_inception, sharded_inception_features
     from genaccel.eval.throughput import environment, measure_latency
     from genaccel.samplers import build_sampler
     from genaccel.utils.io import save_json
@@ -260,7 +277,7 @@ def _sample_and_score(a: argparse.Namespace, argv: list[str], metrics: list[str]
         npz, labels, stats = pack_samples(job)  # streamed shard by shard; metrics read it back in batches
     barrier(info)
     generated = None
-    if info.world > 1 and any(m in INCEPTION_METRICS for m in metrics):  # every rank embeds its share
+    if info.world > 1 and needs_inception(metrics, a.feature_extractor, a.inception_weights):  # each rank embeds a share
         generated = sharded_inception_features(Path(a.out) / SAMPLES_FILE, a.inception_weights, info, device,
                                                a.feature_batch_size)
     if not info.is_main:
