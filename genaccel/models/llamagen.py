@@ -49,8 +49,9 @@ class ModelArgs:
     ffn_dropout_p: float = 0.1
     drop_path_rate: float = 0.0
     num_classes: int = 1000
-    class_dropout_prob: float = 0.1
-    model_type: str = "c2i"
+    caption_dim: int = 2048  # t2i: width of the text features (FLAN-T5-XL: 2048)
+    class_dropout_prob: float = 0.1  # c2i: null-class dropout; t2i: null-caption dropout (CFG training)
+    model_type: str = "c2i"  # 'c2i' class-conditional; 't2i' caption-conditional (LlamaGenT2I)
     vocab_size: int = 16384
     cls_token_num: int = 1
     block_size: int = 256
@@ -59,8 +60,10 @@ class ModelArgs:
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
-        if self.model_type != "c2i":
-            raise ValueError(f"model_type={self.model_type!r} is not supported; only class-conditional 'c2i' is.")
+        if self.model_type not in ("c2i", "t2i"):
+            raise ValueError(f"model_type={self.model_type!r} must be 'c2i' (class labels) or 't2i' (text captions)")
+        if self.model_type == "t2i" and self.layout != "2d":
+            raise ValueError("a t2i model needs layout='2d' (LlamaGen t2i generates a token grid)")
         if self.dim % self.n_head:
             raise ValueError(f"dim={self.dim} must be divisible by n_head={self.n_head}.")
         if self.layout not in ("2d", "1d"):
@@ -484,7 +487,214 @@ class LlamaGenGPT(nn.Module):
         return ModelOutput(logits=self.output(h).float(), hidden=h)
 
 
+# ============================================================================ text-to-image (t2i)
+# LlamaGen's text-conditional model is the same transformer with a caption embedder in the class embedder's
+# place: cls_token_num (120) condition slots hold projected FLAN-T5-XL features (caption_dim 2048). The released
+# t2i checkpoints are GPT-XL at 16x16 tokens (t2i_XL_stage1_256.pt) and 32x32 tokens (t2i_XL_stage2_512.pt);
+# GPT-1B and GPT-7B are the official text-conditional-only configs (LlamaGen gpt.py, GPT_models).
+T2I_FIELDS = dict(model_type="t2i", cls_token_num=120, caption_dim=2048)
+T2I_PRESETS: dict[str, dict] = {
+    "t2i-XL-stage1": dict(GPT_PRESETS["GPT-XL"], block_size=16 * 16, **T2I_FIELDS),  # 256x256 images, VQ ds16
+    "t2i-XL-stage2": dict(GPT_PRESETS["GPT-XL"], block_size=32 * 32, **T2I_FIELDS),  # 512x512 images, VQ ds16
+    **{name: dict(p, **T2I_FIELDS) for name, p in GPT_PRESETS.items()},
+    "GPT-1B": dict(n_layer=22, n_head=32, dim=2048, **T2I_FIELDS),
+    "GPT-7B": dict(n_layer=32, n_head=32, dim=4096, **T2I_FIELDS),
+}
+
+
+class CaptionMLP(nn.Module):
+    """LlamaGen's caption projection: bias-free ``fc2(gelu_tanh(fc1(x)))`` from caption_dim to the model width."""
+
+    def __init__(self, in_features: int, dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, dim, bias=False)
+        self.fc2 = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class CaptionEmbedder(nn.Module):
+    """Text features (B, T, caption_dim) -> condition tokens (B, T, dim), plus the null caption used by CFG.
+
+    As in LlamaGen, ``uncond_embedding`` (T, caption_dim), drawn N(0, 1/caption_dim), is a *buffer*: saved in the
+    state dict but never trained (the official code registers it with ``register_buffer``), so the null caption is
+    a fixed random caption that training (``class_dropout_prob`` of captions replaced by it) teaches the model to
+    read as "no text". The official embedder always has 120 null rows; here it has ``cls_token_num`` rows (the
+    same for every released checkpoint).
+    """
+
+    def __init__(self, caption_dim: int, dim: int, dropout_prob: float, token_num: int):
+        super().__init__()
+        self.cap_proj = CaptionMLP(caption_dim, dim)
+        self.register_buffer("uncond_embedding", torch.randn(token_num, caption_dim) / caption_dim**0.5)
+        self.uncond_prob = dropout_prob
+
+    def drop(self, captions: torch.Tensor, drop_ids: torch.Tensor) -> torch.Tensor:
+        """Captions with rows ``drop_ids`` (B,) bool replaced by the null caption (CFG dropout)."""
+        return torch.where(drop_ids[:, None, None], self.uncond_embedding.to(captions.dtype), captions)
+
+    def forward(self, captions: torch.Tensor) -> torch.Tensor:
+        return self.cap_proj(captions)
+
+
+def left_pad_captions(features: torch.Tensor, mask: torch.Tensor, left_pad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """T5 output (B, T, C) and its right-padded attention mask (B, T) as LlamaGen's t2i sampling feeds them.
+
+    ``left_pad`` (the official default; ``--no-left-padding`` off): each caption's n valid features move to the
+    last n slots (row j takes feature (j + n) mod T) and the mask is flipped. Either way the features of pad
+    slots are zeroed (T5 writes non-zero vectors there); the mask is kept, because generation hides pad slots
+    from attention (:func:`caption_attention_mask`).
+    """
+    if features.dim() != 3 or mask.shape != features.shape[:2]:
+        raise ValueError(f"caption features must be (B, T, C) with a (B, T) mask, got {tuple(features.shape)} "
+                         f"and {tuple(mask.shape)}")
+    mask = mask.to(features.device)
+    if left_pad:
+        T = features.shape[1]
+        n = mask.long().sum(1)
+        idx = (torch.arange(T, device=features.device)[None] + n[:, None]) % T
+        features = features.gather(1, idx[:, :, None].expand_as(features))
+        mask = mask.flip(-1)
+    return features * mask[:, :, None].to(features.dtype), mask.bool()
+
+
+def caption_attention_mask(caption_mask: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """(B, S, S) bool attention of LlamaGen t2i: causal, caption slots with mask 0 hidden from every query, and
+    every slot visible to itself (so a pad slot's row is never empty). The official training mask and the one
+    ``generate(emb_masks=...)`` builds over its KV cache."""
+    B, T = caption_mask.shape
+    mask = torch.ones(seq_len, seq_len, dtype=torch.bool, device=caption_mask.device).tril()[None].repeat(B, 1, 1)
+    mask[:, :, :T] &= caption_mask.bool()[:, None, :]
+    return mask | torch.eye(seq_len, dtype=torch.bool, device=caption_mask.device)[None]
+
+
+class LlamaGenT2I(LlamaGenGPT):
+    """LlamaGen text-to-image GPT: ``cls_token_num`` caption slots, then the image tokens, state-dict compatible
+    with the official t2i checkpoints (``cls_embedding.cap_proj.fc{1,2}.weight``, ``cls_embedding.uncond_embedding``).
+
+    Blocks, 2-D RoPE (caption slots rotate by (0, 0), so their q and k are zero), KV cache and contract are the
+    c2i model's. The condition is the prefix: :meth:`set_captions` registers P captions once, and a sampler's
+    labels are caption indices 0..P-1 with ``null_class`` = P the null caption, so every sampler runs unchanged
+    (CFG rows ``[cond; uncond]`` = ``[captions; null caption]``).
+
+    Caption mask, as the official ``generate(..., emb_masks)``: a caption slot whose mask is 0 is hidden from
+    every query but itself, in both CFG halves; a null-caption row paired with a caption row by the contract's
+    CFG layout (row R/2 + i with row i) takes that caption's mask (official: ``torch.cat([emb_masks, emb_masks])``),
+    an unpaired null row sees all its slots.
+    """
+
+    def __init__(self, args: ModelArgs):
+        if args.model_type != "t2i":
+            raise ValueError(f"LlamaGenT2I needs model_type='t2i', got {args.model_type!r}")
+        super().__init__(args)
+        self.cls_embedding = CaptionEmbedder(args.caption_dim, args.dim, args.class_dropout_prob, args.cls_token_num)
+        self.captions: torch.Tensor | None = None  # (P, T, caption_dim), padded as left_pad_captions returns
+        self.caption_mask: torch.Tensor | None = None  # (P, T) bool
+        self.cond_mask: torch.Tensor | None = None  # (R, T) bool: the caption mask of every cache row
+
+    @property
+    def num_classes(self) -> int:
+        """Number of registered captions (a t2i model's 'classes' are caption indices)."""
+        if self.captions is None:
+            raise RuntimeError("no captions registered: call model.set_captions(features, mask) (or "
+                               "pipeline.set_prompts(prompts)) before sampling; t2i labels are caption indices")
+        return self.captions.shape[0]
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+    def set_captions(self, features: torch.Tensor, mask: torch.Tensor | None = None, left_pad: bool = True) -> None:
+        """Register P captions: T5 features (P, cls_token_num, caption_dim) and their right-padded attention mask
+        (P, cls_token_num) (None = every token valid), padded as the official sampling does (:func:`left_pad_captions`)."""
+        T, C = self.cls_token_num, self.args.caption_dim
+        if features.dim() != 3 or features.shape[0] < 1 or tuple(features.shape[1:]) != (T, C):
+            raise ValueError(f"caption features must be (P >= 1, {T}, {C}) (cls_token_num, caption_dim), got "
+                             f"{tuple(features.shape)}: encode prompts with max_length={T} by a text encoder of width {C}")
+        if mask is None:
+            mask = torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
+        self.captions, self.caption_mask = left_pad_captions(features.float(), mask, left_pad)
+
+    def setup_cache(self, batch_size: int, max_seq_len: int | None = None, dtype=None, device=None) -> None:
+        super().setup_cache(batch_size, max_seq_len, dtype, device)
+        self.cond_mask = None
+
+    def condition_masks(self, labels: torch.Tensor) -> torch.Tensor:
+        """(R, T) caption mask of each row of ``labels`` (caption indices, P = null caption); see the class doc."""
+        P = self.num_classes
+        masks = self.caption_mask.to(labels.device)[labels.clamp(max=P - 1)].clone()
+        null, R = labels == P, labels.shape[0]
+        if R % 2 == 0 and bool(null[R // 2 :].all()) and not bool(null[: R // 2].any()):
+            masks[R // 2 :] = masks[: R // 2]
+        else:
+            masks[null] = True
+        return masks
+
+    def prefill(self, labels: torch.Tensor) -> ModelOutput:
+        """Write the caption slots of ``labels`` (R,) (caption indices, ``null_class`` = the null caption)."""
+        self._require_cache(labels.shape[0])
+        P = self.num_classes
+        if labels.min() < 0 or labels.max() > P:
+            raise ValueError(f"caption indices must lie in [0, {P}] ({P} = the null caption)")
+        self.valid_len.zero_()
+        dtype = self.cls_embedding.cap_proj.fc1.weight.dtype
+        features = self.captions.to(labels.device, dtype)[labels.clamp(max=P - 1)]
+        features = self.cls_embedding.drop(features, labels == P)
+        self.cond_mask = self.condition_masks(labels)
+        cond = self.cls_embedding(features)[:, : self.cls_token_num]
+        return self._forward_embeddings(cond, torch.arange(self.cls_token_num, device=labels.device), None, None)
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        super().select_rows(index)
+        if self.cond_mask is not None:
+            self.cond_mask = self.cond_mask[index.to(self.cond_mask.device)]
+
+    def _run_blocks(self, h, freqs, positions=None, mask=None, kv_len=None) -> ModelOutput:
+        if positions is not None and self.cond_mask is not None:
+            mask = self._hide_caption_pads(mask, positions, kv_len)
+        return super()._run_blocks(h, freqs, positions, mask, kv_len)
+
+    def _hide_caption_pads(self, mask: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """``mask`` (R or 1, 1, L, kv_len) with each row's masked caption slots hidden, except from themselves."""
+        R, T = self.cond_mask.shape
+        pos = positions if positions.dim() == 2 else positions[None].expand(R, -1)
+        slots = torch.arange(kv_len, device=pos.device)
+        pad = torch.zeros(R, kv_len, dtype=torch.bool, device=pos.device)
+        n = min(T, kv_len)
+        pad[:, :n] = ~self.cond_mask[:, :n].to(pos.device)
+        hidden = pad[:, None, :] & (slots[None, None, :] != pos[:, :, None])  # (R, L, kv_len)
+        return mask & ~hidden[:, None]
+
+    def teacher_forced(
+        self,
+        captions: torch.Tensor,
+        tokens: torch.Tensor,
+        caption_mask: torch.Tensor | None = None,
+        drop: torch.Tensor | None = None,
+    ) -> ModelOutput:
+        """Logits predicting every token of ``tokens`` (B, N) from [caption slots, tokens[:, :-1]], no cache: the
+        official t2i training forward. ``captions`` (B, T, caption_dim) padded as :func:`left_pad_captions`
+        returns, ``caption_mask`` (B, T) (None: every slot visible). ``drop`` (B,) bool swaps rows for the null
+        caption (keeping their mask, as officially); None draws it with probability ``class_dropout_prob`` in
+        training mode and drops nothing in eval mode."""
+        B, T = captions.shape[0], self.cls_token_num
+        if drop is None and self.training and self.cls_embedding.uncond_prob > 0:
+            drop = torch.rand(B, device=captions.device) < self.cls_embedding.uncond_prob
+        if drop is not None:
+            captions = self.cls_embedding.drop(captions, drop)
+        cond = self.cls_embedding(captions)[:, :T]
+        h = self.tok_dropout(torch.cat([cond, self.tok_embeddings(tokens[:, :-1])], dim=1))
+        S = h.shape[1]
+        freqs = self.freqs_cis[:S].to(h.device)[None]
+        mask = None if caption_mask is None else caption_attention_mask(caption_mask.to(h.device), S)[:, None]
+        for layer in self.layers:
+            h = layer(h, freqs, None, mask)
+        h = self.norm(h)[:, T - 1 :]
+        return ModelOutput(logits=self.output(h).float(), hidden=h)
+
+
 def build_gpt(name: str | None = None, **overrides) -> LlamaGenGPT:
-    """Build a GPT from a preset name and/or explicit ModelArgs fields."""
+    """Build a GPT from a preset name and/or explicit ModelArgs fields (``model_type='t2i'``: a LlamaGenT2I)."""
     args = ModelArgs.from_name(name, **overrides) if name else ModelArgs(**overrides)
-    return LlamaGenGPT(args)
+    return LlamaGenT2I(args) if args.model_type == "t2i" else LlamaGenGPT(args)
