@@ -96,6 +96,13 @@ def build_sample_parser(prog: str = "genaccel sample") -> argparse.ArgumentParse
                    help="--model flextok: the one-pass decoder (direct, default) or the rectified-flow decoder (flow)")
     p.add_argument("--decode-steps", type=int, default=8, help="--decoder flow: Euler steps (default: 8)")
     p.add_argument("--classes", type=int, nargs="+", default=None, help="class ids (cycled to --num-images)")
+    p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                   help="--model llamagen-t2i: a text prompt (repeat for more; cycled to --num-images)")
+    p.add_argument("--prompts-file", default=None, metavar="FILE",
+                   help="--model llamagen-t2i: a UTF-8 text file, one prompt per line (after any --prompt)")
+    p.add_argument("--t5-path", default=None, metavar="DIR",
+                   help="--model llamagen-t2i: local folder of its T5 encoder and tokenizer (flan-t5-xl for the "
+                        "official checkpoints); never downloaded")
     p.add_argument("--num-images", type=int, default=None, help="number of images (default: one per class given)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same images (default: 0)")
     p.add_argument("--batch-size", type=int, default=8, help="images sampled together per batch (default: 8)")
@@ -209,8 +216,10 @@ def check_gpt_model(model: str, gpt_model: str | None, ckpt: str | None) -> None
     if gpt_model is None:
         return
     from genaccel.models import GPT_PRESETS, NAR_PRESETS
+    from genaccel.models.llamagen import T2I_PRESETS
 
-    presets = {"llamagen": (GPT_PRESETS, gpt_model), "nar": (NAR_PRESETS, gpt_model.replace("GPT-", "NAR-"))}
+    presets = {"llamagen": (GPT_PRESETS, gpt_model), "nar": (NAR_PRESETS, gpt_model.replace("GPT-", "NAR-")),
+               "llamagen-t2i": (T2I_PRESETS, gpt_model)}
     if model not in presets:
         raise UsageError(f"--gpt-model does not apply to --model {model} (its checkpoints carry their config)")
     table, name = presets[model]
@@ -219,6 +228,25 @@ def check_gpt_model(model: str, gpt_model: str | None, ckpt: str | None) -> None
     if ckpt is None:
         raise UsageError(f"--gpt-model {gpt_model} applies only with --ckpt (the bundled {model} model stores its "
                          "own config)")
+
+
+def check_prompts(args: argparse.Namespace) -> list[str] | None:
+    """The prompts of a text-to-image --model (read before any model loads), None for a class-conditional one;
+    prompt flags on a class model and --classes on a text model are usage errors."""
+    from genaccel.models.t2i import read_prompts
+    from genaccel.pipeline import FAMILIES
+
+    text = FAMILIES[args.model].conditioning == "text"
+    given = [flag for flag, v in (("--prompt", args.prompt), ("--prompts-file", args.prompts_file),
+                                  ("--t5-path", args.t5_path)) if v is not None]
+    if not text:
+        if given:
+            raise UsageError(f"{given[0]} is for a text-to-image model (--model llamagen-t2i); --model {args.model} "
+                             "is class-conditional: use --classes")
+        return None
+    if args.classes is not None:
+        raise UsageError(f"--model {args.model} is text-conditional: give --prompt / --prompts-file, not --classes")
+    return read_prompts(args.prompt, args.prompts_file)
 
 
 def previous_run_files(out: Path) -> list[Path]:
@@ -310,6 +338,7 @@ def run_sample(argv: list[str] | None = None, prog: str = "genaccel sample") -> 
     if args.batch_size < 1 or (args.num_images is not None and args.num_images < 1):
         raise UsageError("--batch-size and --num-images must be >= 1")
     check_gpt_model(args.model, args.gpt_model, args.ckpt)
+    prompts = check_prompts(args)
     check_device(args.device)
     out = Path(args.out)
     check_out(out, args.overwrite)
@@ -317,9 +346,13 @@ def run_sample(argv: list[str] | None = None, prog: str = "genaccel sample") -> 
     pipe = load_model(args.model, ckpt=args.ckpt, vq_ckpt=args.vq_ckpt, gpt_model=args.gpt_model,
                       image_size=args.image_size, device=args.device, dtype=DTYPES[args.dtype],
                       num_tokens=args.num_tokens, n_head=args.n_head, decoder=args.decoder,
-                      decode_steps=args.decode_steps)
-    num_images = args.num_images or (len(args.classes) if args.classes else pipe.num_classes)
-    labels = labels_for(pipe.num_classes, args.classes, num_images)
+                      decode_steps=args.decode_steps, t5_path=args.t5_path)
+    if prompts:  # text-to-image: labels are prompt indices (file names' "class" part is the prompt's index)
+        pipe.set_prompts(prompts)
+        labels = labels_for(len(prompts), None, args.num_images or len(prompts))
+    else:
+        num_images = args.num_images or (len(args.classes) if args.classes else pipe.num_classes)
+        labels = labels_for(pipe.num_classes, args.classes, num_images)
     all_images, totals = [], {"nfe": 0, "wall_time_s": 0.0, "tokens": 0}
     start = time.perf_counter()
     try:
@@ -343,6 +376,8 @@ def run_sample(argv: list[str] | None = None, prog: str = "genaccel sample") -> 
         "images_per_s": len(images) / elapsed, "device": args.device, "dtype": args.dtype,
         "environment": environment(),
     }
+    if prompts:
+        stats["prompts"] = prompts
     try:
         write_outputs(out, images, labels, stats, args.overwrite)
     except KeyboardInterrupt:

@@ -23,6 +23,7 @@ from genaccel.models import (
     require_bundled,
 )
 from genaccel.models.contract import check_labels
+from genaccel.models.t2i import T5CaptionEncoder, check_t5_folder, load_t2i
 from genaccel.samplers import Sampler, SamplerStats
 from genaccel.tokenizers.flex import FlexTokenizer, load_flextok
 from genaccel.utils.io import stored_path
@@ -39,6 +40,7 @@ class Family(NamedTuple):
     vq_asset: str = "vq"
     tokenizer: str = "vq"
     sampler_defaults: dict = {}
+    conditioning: str = "class"  # 'class': labels are class ids; 'text': prompts (LlamaGen t2i, --t5-path)
 
 
 # The 64x64 families decode with the bundled VQ; the 128x128 Token-Shuffle model with the bundled VQ
@@ -51,6 +53,8 @@ FAMILIES = {
     # 1-D tokens: SJD/GSD's 'repeat_horizon' draft init copies the token to the LEFT in an image row, which a
     # sequence does not have, so Jacobi drafts start random (SJD's Lumina-mGPT / GSD setting).
     "flextok": Family(load_gpt, "gpt_flextok", "ar", "flextok", "flextok", {"init": "random"}),
+    # LlamaGen text-to-image: no bundled weights (--ckpt, --vq-ckpt and a local T5 via --t5-path).
+    "llamagen-t2i": Family(load_t2i, "", "ar", conditioning="text"),
 }
 MODELS = tuple(FAMILIES)
 
@@ -72,6 +76,7 @@ class ImagePipeline:
     info: dict = field(default_factory=dict)
     decoder: str | None = None  # FlexTok only: "direct" (one pass) or "flow" (rectified flow); None = its default
     decode_steps: int = 8  # Euler steps of the flow decoder
+    text_encoder: T5CaptionEncoder | None = None  # text-conditional families only
 
     @property
     def num_classes(self) -> int:
@@ -96,6 +101,15 @@ class ImagePipeline:
         else:
             images = self.vq.decode(tokens, grid=(self.gpt.grid_size,) * 2)
         return quantize_like_samples(images).cpu()
+
+    def set_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Encode ``prompts`` with the text encoder and register them with the t2i GPT; returns their labels
+        (caption indices 0..P-1) for :meth:`generate_batches`."""
+        if self.text_encoder is None:
+            raise ValueError(f"model {self.name!r} is class-conditional: it takes --classes, not prompts")
+        features, mask = self.text_encoder.encode(prompts)
+        self.gpt.set_captions(features, mask)
+        return torch.arange(len(prompts))
 
     def prepare_sampler(self, sampler: Sampler) -> Sampler:
         """Give a LANTERN / GSD sampler this tokenizer's code vectors when no --codebook was named: the FSQ
@@ -135,6 +149,7 @@ def load_model(
     n_head: int | None = None,
     decoder: str | None = None,
     decode_steps: int = 8,
+    t5_path: str | os.PathLike | None = None,
 ) -> ImagePipeline:
     """Build a pipeline; without checkpoints it loads the bundled model trained in this repo.
 
@@ -142,6 +157,7 @@ def load_model(
     ``decoder`` / ``decode_steps`` (FlexTok only): "direct" (one pass, the default) or "flow" (the rectified-flow
     decoder, ``decode_steps`` Euler steps).
     ``n_head``: the head count of a custom-size checkpoint without a stored config (shapes cannot tell it).
+    ``t5_path`` (text-to-image only): the local folder of the T5 encoder; prompts go in with ``set_prompts``.
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(MODELS)}")
@@ -154,6 +170,11 @@ def load_model(
                          "with its VQ)")
     if decode_steps < 1:
         raise ValueError(f"--decode-steps must be >= 1, got {decode_steps}")
+    if family.conditioning == "text":
+        return _load_t2i_pipeline(name, family, ckpt, vq_ckpt, t5_path, gpt_model, image_size, device, dtype)
+    if t5_path is not None:
+        raise ValueError(f"--t5-path is the text encoder of a text-to-image model (--model llamagen-t2i); model "
+                         f"{name!r} is class-conditional")
     vq_path = vq_ckpt or require_bundled(family.vq_asset)
     if family.tokenizer == "flextok":
         pipe = _load_flextok_pipeline(name, family, ckpt, vq_path, device, dtype, num_tokens)
@@ -191,6 +212,27 @@ def _load_flextok_pipeline(name, family, ckpt, tokenizer_path, device, dtype, nu
     info = {"gpt": stored_path(gpt_path), "vq": stored_path(tokenizer_path), "bundled": ckpt is None,
             "num_tokens": gpt.num_image_tokens}
     return ImagePipeline(gpt=gpt, vq=tokenizer, name=name, info=info)
+
+
+def _load_t2i_pipeline(name, family, ckpt, vq_ckpt, t5_path, gpt_model, image_size, device, dtype) -> ImagePipeline:
+    """A LlamaGen t2i GPT, its VQ and its local T5 encoder; every piece must be given (nothing is bundled)."""
+    if ckpt is None or vq_ckpt is None:
+        raise ValueError(f"--model {name} has no bundled weights: pass --ckpt (e.g. t2i_XL_stage1_256.pt), --vq-ckpt "
+                         "(vq_ds16_t2i.pt) and --t5-path (a local flan-t5-xl folder)")
+    check_t5_folder(t5_path)  # before the minutes of loading a 775M GPT
+    vq = load_vq(vq_ckpt, device=device)
+    gpt = family.loader(ckpt, gpt_model=gpt_model, image_size=image_size, downsample=vq.downsample, device=device,
+                        dtype=dtype)
+    if image_size and image_size != gpt.grid_size * vq.downsample:
+        raise ValueError(f"image_size {image_size} does not match the GPT grid ({gpt.grid_size}x{gpt.grid_size})")
+    if gpt.vocab_size != vq.args.codebook_size:
+        raise ValueError(f"GPT vocab_size {gpt.vocab_size} != VQ codebook_size {vq.args.codebook_size}: mismatched pair")
+    encoder = T5CaptionEncoder(t5_path, max_length=gpt.cls_token_num, device=device, dtype=dtype)
+    if encoder.dim != gpt.args.caption_dim:
+        raise ValueError(f"--t5-path {t5_path}: its d_model {encoder.dim} != the GPT's caption_dim "
+                         f"{gpt.args.caption_dim} (the official t2i checkpoints need flan-t5-xl, d_model 2048)")
+    info = {"gpt": stored_path(ckpt), "vq": stored_path(vq_ckpt), "t5": stored_path(t5_path), "bundled": False}
+    return ImagePipeline(gpt=gpt, vq=vq, name=name, info=info, text_encoder=encoder)
 
 
 def labels_for(num_classes: int, classes: list[int] | None, num_images: int) -> torch.Tensor:
