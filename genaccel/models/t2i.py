@@ -152,15 +152,22 @@ def suggest_t2i_preset(sd: dict) -> str | None:
 def t2i_args_for_checkpoint(sd: dict, gpt_model: str | None, block_size: int | None, **overrides) -> ModelArgs:
     """Config of an official t2i state dict: a preset (named, else matched by width and depth) with caption width,
     condition length and vocabulary read from the shapes; ``block_size`` (None: the stage preset's, else 16x16)."""
+    from genaccel.models import _multiple_of_for
+
     f = t2i_shape_facts(sd)
+    read = {"vocab_size": f["vocab_size"], "caption_dim": f["caption_dim"], "cls_token_num": f["cls_token_num"]}
     name = gpt_model or matching_t2i_preset(f)
     if name is None:
-        raise CheckpointError(f"the checkpoint's shapes (dim={f['dim']}, n_layer={f['n_layer']}) match no t2i preset "
-                              f"({', '.join(T2I_PRESETS)}); pass the ModelArgs fields explicitly")
-    if name not in T2I_PRESETS:
+        if "n_head" not in overrides:  # shapes cannot tell the head count (wqkv is (3 dim, dim) for every count)
+            raise CheckpointError(f"the checkpoint's shapes (dim={f['dim']}, n_layer={f['n_layer']}) match no t2i "
+                                  f"preset ({', '.join(T2I_PRESETS)}): pass n_head (and any other ModelArgs field)")
+        fields = {"model_type": "t2i", "dim": f["dim"], "n_layer": f["n_layer"], "block_size": 16 * 16, **read}
+        if f["ffn_hidden"]:
+            fields["multiple_of"] = _multiple_of_for(f["dim"], f["ffn_hidden"])
+    elif name not in T2I_PRESETS:
         raise ValueError(f"unknown t2i preset {name!r}; available: {', '.join(T2I_PRESETS)}")
-    fields = {**T2I_PRESETS[name], "vocab_size": f["vocab_size"], "caption_dim": f["caption_dim"],
-              "cls_token_num": f["cls_token_num"]}
+    else:
+        fields = {**T2I_PRESETS[name], **read}
     if block_size is not None:
         fields["block_size"] = block_size
     return ModelArgs(**{**fields, **overrides})
