@@ -20,7 +20,7 @@ others are suffixed (``fd_domain``, ``kd_domain_mean``, ``precision_domain``, ``
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -258,7 +258,7 @@ def compute_metrics(
 
     if prc_dtype not in PRC_DTYPES:
         raise ValueError(f"unknown precision/recall dtype {prc_dtype!r}; choose from {', '.join(PRC_DTYPES)}")
-    opts = FeatureMetricOptions(**{**(options.__dict__ if options else {}), "prc_dtype": prc_dtype})
+    opts = replace(options or FeatureMetricOptions(), prc_dtype=prc_dtype)
     spec = resolve_feature_extractor(feature_extractor, inception_weights)
     kind = extractor_kind(spec)
     feature_metrics = [m for m in metrics if m in FEATURE_METRICS]
