@@ -135,11 +135,11 @@ def parse_metrics(spec: str, weights: str | None = None, reference: str | None =
         if contents is not None and kind != "domain":
             names += ["fd"] if kind != "inception" else []
             names += ["prc", "dc"] if contents.images else []
-        return names
-    names = [m.strip().replace("-", "_") for m in spec.split(",") if m.strip()]
-    unknown = [m for m in names if m not in ALL_METRICS]
-    if unknown:
-        raise ValueError(f"unknown metric(s) {unknown}; choose from {', '.join(ALL_METRICS)}, 'auto' or 'none'")
+    else:
+        names = [m.strip().replace("-", "_") for m in spec.split(",") if m.strip()]
+        unknown = [m for m in names if m not in ALL_METRICS]
+        if unknown:
+            raise ValueError(f"unknown metric(s) {unknown}; choose from {', '.join(ALL_METRICS)}, 'auto' or 'none'")
     if needs_inception(names, extractor):
         from genaccel.eval.inception import resolve_weights
 
