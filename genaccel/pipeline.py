@@ -53,8 +53,10 @@ FAMILIES = {
     # 1-D tokens: SJD/GSD's 'repeat_horizon' draft init copies the token to the LEFT in an image row, which a
     # sequence does not have, so Jacobi drafts start random (SJD's Lumina-mGPT / GSD setting).
     "flextok": Family(load_gpt, "gpt_flextok", "ar", "flextok", "flextok", {"init": "random"}),
-    # LlamaGen text-to-image: no bundled weights (--ckpt, --vq-ckpt and a local T5 via --t5-path).
-    "llamagen-t2i": Family(load_t2i, "", "ar", conditioning="text"),
+    # LlamaGen text-to-image: no bundled weights (--ckpt, --vq-ckpt and a local T5 via --t5-path); guidance 7.5
+    # and top-k 1000 are the defaults of LlamaGen's sample_t2i.py.
+    "llamagen-t2i": Family(load_t2i, "", "ar", sampler_defaults={"cfg_scale": 7.5, "top_k": 1000},
+                           conditioning="text"),
 }
 MODELS = tuple(FAMILIES)
 
