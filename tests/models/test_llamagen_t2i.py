@@ -18,7 +18,7 @@ from genaccel.models.llamagen import (
     left_pad_captions,
 )
 from genaccel.models.loading import CheckpointError, diff_state_dict
-from genaccel.models.t2i import T5CaptionEncoder, load_t2i, read_prompts, t2i_args_for_checkpoint
+from genaccel.models.t2i import CaptionEncoder, load_t2i, read_prompts, t2i_args_for_checkpoint
 from genaccel.samplers import build_sampler
 
 T, C = 6, 12  # caption slots and caption width of the tiny models
@@ -289,7 +289,7 @@ def test_t5_encoder_tokenizes_to_max_length_and_returns_the_encoder_output(tmp_p
     from transformers import T5EncoderModel
 
     save_tiny_t5(tmp_path)
-    enc = T5CaptionEncoder(tmp_path, max_length=T)
+    enc = CaptionEncoder(tmp_path, max_length=T)
     prompts = ["A photo of  the MOON", "a cat on a brick wall on the moon", "moon"]
     features, mask = enc.encode(prompts)
     assert features.shape == (3, T, C) and mask.shape == (3, T)
@@ -303,7 +303,7 @@ def test_t5_encoder_tokenizes_to_max_length_and_returns_the_encoder_output(tmp_p
 
 def test_greedy_ar_sjd_sd_agree_on_tiny_t2i_with_t5_captions(tmp_path):
     save_tiny_t5(tmp_path)
-    features, mask = T5CaptionEncoder(tmp_path, max_length=T).encode(["a photo of a cat", "moon", "a rocket"])
+    features, mask = CaptionEncoder(tmp_path, max_length=T).encode(["a photo of a cat", "moon", "a rocket"])
     model, draft = tiny_t2i(), tiny_t2i(seed=5)
     for m in (model, draft):
         m.set_captions(features, mask)
