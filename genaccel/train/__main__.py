@@ -1,4 +1,4 @@
-"""``python -m genaccel.train {vq,gpt,classifier,drafter,nar,token-shuffle,flextok} --config configs/train/<name>.yaml``."""
+"""``python -m genaccel.train {vq,gpt,classifier,drafter,nar,token-shuffle,flextok,gpt-t2i} --config configs/train/<name>.yaml``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import sys
 
 RECIPES = {"vq": "genaccel.train.vq", "gpt": "genaccel.train.gpt", "classifier": "genaccel.train.classifier",
            "drafter": "genaccel.train.drafter", "nar": "genaccel.train.nar",
-           "token-shuffle": "genaccel.train.token_shuffle", "flextok": "genaccel.train.flextok"}
+           "token-shuffle": "genaccel.train.token_shuffle", "flextok": "genaccel.train.flextok",
+           "gpt-t2i": "genaccel.train.gpt_t2i"}
 
 
 def usage() -> str:

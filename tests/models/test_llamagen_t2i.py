@@ -266,29 +266,10 @@ def test_official_layout_checkpoint_loads_strictly_and_reports_bad_keys(tmp_path
 
 
 # ----------------------------------------------------------------------------- the T5 text side
-WORDS = ["a", "photo", "of", "cat", "coffee", "moon", "rocket", "brick", "wall", "on", "the"]
-
-
-def save_tiny_t5(folder, d_model: int = C) -> None:
-    """A random 1-layer T5 encoder and a word-level T5-style tokenizer (pad 0, eos 1, unk 2), saved locally."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>").save_pretrained(folder)
-    torch.manual_seed(3)
-    config = T5Config(vocab_size=len(vocab), d_model=d_model, d_kv=4, d_ff=16, num_layers=1, num_heads=2,
-                      pad_token_id=0, eos_token_id=1)
-    T5EncoderModel(config).eval().save_pretrained(folder)
-
-
-def test_t5_encoder_tokenizes_to_max_length_and_returns_the_encoder_output(tmp_path):
+def test_t5_encoder_tokenizes_to_max_length_and_returns_the_encoder_output(tmp_path, tiny_t5):
     from transformers import T5EncoderModel
 
-    save_tiny_t5(tmp_path)
+    tiny_t5(tmp_path, C)
     enc = CaptionEncoder(tmp_path, max_length=T)
     prompts = ["A photo of  the MOON", "a cat on a brick wall on the moon", "moon"]
     features, mask = enc.encode(prompts)
@@ -301,8 +282,8 @@ def test_t5_encoder_tokenizes_to_max_length_and_returns_the_encoder_output(tmp_p
     torch.testing.assert_close(features, direct, rtol=0, atol=1e-6)
 
 
-def test_greedy_ar_sjd_sd_agree_on_tiny_t2i_with_t5_captions(tmp_path):
-    save_tiny_t5(tmp_path)
+def test_greedy_ar_sjd_sd_agree_on_tiny_t2i_with_t5_captions(tmp_path, tiny_t5):
+    tiny_t5(tmp_path, C)
     features, mask = CaptionEncoder(tmp_path, max_length=T).encode(["a photo of a cat", "moon", "a rocket"])
     model, draft = tiny_t2i(), tiny_t2i(seed=5)
     for m in (model, draft):
@@ -336,10 +317,10 @@ def run_cli(argv):
     return run_command(lambda a: run_sample(a, prog="sample.py"), argv)
 
 
-def test_cli_samples_prompts_end_to_end(tmp_path, capsys):
+def test_cli_samples_prompts_end_to_end(tmp_path, capsys, tiny_t5):
     from genaccel.models import BUNDLED
 
-    save_tiny_t5(tmp_path / "t5")
+    tiny_t5(tmp_path / "t5", C)
     save_tiny_t2i_safetensors(tmp_path / "t2i.safetensors", vocab=1024, grid=16)
     (tmp_path / "prompts.txt").write_text("a photo of a cat\n\nthe moon\n", encoding="utf-8")
     out = tmp_path / "out"
