@@ -9,12 +9,9 @@ on a knife edge, and `reserve` (uniform coverage) bounds how much an attacker ca
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-
-from genaccel.pruning import signals as sig
-from genaccel.pruning.adapters import adapter_for
 
 
 def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -104,42 +101,31 @@ def input_jitter_overlap(
 @dataclass
 class AttackReport:
     """Per-sample overlaps of the chosen visual tokens with the clean choice, under an L-inf budget `epsilon`:
-    `attack` after PGD against the strategy's own ranking, `jitter` after random +-epsilon noise."""
+    `attack` after PGD against the strategy's own ranking, `jitter` after random +-epsilon noise; `losses` is
+    the surrogate loss (`surrogate_loss`) at each PGD step, the first on the clean pixels; `perturbation` the
+    final PGD delta per pixel input (float32, |delta| <= epsilon)."""
 
     epsilon: float
     steps: int
     attack: list[float]
     jitter: list[float]
+    losses: list[float] = field(default_factory=list)
+    perturbation: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-CLS_RANKED = ("fastervlm", "visionzip", "hired", "mmr")
-
-
-def ranking_scores(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Differentiable [CLS]-attention score per patch token ([images, tokens]) at the feature layer: the ranking
-    the [CLS] strategies cut (head mean, as `signals.cls_attention`), recomputed with gradients."""
-    adapter = adapter_for(model)
-    attention = adapter.vision_layers()[adapter.vision_layer_index({}, "deep")].self_attn
-    captured: dict[str, torch.Tensor] = {}
-    handles = [
-        getattr(attention, f"{name}_proj").register_forward_hook(
-            lambda module, args, output, name=name: captured.__setitem__(name, output)
-        )
-        for name in ("q", "k")
-    ]
-    try:
-        model.model.vision_tower(pixel_values)
-    finally:
-        for handle in handles:
-            handle.remove()
-    rows = sig.cls_attention(captured["q"], captured["k"], adapter.vision_heads(), attention.scale).mean(dim=1)
-    first = 1 if adapter.feature_choice({})[1] == "default" else 0
-    return rows[:, first:]
-
-
-def chosen_per_image(report) -> list[torch.Tensor]:
-    """Chosen token offsets within each image's span, in scatter order (= pixel_values order for LLaVA)."""
-    return [span.selected - span.start for span in report.spans]
+def surrogate_loss(surrogates) -> torch.Tensor:
+    """Sum over images of (mean surrogate on the reference keep set - mean on the dropped tokens), each in units
+    of the image's own score spread so every image weighs the same; the uniform reserve is left out (it is
+    kept whatever the scores). PGD descends this."""
+    terms = []
+    for item in surrogates:
+        free = ~item.reserved
+        kept, dropped = item.kept & free, ~item.kept & free
+        if not bool(kept.any()) or not bool(dropped.any()):
+            continue
+        spread = item.scores.detach()[free].float().std().clamp_min(1e-12)
+        terms.append((item.scores[kept].mean() - item.scores[dropped].mean()) / spread)
+    return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
 def attack_overlap(
@@ -153,53 +139,80 @@ def attack_overlap(
     seed: int = 0,
     **options,
 ) -> AttackReport:
-    """Compression-aware attack probe (arXiv 2601.12042): PGD on the pixels, within an L-inf ball of radius
-    `epsilon` (processor units: 0.03 is about 2/255 of the pixel range for CLIP's std 0.27), that pushes the
-    clean keep set's [CLS]-attention scores down and the dropped tokens' up; next to random +-epsilon noise.
+    """Compression-aware attack probe (arXiv 2601.12042): PGD with sign steps on the pixels, within an L-inf
+    ball of radius `epsilon` (processor units: 0.03 is about 2/255 of the pixel range for CLIP's std 0.27),
+    against the strategy's own ranking; next to random +-epsilon noise of the same size.
 
-    Both report the Jaccard overlap of the chosen visual tokens with the clean choice, per sample, so the gap between `jitter` and `attack` is what random-noise probes miss. `options` go to
-    `apply` (e.g. `reserve=0.25` to measure the reserve against both). LLaVA-style towers with [CLS] only:
-    the strategy must rank by [CLS] attention (fastervlm, visionzip, hired, mmr).
+    The ranking is the strategy's differentiable `surrogate` (`Strategy.surrogate`: [CLS] attention for
+    fastervlm / visionzip / hired, the last text token's attention for fastv, nearest-kept distance for
+    divprune, marginal relevance for mmr, minus pivot similarity for dart), computed by the pruning session
+    itself from the same hooks and signals as the real selection, with gradients back to `pixel_values` /
+    `pixel_values_videos`, on every supported model. Each step lowers the surrogate on the clean keep set and
+    raises it on the dropped tokens. Strategies without a ranking (keep-all, uniform, pool, random) raise,
+    saying why.
+
+    Both overlaps are Jaccard of the chosen visual tokens with the clean choice, per sample, so the gap between
+    `jitter` and `attack` is what random-noise probes miss. `options` go to `apply` (e.g. `reserve=0.25` to
+    measure the reserve against both, `layer=`, strategy options).
     """
     from genaccel.pruning import apply
+    from genaccel.pruning.session import SurrogatesReady
 
-    name = strategy if isinstance(strategy, str) else strategy.name
-    if name not in CLS_RANKED or adapter_for(model).projector() is None:
-        raise ValueError(
-            f"attack_overlap attacks [CLS]-attention rankings ({', '.join(CLS_RANKED)}) on LLaVA-1.5-style models; "
-            f"got {name!r} on {type(model).__name__}: use input_jitter_overlap there"
-        )
-    pixels = inputs["pixel_values"]
+    pixel_keys = [key for key in ("pixel_values", "pixel_values_videos") if key in inputs]
+    if not pixel_keys:
+        raise ValueError("inputs carry no pixel_values / pixel_values_videos: nothing to attack")
 
-    def choose(pixel_values: torch.Tensor):
+    def choose(pixels: dict[str, torch.Tensor]):
         with apply(model, strategy, keep, seed=seed, **options) as session, torch.no_grad():
-            model(**dict(inputs, pixel_values=pixel_values))
+            if session.strategy.no_surrogate is not None:  # fail before spending a prefill
+                session.strategy.surrogate(None, None)
+            model(**dict(inputs, **pixels))
         return session.reports[-1]
 
-    clean = choose(pixels)
-    per_image = chosen_per_image(clean)
-    n_tokens = ranking_scores(model, pixels[:1]).shape[1]
-    kept = torch.zeros(len(per_image), n_tokens, dtype=torch.bool)
-    for image, chosen in enumerate(per_image):
-        kept[image, chosen[chosen < n_tokens]] = True
-    kept = kept.to(pixels.device)
+    def perturbed(delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {key: (inputs[key].float() + delta[key]).to(inputs[key].dtype) for key in pixel_keys}
+
+    clean = choose({})
+    targets = [torch.isin(span.prunable, span.selected) for span in clean.spans]
     step = step_size if step_size is not None else 2.5 * epsilon / max(1, steps)
-    delta = torch.zeros_like(pixels, dtype=torch.float32)
-    for _ in range(steps):
-        delta.requires_grad_(True)
-        with torch.enable_grad():
-            scores = ranking_scores(model, (pixels.float() + delta).to(pixels.dtype)).float()
-            kept_mean = (scores * kept).sum(1) / kept.sum(1).clamp_min(1)
-            dropped_mean = (scores * ~kept).sum(1) / (~kept).sum(1).clamp_min(1)
-            loss = (kept_mean - dropped_mean).sum()
-            (grad,) = torch.autograd.grad(loss, delta)
-        delta = (delta.detach() - step * grad.sign()).clamp(-epsilon, epsilon)
-    attacked = choose((pixels.float() + delta).to(pixels.dtype))
+    delta = {key: torch.zeros(inputs[key].shape, dtype=torch.float32, device=inputs[key].device) for key in pixel_keys}
+    losses = []
+    with apply(model, strategy, keep, seed=seed, **options) as session:
+        session.surrogate_targets = targets
+        for _ in range(steps):
+            for value in delta.values():
+                value.requires_grad_(True)
+            with torch.enable_grad():
+                try:
+                    model(**dict(inputs, **perturbed(delta)))
+                except SurrogatesReady:
+                    pass
+                loss = surrogate_loss(session.surrogates)
+                losses.append(float(loss.detach()))
+                if not loss.requires_grad:
+                    break  # nothing to push against (every image kept or dropped whole)
+                grads = torch.autograd.grad(loss, list(delta.values()), allow_unused=True)
+            delta = {
+                key: (value.detach() - step * (0 if grad is None else grad.sign())).clamp(-epsilon, epsilon)
+                for (key, value), grad in zip(delta.items(), grads)
+            }
+    delta = {key: value.detach() for key, value in delta.items()}
+    attacked = choose(perturbed(delta))
     generator = torch.Generator().manual_seed(seed)
-    noise = epsilon * torch.randn(pixels.shape, generator=generator).sign()
-    jittered = choose((pixels.float() + noise.to(pixels.device)).to(pixels.dtype))
+    noise = {
+        key: epsilon * torch.randn(inputs[key].shape, generator=generator).sign().to(inputs[key].device)
+        for key in pixel_keys
+    }
+    jittered = choose(perturbed(noise))
 
     def overlaps(report) -> list[float]:
         return [jaccard(a, b) for a, b in zip(clean.selected_columns, report.selected_columns)]
 
-    return AttackReport(epsilon=epsilon, steps=steps, attack=overlaps(attacked), jitter=overlaps(jittered))
+    return AttackReport(
+        epsilon=epsilon,
+        steps=steps,
+        attack=overlaps(attacked),
+        jitter=overlaps(jittered),
+        losses=losses,
+        perturbation=delta,
+    )

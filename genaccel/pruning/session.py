@@ -55,6 +55,7 @@ class SpanReport:
     margin: float
     jitter_overlap: float | None = None
     selected: torch.Tensor | None = None  # sequence columns of the tokens the rule chose (see PruneReport)
+    prunable: torch.Tensor | None = None  # sequence columns of the image's prunable tokens (newlines excluded)
 
 
 @dataclass
@@ -75,6 +76,22 @@ class PruneReport:
     spans: list[SpanReport] = field(default_factory=list)
     score_seconds: float = 0.0
     selected_columns: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class SpanSurrogate:
+    """One image's differentiable ranking surrogate (`Strategy.surrogate`), for the attack probe.
+
+    `scores` [N] carry gradients back to the pixels; `kept` [N] is the reference keep set the attack pushes
+    against, `reserved` [N] the uniform reserve (kept whatever the scores say)."""
+
+    scores: torch.Tensor
+    kept: torch.Tensor
+    reserved: torch.Tensor
+
+
+class SurrogatesReady(Exception):
+    """Raised at layer K in surrogate mode: the forward stops once every image's surrogate is computed."""
 
 
 @dataclass
@@ -150,6 +167,10 @@ class PruningSession:
         self._records: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._encodings: dict[int, tuple[weakref.ref, EncodingRecord]] = {}
         self._active_encoding: EncodingRecord | None = None
+        # Surrogate mode (robustness.attack_overlap): per image, in report span order, the reference kept mask;
+        # prefill then computes differentiable ranking scores instead of pruning, and stops at layer K.
+        self.surrogate_targets: list[torch.Tensor] | None = None
+        self.surrogates: list[SpanSurrogate] = []
         self._reset_call()
 
     # ----- configuration checks ---------------------------------------------------------------------------
@@ -437,12 +458,19 @@ class PruningSession:
 
     # ----- prefill pruning --------------------------------------------------------------------------------
 
+    def _host(self, value: torch.Tensor) -> torch.Tensor:
+        """CPU float32 copy for selection; keeps the autograd graph in surrogate mode."""
+        value = value if self.surrogate_targets is not None else value.detach()
+        return value.float().cpu()
+
     def _prune(self, hidden: torch.Tensor, kwargs: dict[str, Any], cache) -> LayerOverride:
         start = time.perf_counter()
         spans, mask2d = self._pending, self._mask2d
         batch, length = hidden.shape[:2]
         cos, sin = kwargs["position_embeddings"]
         context = self._sample_context(hidden, cos, sin, mask2d)
+        if self.surrogate_targets is not None:
+            self._compute_surrogates(spans, hidden, context)
         keep_columns, selected_columns, overrides, span_reports = [], [], [], []
         for sample in range(batch):
             dropped = torch.zeros(length, dtype=torch.bool)
@@ -477,6 +505,22 @@ class PruningSession:
         return LayerOverride(
             hidden=compact, attention_mask=self._causal_mask(compact, mask_c, cache), position_embeddings=tables
         )
+
+    def _compute_surrogates(self, spans: list[list[VisualSpan]], hidden, context) -> None:
+        """Every image's `Strategy.surrogate` against its reference keep set; then stop the forward."""
+        flat = [span for row in spans for span in row]
+        if len(flat) != len(self.surrogate_targets):
+            raise ValueError(f"{len(flat)} images in this call but {len(self.surrogate_targets)} reference keep sets")
+        self.surrogates = []
+        for span, kept in zip(flat, self.surrogate_targets):
+            prunable = (~span.layout.always_keep).nonzero().squeeze(1)
+            signals = self._span_signals(span, prunable, hidden, context)
+            budget = resolve_budget(self.keep, prunable.numel())
+            reserved = torch.zeros(prunable.numel(), dtype=torch.bool)
+            reserved[uniform_indices(prunable.numel(), reserve_count(budget, self.reserve))] = True
+            scores = self.strategy.surrogate(signals, kept)
+            self.surrogates.append(SpanSurrogate(scores=scores, kept=kept, reserved=reserved))
+        raise SurrogatesReady
 
     def _sample_context(self, hidden, cos, sin, mask2d) -> dict[str, torch.Tensor]:
         """Batch-level signals, computed once per prefill and sliced per image."""
@@ -542,7 +586,7 @@ class PruningSession:
             context["key_norms"] = sig.rotated_key_l1(keys, cos, sin, kv_heads)
         if getattr(self.strategy, "normed_hidden", False):
             # DART's reference compares hidden states after the LLM's final norm (`normlayer(hidden_states)`).
-            with torch.no_grad():
+            with torch.set_grad_enabled(self.surrogate_targets is not None and torch.is_grad_enabled()):
                 context["normed"] = self.adapter.text_model.norm(hidden)
         return context
 
@@ -584,6 +628,7 @@ class PruningSession:
             margin=cutoff_margin(selection.scores, selection.selected, reserved, selection.ranked),
             jitter_overlap=overlap,
             selected=span.columns[prunable[selection.selected]],
+            prunable=span.columns[prunable],
         )
         return torch.cat([kept_columns, always]), merged, report
 
@@ -592,10 +637,10 @@ class PruningSession:
         columns = span.columns[prunable]
         layout = span.layout
         states = context.get("normed", hidden)
-        fields: dict[str, Any] = {"embeds": states[span.sample, columns.to(hidden.device)].detach().float().cpu()}
+        fields: dict[str, Any] = {"embeds": self._host(states[span.sample, columns.to(hidden.device)])}
         for name in ("cls_attention", "cls_attention_shallow", "vision_keys", "vision_features"):
             if name in context:
-                fields[name] = context[name][layout.source[prunable].to(context[name].device)].detach().float().cpu()
+                fields[name] = self._host(context[name][layout.source[prunable].to(context[name].device)])
         if "cls_feature" in self.requested and prunable.numel():
             width = int(context["tokens_per_row"])
             row_start = int(layout.source[prunable[0]]) // width * width
@@ -612,7 +657,7 @@ class PruningSession:
         if "text_pivots" in self.requested:
             first = int(context["valid"][span.sample].float().argmax())
             top = self._text_pivots(span, context)
-            fields["text_pivots"] = states[span.sample, top.to(hidden.device)].detach().float().cpu()
+            fields["text_pivots"] = self._host(states[span.sample, top.to(hidden.device)])
             fields["columns"] = columns.cpu() - first
             fields["text_pivot_columns"] = top - first
         return SpanSignals(**fields)

@@ -94,6 +94,18 @@ class Strategy:
         """
         raise NotImplementedError
 
+    # Why `surrogate` cannot exist for this rule (None: it is defined). Used by the attack probe's error.
+    no_surrogate: ClassVar[str | None] = "it defines no differentiable `surrogate` of its ranking"
+
+    def surrogate(self, signals: SpanSignals, kept: torch.Tensor) -> torch.Tensor:
+        """A differentiable stand-in [N] for this rule's ranking (higher = kept first), given the reference
+        keep set `kept` [N] (bool), for the compression-aware attack probe (`robustness.attack_overlap`).
+
+        Lowering it on `kept` and raising it elsewhere must push the rule towards another keep set. Signals
+        arrive with their autograd graph back to the pixels. Rules without such a ranking raise.
+        """
+        raise ValueError(f"strategy {self.name!r} cannot be attacked by gradient: {self.no_surrogate}")
+
 
 def candidates(n_tokens: int, preselected: torch.Tensor) -> torch.Tensor:
     """Indices not already kept by the reserve, ascending."""
@@ -140,6 +152,7 @@ class KeepAll(Strategy):
     """Keep every token: the baseline that must reproduce the unpatched model exactly."""
 
     name = "keep-all"
+    no_surrogate = "it keeps every token whatever the pixels (overlap 1 by construction)"
 
     def select(self, signals, budget, preselected, generator):
         return Selection(keep=torch.arange(signals.n_tokens))
@@ -150,6 +163,10 @@ class RandomPrune(Strategy):
 
     name = "random"
     uses_generator = True
+    no_surrogate = (
+        "its set is drawn from a stream seeded by a hash of the pixels, so any change redraws it wholesale; "
+        "there is no ranking to follow (an attacker who knows `seed` can search, one who does not cannot steer)"
+    )
 
     def select(self, signals, budget, preselected, generator):
         pool = candidates(signals.n_tokens, preselected)
@@ -162,6 +179,7 @@ class UniformPrune(Strategy):
     """Evenly strided tokens in sequence order (spatial downsampling baseline)."""
 
     name = "uniform"
+    no_surrogate = "its set depends only on the token count, not on the pixels (overlap 1 by construction)"
 
     def select(self, signals, budget, preselected, generator):
         pool = candidates(signals.n_tokens, preselected)
@@ -186,6 +204,7 @@ class PoolPrune(Strategy):
     """Uniform anchors, each replaced by the mean of the tokens nearest to it in sequence order (1-D pooling)."""
 
     name = "pool"
+    no_surrogate = "its anchors depend only on the token count, not on the pixels (overlap 1 by construction)"
 
     def select(self, signals, budget, preselected, generator):
         keep = UniformPrune().select(signals, budget, preselected, generator).keep
@@ -200,10 +219,14 @@ class FasterVLM(Strategy):
 
     name = "fastervlm"
     needs = frozenset({"cls_attention"})
+    no_surrogate = None
 
     def select(self, signals, budget, preselected, generator):
         scores = require(signals, "cls_attention", self.name)
         return Selection(keep=top_scores(scores, budget, preselected), scores=scores)
+
+    def surrogate(self, signals, kept):
+        return require(signals, "cls_attention", self.name)
 
 
 class VisionZip(Strategy):
@@ -226,6 +249,11 @@ class VisionZip(Strategy):
     needs = frozenset({"cls_attention"})
     wants = frozenset({"vision_keys", "vision_features", "cls_feature", "project"})
     modes = ("official", "llm")
+    no_surrogate = None
+
+    def surrogate(self, signals, kept):
+        """The dominant tokens' [CLS] ranking (the strided contextual targets follow from it)."""
+        return require(signals, "cls_attention", self.name)
 
     def __init__(self, contextual: float = 10 / 64, mode: str = "official"):
         if not 0.0 <= contextual <= 1.0:
@@ -324,6 +352,11 @@ class HiRED(Strategy):
     needs = frozenset({"cls_attention"})
     wants = frozenset({"cls_attention_shallow", "partition", "base_crop", "base_chunk"})
     modes = ("region", "official")
+    no_surrogate = None
+
+    def surrogate(self, signals, kept):
+        """The deep [CLS] attention that ranks tokens within each partition (budgets are left alone)."""
+        return require(signals, "cls_attention", self.name)
 
     def __init__(self, alpha: float = 0.5, mode: str = "region"):
         if not 0.0 <= alpha <= 1.0:
@@ -380,6 +413,10 @@ class FastV(Strategy):
     name = "fastv"
     needs = frozenset({"text_attention"})
     in_llm = True
+    no_surrogate = None
+
+    def surrogate(self, signals, kept):
+        return require(signals, "text_attention", self.name)
 
     def select(self, signals, budget, preselected, generator):
         scores = require(signals, "text_attention", self.name)
@@ -422,6 +459,15 @@ class DivPrune(Strategy):
     """Max-min diversity of LLM input embeddings, distance 1 - cosine (reference §2.7)."""
 
     name = "divprune"
+    no_surrogate = None
+
+    def surrogate(self, signals, kept):
+        """Distance (1 - cosine) of each token to its nearest *other* reference-kept token: high for a diverse
+        kept set, low for dropped tokens it covers. Lowering it on kept tokens makes them redundant with each
+        other; raising it on dropped ones makes them uncovered, so max-min diversity picks them instead."""
+        distance = 1.0 - cosine_matrix(signals.embeds)
+        others = kept[None, :] & ~torch.eye(signals.n_tokens, dtype=torch.bool)
+        return distance.masked_fill(~others, 2.0).min(dim=1).values
 
     def select(self, signals, budget, preselected, generator):
         distance = 1.0 - cosine_matrix(signals.embeds)
@@ -450,6 +496,16 @@ class MMR(Strategy):
 
     name = "mmr"
     wants = frozenset({"cls_attention"})
+    no_surrogate = None
+
+    def surrogate(self, signals, kept):
+        """The marginal relevance against the reference keep set: lam * importance - (1 - lam) * the largest
+        cosine to another kept token (the value the greedy loop compares)."""
+        raw = signals.cls_attention if signals.cls_attention is not None else embedding_distinctiveness(signals.embeds)
+        similarity = cosine_matrix(signals.embeds)
+        others = kept[None, :] & ~torch.eye(signals.n_tokens, dtype=torch.bool)
+        max_sim = similarity.masked_fill(~others, -2.0).max(dim=1).values
+        return self.lam * min_max(raw) - (1 - self.lam) * max_sim
 
     def __init__(self, lam: float = 0.5):
         if not 0.0 <= lam <= 1.0:
@@ -515,6 +571,23 @@ class DART(Strategy):
     in_llm = True
     normed_hidden = True  # the session fills `embeds` / `text_pivots` with final-norm states
     counts = ("budget", "official")
+    no_surrogate = None
+
+    def surrogate(self, signals, kept):
+        """Minus each token's largest cosine to a pivot other than itself (DART keeps the least duplicated).
+
+        Pivots are the rule's own (top key-norm image tokens, the session's text pivots), chosen anew on the
+        perturbed states; only the similarity is differentiated, not which tokens are pivots."""
+        norms = require(signals, "key_norms", self.name)
+        image_pivots = torch.topk(norms.detach().float(), min(self.pivot_image, signals.n_tokens)).indices
+        text = signals.text_pivots if signals.text_pivots is not None else signals.embeds[:0]
+        pivots = torch.cat([signals.embeds[image_pivots], text])
+        if pivots.shape[0] == 0:
+            raise ValueError("dart surrogate: no pivots (pivot_image = pivot_text = 0), nothing ranks the tokens")
+        similarity = F.normalize(signals.embeds.float(), dim=-1) @ F.normalize(pivots.float(), dim=-1).T
+        is_self = torch.zeros_like(similarity, dtype=torch.bool)
+        is_self[image_pivots, torch.arange(image_pivots.numel())] = True
+        return -similarity.masked_fill(is_self, -1.0).max(dim=1).values
 
     def __init__(self, pivot_image: int = 4, pivot_text: int = 4, count: str = "budget"):
         if pivot_image < 0 or pivot_text < 0:

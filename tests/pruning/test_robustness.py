@@ -100,12 +100,76 @@ def test_pgd_attack_moves_the_keep_set_far_more_than_random_noise_of_the_same_si
     assert min(guarded.attack) >= 0.5 / (2 - 0.5) - 1e-9  # 8 reserved of 16: Jaccard >= 8 / 24
 
 
-def test_pgd_attack_names_what_it_can_attack(llava, qwen2vl):
-    from tiny_vlms import llava_inputs
+@pytest.mark.parametrize(
+    "family,strategy",
+    [
+        ("llava", "divprune"),
+        ("llava", "mmr"),
+        ("llava", "dart"),
+        ("llava_next", "hired"),
+        ("qwen25vl", "fastv"),
+        ("qwen25vl", "mmr"),
+        ("qwen2vl", "divprune"),
+        ("llava_onevision", "fastv"),
+        ("llava_onevision", "dart"),
+    ],
+)
+def test_pgd_attack_on_every_ranking_and_tower_lowers_its_surrogate_and_beats_random_noise(request, family, strategy):
+    """The attack differentiates the strategy's own ranking through the whole model (vision tower, projector,
+    LLM layers < K) on every supported family: the surrogate loss falls and the keep set moves more than under
+    random noise of the same L-inf size."""
+    import tiny_vlms
 
     from genaccel.pruning.robustness import attack_overlap
 
-    with pytest.raises(ValueError, match="attacks \\[CLS\\]-attention rankings .* got 'divprune'"):
-        attack_overlap(llava, llava_inputs([1]), "divprune")
-    with pytest.raises(ValueError, match="on Qwen2VLForConditionalGeneration"):
-        attack_overlap(qwen2vl, {"pixel_values": torch.zeros(1)}, "fastervlm")
+    model = request.getfixturevalue(family)
+    inputs = {
+        "llava": lambda: tiny_vlms.llava_inputs([1, 1]),
+        "llava_next": lambda: tiny_vlms.llava_next_inputs(model, [(32, 64), (64, 64)]),
+        "qwen25vl": tiny_vlms.qwen2vl_image_and_video,
+        "qwen2vl": lambda: tiny_vlms.qwen2vl_inputs([[(1, 8, 8)], [(1, 8, 12)]]),
+        "llava_onevision": lambda: tiny_vlms.llava_onevision_inputs(model, [(32, 64), (64, 64)]),
+    }[family]()
+    report = attack_overlap(model, inputs, strategy, keep=0.25, epsilon=0.1, steps=4)
+    assert len(report.losses) == 4 and report.losses[-1] < report.losses[0]
+    assert sum(report.attack) < sum(report.jitter)
+    assert min(report.attack) < 1.0
+
+
+def test_pgd_attack_perturbs_image_and_video_pixels_within_the_budget(qwen25vl):
+    from tiny_vlms import qwen2vl_image_and_video
+
+    from genaccel.pruning.robustness import attack_overlap
+
+    inputs = qwen2vl_image_and_video()
+    report = attack_overlap(qwen25vl, inputs, "fastv", keep=2, epsilon=0.05, steps=3, video_budget="per_frame")
+    assert sorted(report.perturbation) == ["pixel_values", "pixel_values_videos"]
+    for key, delta in report.perturbation.items():
+        assert delta.shape == inputs[key].shape and float(delta.abs().max()) <= 0.05 + 1e-7
+        assert float(delta.abs().mean()) > 0.01  # sign steps moved (almost) every entry of both inputs
+    assert report.losses[-1] < report.losses[0]
+
+
+def test_pgd_attack_names_why_a_rule_cannot_be_attacked(llava, qwen2vl):
+    from tiny_vlms import llava_inputs, qwen2vl_inputs
+
+    from genaccel import pruning
+    from genaccel.pruning.robustness import attack_overlap
+
+    with pytest.raises(ValueError, match="'random' cannot be attacked by gradient: .*hash of the pixels"):
+        attack_overlap(llava, llava_inputs([1]), "random")
+    with pytest.raises(ValueError, match="'uniform' cannot be attacked by gradient"):
+        attack_overlap(qwen2vl, qwen2vl_inputs([[(1, 8, 8)]]), "uniform")
+
+    class Custom(pruning.Strategy):
+        name = "custom"
+
+        def select(self, signals, budget, preselected, generator):
+            return pruning.Selection(keep=torch.arange(min(budget, signals.n_tokens)))
+
+    with pytest.raises(ValueError, match="'custom' cannot be attacked by gradient: it defines no differentiable"):
+        attack_overlap(llava, llava_inputs([1]), Custom())
+    with pytest.raises(ValueError, match="nothing to attack"):
+        attack_overlap(llava, {"input_ids": torch.zeros(1, 3, dtype=torch.long)}, "fastervlm")
+    with pytest.raises(ValueError, match=r"needs \['cls_attention'\].*no \[CLS\] token"):
+        attack_overlap(qwen2vl, qwen2vl_inputs([[(1, 8, 8)]]), "fastervlm")

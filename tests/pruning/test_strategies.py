@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -342,3 +343,88 @@ def test_jitter_keeps_shapes_and_perturbs_floats_only():
     moved = s.jittered(0.1, torch.Generator().manual_seed(0))
     assert torch.equal(moved.partition, s.partition)
     assert not torch.equal(moved.embeds, s.embeds) and moved.embeds.shape == s.embeds.shape
+
+
+# ----- differentiable surrogates of the rankings (attack probe) ---------------------------------------------
+
+
+def kept_mask(keep: torch.Tensor, n: int = N) -> torch.Tensor:
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[keep] = True
+    return mask
+
+
+@pytest.mark.parametrize("name", ["divprune", "mmr"])
+@pytest.mark.parametrize("seed,budget", [(0, 5), (1, 12), (2, 25)])
+def test_greedy_surrogate_on_dropped_tokens_names_the_rules_next_pick(name, seed, budget):
+    """For the greedy rules the surrogate of a dropped token is the criterion the loop maximises next, so its
+    argmax over dropped tokens is exactly the token a budget of one more adds."""
+    s = signals(seed)
+    keep = select(name, s, budget).keep
+    extra = set(select(name, s, budget + 1).keep.tolist()) - set(keep.tolist())
+    scores = build_strategy(name).surrogate(s, kept_mask(keep))
+    dropped = (~kept_mask(keep)).nonzero().squeeze(1)
+    assert {int(dropped[scores[dropped].argmax()])} == extra
+
+
+def test_divprune_surrogate_is_the_distance_to_the_nearest_other_kept_token():
+    s = signals(3)
+    keep = select("divprune", s, 7).keep.tolist()
+    scores = build_strategy("divprune").surrogate(s, kept_mask(torch.tensor(keep)))
+    for i in range(N):
+        expected = min(1.0 - cos(s.embeds[i], s.embeds[j]) for j in keep if j != i)
+        assert scores[i].item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_mmr_surrogate_is_relevance_minus_the_largest_similarity_to_another_kept_token():
+    s = signals(4)
+    keep = select("mmr", s, 6, lam=0.3).keep.tolist()
+    scores = build_strategy("mmr", lam=0.3).surrogate(s, kept_mask(torch.tensor(keep)))
+    a = s.cls_attention
+    importance = (a - a.min()) / (a.max() - a.min())
+    for i in range(N):
+        expected = 0.3 * float(importance[i]) - 0.7 * max(cos(s.embeds[i], s.embeds[j]) for j in keep if j != i)
+        assert scores[i].item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_dart_surrogate_is_minus_the_largest_cosine_to_another_pivot():
+    s = signals(5)
+    scores = build_strategy("dart", pivot_image=2).surrogate(s, kept_mask(select("dart", s, 10).keep))
+    image_pivots = sorted(range(N), key=lambda i: -float(s.key_norms[i]))[:2]
+    pivots = [(p, s.embeds[p]) for p in image_pivots] + [(None, t) for t in s.text_pivots]
+    for i in range(N):
+        expected = -max(cos(s.embeds[i], vector) for index, vector in pivots if index != i)
+        assert scores[i].item() == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name,field",
+    [
+        ("fastervlm", "cls_attention"),
+        ("visionzip", "cls_attention"),
+        ("hired", "cls_attention"),
+        ("fastv", "text_attention"),
+    ],
+)
+def test_score_surrogates_are_the_ranking_signal_and_carry_gradients(name, field):
+    s = signals(6)
+    value = getattr(s, field).clone().requires_grad_(True)
+    s = dataclasses.replace(s, **{field: value})
+    scores = build_strategy(name).surrogate(s, kept_mask(torch.arange(5)))
+    assert torch.equal(scores.detach(), value.detach())
+    (grad,) = torch.autograd.grad(scores[:5].sum() - scores[5:].sum(), value)
+    assert grad[:5].eq(1).all() and grad[5:].eq(-1).all()
+
+
+@pytest.mark.parametrize(
+    "name,why",
+    [
+        ("keep-all", "keeps every token"),
+        ("uniform", "depends only on the token count"),
+        ("pool", "depend only on the token count"),
+        ("random", "hash of the pixels"),
+    ],
+)
+def test_rules_without_a_ranking_say_why_they_cannot_be_attacked(name, why):
+    with pytest.raises(ValueError, match=f"strategy {name!r} cannot be attacked by gradient: .*{why}"):
+        build_strategy(name).surrogate(signals(), kept_mask(torch.arange(3)))
