@@ -304,3 +304,13 @@ def test_bad_inputs_give_one_clear_error():
     model.generation_config.generation_kwargs = {}
     with pytest.raises(ValueError, match="boi_token_id"):
         wrap_hf_model(model, JANUS_PROMPTS)
+
+
+def test_bench_hf_rows_on_a_tiny_janus(tmp_path):
+    from genaccel.bench.hf import main
+
+    path = tmp_path / "hf.json"
+    results = main(["--shape", "tiny", "--samplers", "ar,sjd,sd", "--json", str(path)])
+    assert results["ar"]["nfe"] == 16 and results["ar"]["step_compression"] == 1.0  # 1 prefill + 15 forwards
+    assert results["sjd"]["nfe"] <= 16 and results["sd"]["step_compression"] >= 1.0
+    assert "bench hf --shape tiny" in path.read_text()
