@@ -6,6 +6,14 @@ layer with the target's 2-D RoPE at token i's slot, and predicts H_{i+1}; the fr
 turns that into draft logits for token i+1. Drafting k tokens = one call over the newly committed
 entries + (k - 1) single-entry calls on its own predictions, with a small static KV cache.
 
+Two cached decoding paths compute the same function: :meth:`EagleDrafter.step` runs the shared LlamaGen
+``TransformerBlock`` (the reference), :meth:`EagleDrafter.decode` is the lean path the samplers use. On a CPU
+a one-entry drafter call is dominated by per-op dispatch, not arithmetic, so ``decode`` does the same maths
+in about half the ops (issue #14 item 4): one complex multiply rotates q and k (v by exactly 1), K and V go
+into one static buffer with one write, attention always spans the whole static cache under a precomputed
+causal table (no ``max()``/``item()`` per call, no re-built mask), no dropout or dtype no-ops, and the LM
+head runs only on the entries whose logits are wanted.
+
 The token embedding and LM head are frozen copies of the target's, stored in the drafter file so the
 sampler needs nothing from the target beyond the sampler contract (hidden states).
 """
@@ -18,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from genaccel.models.llamagen import KVCache, ModelArgs, TransformerBlock, precompute_freqs_cis_2d
@@ -136,10 +145,60 @@ class EagleDrafter(nn.Module):
         return DrafterOutput(hidden=h, logits=self.output(h).float())
 
     def select_rows(self, index: torch.Tensor) -> None:
-        """Keep only cache rows ``index`` (ragged batches drop complete images)."""
+        """Keep only cache rows ``index`` (ragged batches drop complete images), in both cached paths."""
         cache = self.layer.attention.kv_cache
-        index = index.to(cache.k_cache.device)
-        cache.k_cache, cache.v_cache = cache.k_cache[index], cache.v_cache[index]
+        if cache is not None:
+            index = index.to(cache.k_cache.device)
+            cache.k_cache, cache.v_cache = cache.k_cache[index], cache.v_cache[index]
+        if self._decode_kv is not None:
+            self._decode_kv = self._decode_kv[index.to(self._decode_kv.device)]
+            self._decode_rows = self._decode_rows[: len(index)]
+
+    # ------------------------------------------------------------------ lean decoding path (samplers)
+    _decode_kv: torch.Tensor | None = None
+
+    def setup_decoding(self, rows: int, max_len: int) -> None:
+        """Static buffers of :meth:`decode` for ``rows`` cache rows and slots ``0..max_len-1``.
+
+        K and V share one (rows, max_len, 2, heads, head_dim) buffer so one indexed write stores both; the
+        causal table row s says which slots an entry at slot s may read; the rotation table holds, per slot,
+        the complex RoPE factor of q and k and an exact 1 for v, so one multiply rotates q and k only.
+        """
+        la, p = self.layer.attention, self.fc.weight
+        self._decode_kv = torch.zeros(rows, max_len, 2, la.n_kv_head, la.head_dim, dtype=p.dtype, device=p.device)
+        self._decode_rows = torch.arange(rows, device=p.device)[:, None]
+        self._causal = torch.ones(max_len, max_len, dtype=torch.bool, device=p.device).tril()
+        cls = self.args.cls_token_num
+        rope = torch.view_as_complex(self.freqs_cis[cls : cls + max_len].float().contiguous()).to(p.device)
+        ones = torch.ones_like(rope)
+        self._rotation = torch.stack([rope, rope, ones], dim=1)[:, :, None]  # (max_len, 3 [q k v], 1, head_dim/2)
+
+    def decode(self, tokens: torch.Tensor, hidden: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Predicted hidden states (R, L, D) of entries (tokens, hidden) (R, L) written at per-row cache
+        ``slots`` (R, L); the same function as :meth:`step` (which returns logits too), in fewer ops.
+
+        An entry reads every slot <= its own in its row (slots hold committed entries or entries of this
+        chain written earlier; the sources guarantee it). Call :meth:`setup_decoding` first.
+        """
+        if self._decode_kv is None or self._decode_kv.shape[0] != tokens.shape[0]:
+            raise RuntimeError("EagleDrafter.decode needs setup_decoding(rows, max_len) for this many rows first")
+        layer, attn = self.layer, self.layer.attention
+        R, L = tokens.shape
+        heads, head_dim = attn.n_head, attn.head_dim
+        x = self.fc(torch.cat([self.tok_embeddings(tokens), hidden.to(self.fc.weight.dtype)], dim=-1))
+        qkv = attn.wqkv(layer.attention_norm(x)).view(R, L, 3, heads, head_dim // 2, 2)  # n_kv_head == n_head in LlamaGen drafters
+        qkv = torch.view_as_real(torch.view_as_complex(qkv.float()) * self._rotation[slots]).flatten(-2).type_as(x)
+        self._decode_kv.index_put_((self._decode_rows, slots), qkv[:, :, 1:])
+        kv = self._decode_kv.transpose(1, 3)  # (R, heads, 2, max_len, head_dim)
+        mask = self._causal[slots][:, None]  # (R, 1, L, max_len)
+        y = F.scaled_dot_product_attention(qkv[:, :, 0].transpose(1, 2), kv[:, :, 0], kv[:, :, 1], attn_mask=mask)
+        h = x + attn.wo(y.transpose(1, 2).reshape(R, L, -1))
+        ffn, g = layer.feed_forward, layer.ffn_norm(h)
+        return h + ffn.w2(F.silu(ffn.w1(g)) * ffn.w3(g))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 draft logits of predicted hidden states (the frozen target LM head)."""
+        return self.output(hidden).float()
 
 
 def drafter_metadata(args: DrafterArgs, **extra: str) -> dict[str, str]:

@@ -127,8 +127,10 @@ def guided_logits(logits: torch.Tensor, opts: SamplingOptions, token_index: torc
     shared by every row, or (B, L) per row (ragged batches, where rows stand at different tokens)."""
     if not opts.use_cfg:
         return logits
-    cond, _ = logits.chunk(2, dim=0)
     guided = combine_cfg(logits, opts.cfg_scale, True)
+    if opts.cfg_interval < 0:  # guidance everywhere: skip the per-position select (ops count on a CPU)
+        return guided
+    cond, _ = logits.chunk(2, dim=0)
     active = guidance_active(token_index, opts.cfg_interval)
     if isinstance(active, bool):
         return guided if active else cond

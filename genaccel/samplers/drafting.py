@@ -186,7 +186,7 @@ class DrafterHeadSource:
 
     def start(self, state: DecodeState, hidden: torch.Tensor) -> None:
         self.drafter.check_target(state.model)
-        self.drafter.setup_cache(state.batch_labels.shape[0], state.num_tokens)
+        self.drafter.setup_decoding(state.batch_labels.shape[0], state.num_tokens)
         self.fed = torch.zeros_like(state.committed)
         self.pending_hidden = hidden  # H_0 from the class slot
 
@@ -196,20 +196,18 @@ class DrafterHeadSource:
         last_slot = state.num_tokens - 1
         tokens, index, count = new_entries(state, self.fed)
         hidden = self.pending_hidden[:, : tokens.shape[1]]
-        out = self.drafter.step(state.duplicate(tokens), hidden, state.duplicate(index))
+        out = self.drafter.decode(state.duplicate(tokens), hidden, state.duplicate(index))
         self.fed = state.committed.clone()
         pick = state.duplicate((count - 1).clamp(min=0))[:, None, None]  # each row's last real entry
-        last_hidden = out.hidden.gather(1, pick.expand(-1, 1, out.hidden.shape[-1]))
-        logits = out.logits.gather(1, pick.expand(-1, 1, out.logits.shape[-1]))
+        last_hidden = out.gather(1, pick.expand(-1, 1, out.shape[-1]))  # the LM head runs on it alone
         n = state.duplicate(state.committed)
 
         def extend(d: torch.Tensor, k: int) -> torch.Tensor:
             nonlocal last_hidden
-            step = self.drafter.step(state.duplicate(d), last_hidden, (n + k).clamp(max=last_slot)[:, None])
-            last_hidden = step.hidden
-            return step.logits
+            last_hidden = self.drafter.decode(state.duplicate(d), last_hidden, (n + k).clamp(max=last_slot)[:, None])
+            return self.drafter.logits(last_hidden)
 
-        return sample_chain(state, logits, num, extend)
+        return sample_chain(state, self.drafter.logits(last_hidden), num, extend)
 
     def observe(self, state: DecodeState, outcome: StepOutcome) -> None:
         self.pending_hidden = outcome.hidden[:, : max(1, int(outcome.committed.max()))]

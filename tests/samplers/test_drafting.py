@@ -59,3 +59,53 @@ def test_drafter_cached_steps_match_the_teacher_forced_forward():
     assert torch.allclose(torch.cat([first.logits, rest.logits], 1), full.logits, atol=1e-4)
     assert torch.equal(drafter.output.weight, target.output.weight)
     assert not drafter.output.weight.requires_grad and not drafter.tok_embeddings.weight.requires_grad
+
+
+def test_drafter_lean_decode_equals_the_reference_step_with_ragged_rows():
+    """decode (the samplers' path) == step (the shared TransformerBlock) in fp32, per-row slots, discarded
+    entries overwritten, a single-entry chain, and after select_rows; both == the teacher-forced forward."""
+    target = tiny_gpt(block=16, seed=7)
+    torch.manual_seed(1)
+    drafter = EagleDrafter.from_target(target).eval()
+    for param in drafter.parameters():  # a trained-looking layer, not the near-identity of a fresh init
+        param.data.add_(0.05 * torch.randn_like(param))
+    R = 3
+    tokens = torch.randint(32, (R, 12))
+    hidden = torch.randn(R, 12, target.hidden_dim)
+    drafter.setup_cache(R, 16)
+    drafter.setup_decoding(R, 16)
+    with torch.no_grad():
+        full = drafter(tokens, hidden)
+        starts = torch.tensor([0, 0, 0])  # then rows stand at different slots (re-fed entries are the same)
+        for width, after in ((5, [5, 3, 1]), (3, None), (1, None), (2, None)):  # a multi-entry feed, a single entry, then entries beyond a discarded chain
+            slots = starts[:, None] + torch.arange(width)
+            toks, hid = tokens.gather(1, slots), hidden.gather(1, slots[..., None].expand(-1, -1, hidden.shape[-1]))
+            ref = drafter.step(toks, hid, slots)
+            lean = drafter.decode(toks, hid, slots)
+            assert torch.allclose(drafter.logits(lean), ref.logits, atol=1e-5, rtol=0)
+            assert torch.allclose(lean, ref.hidden, atol=1e-5, rtol=0)
+            expect = full.logits.gather(1, slots[..., None].expand(-1, -1, full.logits.shape[-1]))
+            assert torch.allclose(drafter.logits(lean), expect, atol=1e-4)
+            junk_tokens, junk_hidden = torch.zeros(R, 2, dtype=torch.long), 5 * torch.randn(R, 2, target.hidden_dim)
+            junk_slots = slots[:, -1:] + 1 + torch.arange(2)  # a speculative chain, discarded by the next feed
+            garbage = drafter.decode(junk_tokens, junk_hidden, junk_slots)
+            drafter.step(junk_tokens, junk_hidden, junk_slots)
+            assert garbage.abs().sum() > 0
+            starts = torch.tensor(after) if after else starts + width  # the next feed overwrites discarded entries
+        keep = torch.tensor([0, 2])
+        drafter.select_rows(keep)
+        slots = starts[keep][:, None]
+        toks, hid = tokens[keep].gather(1, slots), hidden[keep].gather(1, slots[..., None].expand(-1, -1, hidden.shape[-1]))
+        lean, ref = drafter.decode(toks, hid, slots), drafter.step(toks, hid, slots)
+        assert torch.allclose(drafter.logits(lean), ref.logits, atol=1e-5, rtol=0)
+        assert torch.allclose(drafter.logits(lean), full.logits[keep].gather(1, slots[..., None].expand(-1, -1, 32)), atol=1e-4)
+
+
+def test_drafter_decode_needs_its_buffers():
+    drafter = EagleDrafter.from_target(tiny_gpt(block=16)).eval()
+    try:
+        drafter.decode(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, drafter.args.dim), torch.zeros(1, 1, dtype=torch.long))
+    except RuntimeError as e:
+        assert "setup_decoding" in str(e)
+    else:
+        raise AssertionError("decode without setup_decoding must fail")
