@@ -253,7 +253,6 @@ class HFImageAdapter(torch.nn.Module):
             ids[r, T - p.numel():] = p
         self.pad = torch.tensor([T - p.numel() for p in rows], device=dev)
         self.valid = torch.zeros(len(rows), dtype=torch.long, device=dev)
-        self._row_ids = [p for p in rows]
         slots = torch.arange(T, device=dev).expand(len(rows), -1)
         hidden = self._run(self.embed_prompt(ids.to(dev)), slots, slots, None, None)
         last = hidden[:, -1:]
@@ -317,7 +316,6 @@ class HFImageAdapter(torch.nn.Module):
         index = index.to(self.valid.device)
         self.cache.select_rows(index)
         self.valid, self.pad = self.valid[index], self.pad[index]
-        self._row_ids = [self._row_ids[i] for i in index.tolist()]
 
     def clear_cache(self) -> None:
         """Zero every K/V buffer (unwritten slots then hold zeros)."""
@@ -451,9 +449,13 @@ class Emu3ImageAdapter(HFImageAdapter):
         return self.embed_prompt(self.visual_ids[tokens])
 
     def image_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.hf.lm_head.weight[self.visual_ids]  # only the visual rows of the LM head
-        bias = None if self.hf.lm_head.bias is None else self.hf.lm_head.bias[self.visual_ids]
-        return F.linear(hidden, weight, bias)
+        """The LM head's visual rows only (V of its ~185k outputs); the slice is cached until the weight changes."""
+        w, b = self.hf.lm_head.weight, self.hf.lm_head.bias
+        key = (w.data_ptr(), w._version, w.dtype, w.device)
+        if getattr(self, "_head_key", None) != key:
+            self._head = (w[self.visual_ids], None if b is None else b[self.visual_ids])
+            self._head_key = key
+        return F.linear(hidden, *self._head)
 
     def uncond_prompt(self, prompt: torch.Tensor) -> torch.Tensor:
         return self.negative if self.negative is not None else prompt[-1:]
