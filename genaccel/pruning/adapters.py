@@ -21,7 +21,9 @@ class ImageLayout:
     `source` indexes the flattened captured vision rows ([rows * tokens]); -1 marks tokens that are not
     patches (LLaVA-NeXT newline embeddings), which are always kept. `partition` / `base_crop` / `base_chunk`
     describe AnyRes crops (0 = base image) for HiRED. `pixels` is the image's own pixel tensor (seeds the
-    per-image random stream, so it does not depend on the batch).
+    per-image random stream, so it does not depend on the batch). `grid` is the AnyRes crop grid
+    (rows, columns) of crops after the base image (LLaVA-NeXT), which VisionZip's NeXT path lays its kept
+    tokens out on.
     """
 
     length: int
@@ -31,6 +33,7 @@ class ImageLayout:
     base_crop: torch.Tensor | None = None
     base_chunk: torch.Tensor | None = None
     pixels: torch.Tensor | None = None
+    grid: tuple[int, int] | None = None
 
     @property
     def always_keep(self) -> torch.Tensor:
@@ -194,7 +197,8 @@ class LlavaNextAdapter(LlavaAdapter):
     model_types = ("llava_next",)
 
     def projector(self):
-        return None
+        """Row-wise per crop too; VisionZip's official NeXT rule works on whole crops (`crop_*` signals)."""
+        return self.outer.multi_modal_projector
 
     def layouts(self, call):
         from transformers.models.llava_next.modeling_llava_next import (
@@ -209,7 +213,7 @@ class LlavaNextAdapter(LlavaAdapter):
         side = self.patches_per_side()
         first = 1 if self.feature_choice(call)[1] == "default" else 0
         width = side * side + 1
-        feats, row0 = [], 0
+        feats, grids, row0 = [], [], 0
         for size in image_sizes:
             n_rows = image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
             grid_h, grid_w = get_anyres_image_grid_shape(
@@ -226,6 +230,7 @@ class LlavaNextAdapter(LlavaAdapter):
             chunk = 1 + cell * (grid_h * grid_w) // (side * side)
             base_chunk = torch.where(rows == 0, chunk, torch.full_like(source, -1.0))
             feats.append(torch.stack([source, partition, base_crop, base_chunk], dim=-1))
+            grids.append((int(grid_h), int(grid_w)))
             row0 += n_rows
         strategy = self.feature_choice(call)[1]
         newline = torch.full((4,), -1.0, dtype=torch.float64)
@@ -239,8 +244,9 @@ class LlavaNextAdapter(LlavaAdapter):
                 base_crop=p[:, 2].round().long(),
                 base_chunk=p[:, 3].round().long(),
                 pixels=pixels[: int(p[:, 1].max().round()) + 1] if pixels.dim() == 4 else pixels,
+                grid=grid,
             )
-            for p, pixels in zip(packed, pixel_values)
+            for p, pixels, grid in zip(packed, pixel_values, grids)
         ]
 
 

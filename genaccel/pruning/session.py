@@ -41,6 +41,8 @@ VISION_SIGNALS = frozenset(
     {"cls_attention", "cls_attention_shallow", "vision_keys", "partition", "base_crop", "base_chunk"}
 )
 FEATURE_SIGNALS = frozenset({"vision_features", "cls_feature", "project"})
+# Whole-crop views of the same captures (VisionZip's official NeXT rule); filled for AnyRes layouts only.
+CROP_SIGNALS = frozenset({"crop_cls_attention", "crop_keys", "crop_features", "crop_grid", "crop_source"})
 LLM_SIGNALS = frozenset({"text_attention", "key_norms", "text_pivots", "columns", "text_pivot_columns"})
 
 
@@ -191,7 +193,7 @@ class PruningSession:
         if self.adapter.has_cls:
             available |= VISION_SIGNALS
             if self.adapter.projector() is not None:
-                available |= FEATURE_SIGNALS
+                available |= FEATURE_SIGNALS | CROP_SIGNALS
         if self.strategy.in_llm:
             available |= LLM_SIGNALS
         missing = self.strategy.needs - available
@@ -617,9 +619,11 @@ class PruningSession:
             jittered = signals.jittered(self.jitter, self._generator(layout, ordinal, stream=1))
             again = self.strategy.select(jittered, budget, reserved, self._generator(layout, ordinal))
             overlap = jaccard(selection.selected, again.selected)
-        kept_columns = span.columns[prunable[selection.keep]]
+        if selection.whole_span:
+            kept_columns, always = span.columns[selection.keep], span.columns[:0]
+        else:
+            kept_columns, always = span.columns[prunable[selection.keep]], span.columns[layout.always_keep]
         merged = [] if selection.embeds is None else [(span.sample, kept_columns, selection.embeds)]
-        always = span.columns[layout.always_keep]
         report = SpanReport(
             sample=span.sample,
             start=int(span.columns[0]),
@@ -647,6 +651,8 @@ class PruningSession:
             fields["cls_feature"] = context["vision_features"][row_start].detach().float().cpu()
         if "project" in self.requested:
             fields["project"] = self._project
+        if "crop_features" in self.requested and layout.grid is not None and prunable.numel():
+            fields.update(self._crop_signals(layout, prunable, context))
         for name in ("text_attention", "key_norms"):
             if name in context and name in self.requested:
                 fields[name] = context[name][span.sample, columns.to(context[name].device)].cpu()
@@ -661,6 +667,22 @@ class PruningSession:
             fields["columns"] = columns.cpu() - first
             fields["text_pivot_columns"] = top - first
         return SpanSignals(**fields)
+
+    def _crop_signals(self, layout, prunable, context) -> dict[str, Any]:
+        """Every patch of every crop of one AnyRes image (unpadding dropped some from the span), [CLS] first in
+        the features: the inputs VisionZip's NeXT path selects from."""
+        width = int(context["tokens_per_row"])
+        row0 = int(layout.source[prunable].min()) // width
+        n_crops = int(layout.partition.max()) + 1
+        block = slice(row0 * width, (row0 + n_crops) * width)
+        source = layout.source[prunable] - row0 * width
+        return {
+            "crop_features": self._host(context["vision_features"][block].view(n_crops, width, -1)),
+            "crop_cls_attention": self._host(context["cls_attention"][block].view(n_crops, width)[:, 1:]),
+            "crop_keys": self._host(context["vision_keys"][block].view(n_crops, width, -1)[:, 1:]),
+            "crop_grid": layout.grid,
+            "crop_source": source // width * (width - 1) + source % width - 1,
+        }
 
     def _text_pivots(self, span: VisualSpan, context) -> torch.Tensor:
         """Columns of the text tokens after this image with the largest key norms, in descending order.

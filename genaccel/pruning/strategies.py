@@ -40,6 +40,11 @@ class SpanSignals:
     vision_features: torch.Tensor | None = None  # [N, Dv] pre-projector patch features (VisionZip official)
     cls_feature: torch.Tensor | None = None  # [Dv] pre-projector [CLS] feature of the image (VisionZip official)
     project: Callable[[torch.Tensor], torch.Tensor] | None = None  # the model's projector, [M, Dv] -> [M, D]
+    crop_cls_attention: torch.Tensor | None = None  # [P, T] deep [CLS] attention over every patch of each crop
+    crop_keys: torch.Tensor | None = None  # [P, T, dh] head-mean keys of every patch of each crop
+    crop_features: torch.Tensor | None = None  # [P, 1 + T, Dv] pre-projector states of each crop, [CLS] first
+    crop_grid: tuple[int, int] | None = None  # (rows, columns) of the AnyRes crops after the base image
+    crop_source: torch.Tensor | None = None  # [N] each token's patch in the flattened [P * T] crop patches
     columns: torch.Tensor | None = None  # [N] sequence offset of each token from the sample's first real token
     text_pivot_columns: torch.Tensor | None = None  # [P] the same for the text pivots (DART's pivot order)
 
@@ -68,6 +73,8 @@ class Selection:
     embeds: torch.Tensor | None = None  # [len(keep), D] replacement states for the kept tokens (merging)
     ranked: torch.Tensor | None = None  # the part of `keep` chosen by `scores` (default: all of it)
     chosen: torch.Tensor | None = None  # tokens the rule selected when `keep` are only slots (default: keep)
+    whole_span: bool = False  # `keep` indexes the image's whole run, always-kept tokens (newlines) included:
+    # only those slots stay (VisionZip's NeXT layout has no newlines)
 
     @property
     def selected(self) -> torch.Tensor:
@@ -241,13 +248,18 @@ class VisionZip(Strategy):
     contextual token is target + mean(members) of the *pre-projector* feature-layer states, and the LLM
     receives projector([CLS, dominant patches in spatial order, contextual tokens in target order]). Those
     tokens fill the first `budget` slots of the image's placeholder run (contiguous positions, as VisionZip).
+    On LLaVA-NeXT, `mode="official"` follows VisionZip's NeXT path instead (`select_official_anyres`: the
+    budget split evenly over the crops, kept tokens re-sorted into the crop grid, newlines dropped).
     `mode="llm"`: [CLS] is not counted, the merged state is mean(target, members) of LLM-input embeddings at
-    the target's own slot and position (no projector needed; works on LLaVA-NeXT's packed layout).
+    the target's own slot and position (no projector needed; works on any packed layout).
     """
 
     name = "visionzip"
     needs = frozenset({"cls_attention"})
-    wants = frozenset({"vision_keys", "vision_features", "cls_feature", "project"})
+    wants = frozenset(
+        {"vision_keys", "vision_features", "cls_feature", "project"}
+        | {"crop_cls_attention", "crop_keys", "crop_features", "crop_grid", "crop_source"}
+    )
     modes = ("official", "llm")
     no_surrogate = None
 
@@ -296,28 +308,98 @@ class VisionZip(Strategy):
         embeds = group_means(signals.embeds[rows], groups, keep.numel())
         return Selection(keep=keep, scores=scores, embeds=embeds, ranked=dominant)
 
-    def select_official(self, signals: SpanSignals, scores, budget: int, preselected) -> Selection:
-        """VisionZip's own rule and budget accounting (see the class docstring)."""
-        features = require(signals, "vision_features", self.name).float()
-        cls = require(signals, "cls_feature", self.name).float()
-        project = require(signals, "project", self.name)
-        if budget <= 0:
-            return Selection(keep=torch.zeros(0, dtype=torch.long), scores=scores)
-        if budget >= signals.n_tokens:  # keep=1.0 keeps the image as it is (VisionZip itself would still merge)
-            return Selection(keep=torch.arange(signals.n_tokens), scores=scores)
+    def crop_tokens(
+        self, scores: torch.Tensor, keys: torch.Tensor, features: torch.Tensor, budget: int, preselected: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """VisionZip's rule on one crop: `features` [1 + T, Dv] ([CLS] first), `scores` / `keys` over the T
+        patches. Returns ([CLS, dominant patches in spatial order, contextual tokens] [budget, Dv], dominant
+        patch indices, contextual target indices)."""
         n_context = min(round(self.contextual * budget), max(0, budget - 1 - preselected.numel()))
         dominant = top_scores(scores, budget - 1 - n_context, preselected)
-        targets, members, owner = self.contextual_targets(signals, dominant, n_context)
-        sums = torch.zeros(targets.numel(), features.shape[1]).index_add_(0, owner, features[members])
+        crop = SpanSignals(embeds=features[1:], vision_keys=keys)
+        targets, members, owner = self.contextual_targets(crop, dominant, n_context)
+        patches = features[1:].float()
+        sums = torch.zeros(targets.numel(), patches.shape[1]).index_add_(0, owner, patches[members])
         counts = torch.bincount(owner, minlength=targets.numel()).clamp_min(1)
-        contextual = features[targets] + sums / counts[:, None]
-        tokens = torch.cat([cls[None], features[dominant], contextual])
+        contextual = patches[targets] + sums / counts[:, None]
+        return torch.cat([features[:1].float(), patches[dominant], contextual]), dominant, targets
+
+    def select_official(self, signals: SpanSignals, scores, budget: int, preselected) -> Selection:
+        """VisionZip's own rule and budget accounting (see the class docstring)."""
+        project = require(signals, "project", self.name)
+        if budget <= 0:  # on AnyRes crops nothing stays, as VisionZip's NeXT layout has no newlines
+            anyres = signals.crop_features is not None
+            return Selection(keep=torch.zeros(0, dtype=torch.long), scores=scores, whole_span=anyres)
+        if budget >= signals.n_tokens:  # keep=1.0 keeps the image as it is (VisionZip itself would still merge)
+            return Selection(keep=torch.arange(signals.n_tokens), scores=scores)
+        if signals.crop_features is not None:
+            return self.select_official_anyres(signals, scores, budget, preselected, project)
+        features = require(signals, "vision_features", self.name).float()
+        cls = require(signals, "cls_feature", self.name).float()
+        keys = signals.vision_keys if signals.vision_keys is not None else features
+        tokens, dominant, targets = self.crop_tokens(
+            scores, keys, torch.cat([cls[None], features]), budget, preselected
+        )
         return Selection(
             keep=torch.arange(tokens.shape[0]),
             scores=scores,
             embeds=project(tokens),
             ranked=dominant,
             chosen=merge_kept(dominant, targets),
+        )
+
+    def select_official_anyres(self, signals: SpanSignals, scores, budget: int, preselected, project) -> Selection:
+        """VisionZip's LLaVA-NeXT path (`prepare_inputs_labels_for_multimodal_visionzip` with
+        `restore_image_features_sorted`): every crop (base image first) runs the one-crop rule on *all* its
+        patches with the same per-crop budget b = budget // crops, then the LLM receives the base crop's b
+        tokens; the other crops' dominant patches in row-major order of the whole (rows x 24, columns x 24)
+        crop grid, neither unpadded nor with newlines; the other crops' [CLS] tokens; their contextual
+        tokens, crop by crop. They fill the first slots of the image's run; the rest (newlines included) goes.
+        """
+        if preselected.numel():
+            raise ValueError(
+                "visionzip mode='official' on AnyRes crops budgets each whole crop; reserve is not supported there "
+                "(use mode='llm' or reserve=0)"
+            )
+        features = signals.crop_features.float()
+        crop_scores = require(signals, "crop_cls_attention", self.name)
+        keys = require(signals, "crop_keys", self.name)
+        rows, cols = require(signals, "crop_grid", self.name)
+        n_crops, n_patches = crop_scores.shape
+        if rows * cols != n_crops - 1:
+            raise ValueError(f"AnyRes grid {rows}x{cols} does not match {n_crops - 1} crops")
+        side = math.isqrt(n_patches)
+        per_crop = budget // n_crops
+        if per_crop <= 0:
+            return Selection(keep=torch.zeros(0, dtype=torch.long), scores=scores, whole_span=True)
+        empty = torch.zeros(0, dtype=torch.long)
+        parts = [self.crop_tokens(crop_scores[c], keys[c], features[c], per_crop, empty) for c in range(n_crops)]
+        n_dominant = parts[0][1].numel()
+        # The crops' dominant patches scattered into the crop grid and read row-major across crops.
+        crop = torch.arange(1, n_crops).repeat_interleave(n_dominant)
+        patch = torch.cat([part[1] for part in parts[1:]]) if n_crops > 1 else empty
+        grid_row = (crop - 1) // cols * side + patch // side
+        grid_col = (crop - 1) % cols * side + patch % side
+        order = (grid_row * cols * side + grid_col).argsort()
+        dominant_rows = torch.cat([part[0][1 : 1 + n_dominant] for part in parts[1:]])[order] if n_crops > 1 else None
+        tokens = torch.cat(
+            [parts[0][0]]
+            + ([dominant_rows] if dominant_rows is not None else [])
+            + [part[0][:1] for part in parts[1:]]
+            + [part[0][1 + n_dominant :] for part in parts[1:]]
+        )
+        dominant = torch.cat([part[1] + c * n_patches for c, part in enumerate(parts)])
+        targets = torch.cat([part[2] + c * n_patches for c, part in enumerate(parts)])
+        source = require(signals, "crop_source", self.name)
+        is_dominant = torch.isin(source, dominant)
+        chosen = (is_dominant | torch.isin(source, targets)).nonzero().squeeze(1)
+        return Selection(
+            keep=torch.arange(tokens.shape[0]),
+            scores=scores,
+            embeds=project(tokens),
+            ranked=is_dominant.nonzero().squeeze(1),
+            chosen=chosen,
+            whole_span=True,
         )
 
 

@@ -22,9 +22,10 @@ def layer_input(model, layer: int):
     return seen, model.model.language_model.layers[layer].register_forward_pre_hook(hook, with_kwargs=True)
 
 
-def visionzip_reference_tokens(model, pixel_values, dominant: int, contextual: int) -> torch.Tensor:
+def visionzip_reference_tokens(model, pixel_values, dominant: int, contextual: int, with_keep: bool = False):
     """VisionZip's `CLIPVisionTower_VisionZip.forward` + projector for one image: eager CLIP with attention
-    output at layer -2, metric = head-mean raw keys of that layer, hidden_states[-2] with [CLS]."""
+    output at layer -2, metric = head-mean raw keys of that layer, hidden_states[-2] with [CLS]. With
+    `with_keep`, also the forward's `all_indices` ([CLS] = 0 and the dominant patches + 1)."""
     tower = model.model.vision_tower
     layer = tower.encoder.layers[-2].self_attn
     keys = {}
@@ -51,7 +52,32 @@ def visionzip_reference_tokens(model, pixel_values, dominant: int, contextual: i
         merged.append(hidden[rest[target]] + mean)
     tokens = torch.cat([hidden[keep], torch.stack(merged)])
     with torch.no_grad():
-        return model.model.multi_modal_projector(tokens)
+        projected = model.model.multi_modal_projector(tokens)
+    return (projected, keep) if with_keep else projected
+
+
+def visionzip_next_reference(model, crops, grid_h: int, grid_w: int, dominant: int, contextual: int):
+    """VisionZip's LLaVA-NeXT path for one image, written out from `prepare_inputs_labels_for_multimodal_visionzip`
+    and `restore_image_features_sorted`: every crop through the one-crop rule, the base crop's tokens as they
+    are, then the other crops' dominant tokens scattered into the (H*24, W*24) grid and read row-major (no
+    unpad, no newline), their [CLS] tokens, their contextual tokens."""
+    outputs = [visionzip_reference_tokens(model, crop[None], dominant, contextual, True) for crop in crops]
+    image_feature = torch.stack([features for features, _ in outputs])
+    keep_idx = torch.tensor([keep for _, keep in outputs])[1:]
+    base, rest = image_feature[0], image_feature[1:]
+    num_img, total_patches, feature_dim = rest.shape
+    num_keep = keep_idx.shape[1]
+    num_extra = total_patches - num_keep
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    restore = keep_idx.sort(dim=1).values[:, 1:] - 1
+    restored = torch.zeros(num_img, side * side, feature_dim)
+    mask = torch.zeros(num_img, side * side, dtype=torch.bool)
+    mask.scatter_(1, restore, True)
+    restored[mask] = rest[:, 1:num_keep].reshape(-1, feature_dim)
+    restored = restored.view(grid_h, grid_w, side, side, feature_dim).permute(0, 2, 1, 3, 4).contiguous()
+    restored = restored.view(grid_h * side, grid_w * side, feature_dim)
+    mask = mask.view(grid_h, grid_w, side, side).permute(0, 2, 1, 3).contiguous().view(grid_h * side, grid_w * side)
+    return torch.cat([base, restored[mask], rest[:, 0], rest[:, -num_extra:].reshape(-1, feature_dim)])
 
 
 @pytest.mark.parametrize("keep,contextual", [(16, 10 / 64), (24, 0.25), (10, 0.5)])
@@ -71,12 +97,65 @@ def test_visionzip_official_feeds_the_llm_what_visionzip_feeds_it(llava_eager, k
     torch.testing.assert_close(seen["hidden"][0, slots], expected, atol=1e-5, rtol=1e-4)
 
 
-def test_visionzip_official_is_refused_where_crops_are_packed(llava_next):
-    with pytest.raises(ValueError, match="use mode='llm'"), pruning.apply(llava_next, "visionzip"):
-        pass
+@pytest.fixture(scope="module")
+def llava_next_eager():
+    from tiny_vlms import build_llava_next
+
+    return build_llava_next(attn="eager")
+
+
+@pytest.mark.parametrize("sizes,keep,contextual", [([(64, 64)], 60, 10 / 64), ([(32, 64), (64, 40)], 45, 0.25)])
+def test_visionzip_official_on_llava_next_feeds_the_llm_what_visionzips_next_path_feeds_it(
+    llava_next_eager, sizes, keep, contextual
+):
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+    model = llava_next_eager
+    inputs = llava_next_inputs(model, sizes)
+    with pruning.apply(model, "visionzip", keep=keep, contextual=contextual) as session, torch.no_grad():
+        seen, handle = layer_input(model, 0)
+        model(**inputs)
+        handle.remove()
+    report = session.reports[-1]
+    config = model.config
+    for sample, size in enumerate(inputs["image_sizes"]):
+        grid_h, grid_w = get_anyres_image_grid_shape(size, config.image_grid_pinpoints, config.vision_config.image_size)
+        n_crops = 1 + grid_h * grid_w
+        per_crop = keep // n_crops
+        n_context = round(contextual * per_crop)
+        crops = inputs["pixel_values"][sample, :n_crops]
+        expected = visionzip_next_reference(model, crops, grid_h, grid_w, per_crop - n_context, n_context)
+        assert expected.shape[0] == n_crops * per_crop
+        columns = report.keep_columns[sample]
+        image = (inputs["input_ids"][sample] == config.image_token_id).nonzero().squeeze(1)
+        slots = torch.isin(columns, image).nonzero().squeeze(1)
+        assert columns[slots].tolist() == image[: expected.shape[0]].tolist()  # newlines dropped as VisionZip
+        pad = seen["hidden"].shape[1] - columns.numel()  # the compact batch is re-padded on the left
+        torch.testing.assert_close(seen["hidden"][sample, pad + slots], expected, atol=1e-5, rtol=1e-4)
+        assert report.spans[sample].n_kept == expected.shape[0]
+
+
+def test_visionzip_official_on_llava_next_budget_edges(llava_next):
+    """Per-crop budgets: below one token per crop nothing stays (no newlines either, as VisionZip's layout has
+    none); keep=1.0 keeps the image as it is, newlines included."""
+    inputs = llava_next_inputs(llava_next, [(32, 64), (64, 64)])  # 3 and 5 crops
+    kept = {}
+    for keep in (0, 4, 1.0):
+        with pruning.apply(llava_next, "visionzip", keep=keep) as session, torch.no_grad():
+            llava_next(**inputs)
+        kept[keep] = [span.n_kept for span in session.reports[-1].spans]
+        lengths = [span.n_tokens for span in session.reports[-1].spans]
+    assert kept[0] == [0, 0] and kept[4] == [3, 0] and kept[1.0] == lengths
+
+
+def test_visionzip_official_on_llava_next_refuses_a_reserve(llava_next):
+    with pruning.apply(llava_next, "visionzip", keep=30, reserve=0.2) as session, torch.no_grad():
+        with pytest.raises(ValueError, match="reserve is not supported there"):
+            llava_next(**llava_next_inputs(llava_next, [(40, 60)]))
+    assert not session.reports
     with pruning.apply(llava_next, "visionzip", mode="llm", keep=8) as session, torch.no_grad():
         llava_next(**llava_next_inputs(llava_next, [(40, 60)]))
-    assert session.reports[-1].spans[0].n_kept > 8  # 8 plus the newline tokens
+    assert session.reports[-1].spans[0].n_kept > 8  # mode="llm": 8 plus the newline tokens
 
 
 @pytest.mark.parametrize("keep,layer", [(16, 1), (24, 2), (40, 1)])

@@ -52,7 +52,7 @@ def build_llava(attn: str = "sdpa") -> LlavaForConditionalGeneration:
     return LlavaForConditionalGeneration(config).eval()
 
 
-def build_llava_next() -> LlavaNextForConditionalGeneration:
+def build_llava_next(attn: str = "sdpa") -> LlavaNextForConditionalGeneration:
     torch.manual_seed(0)
     config = LlavaNextConfig(
         vision_config=tiny_clip(),
@@ -60,6 +60,7 @@ def build_llava_next() -> LlavaNextForConditionalGeneration:
         image_token_id=IMAGE,
         image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]],
     )
+    config._attn_implementation = attn
     return LlavaNextForConditionalGeneration(config).eval()
 
 
