@@ -314,3 +314,31 @@ def test_bench_hf_rows_on_a_tiny_janus(tmp_path):
     assert results["ar"]["nfe"] == 16 and results["ar"]["step_compression"] == 1.0  # 1 prefill + 15 forwards
     assert results["sjd"]["nfe"] <= 16 and results["sd"]["step_compression"] >= 1.0
     assert "bench hf --shape tiny" in path.read_text()
+
+
+@pytest.mark.parametrize("make", [janus_ragged, emu3_ragged], ids=["janus", "emu3"])
+def test_explicit_causal_mask_equals_the_default_mask(make):
+    """An explicit contract mask (slots <= own among the prompt and this call's slots) gives the default's outputs,
+    and a rollback hides what was written after the kept length from later tokens."""
+    adapter = make()
+    labels = torch.tensor([0, 1, 2])
+    T, L = adapter.cls_token_num, 6
+    tokens = torch.randint(adapter.vocab_size, (3, L), generator=torch.Generator().manual_seed(0))
+    slots = torch.arange(T, T + L)
+    outs = []
+    for explicit in (False, True):
+        adapter.setup_cache(3)
+        adapter.prefill(labels)
+        k = torch.arange(T + adapter.num_image_tokens)
+        mask = (k[None, :] <= slots[:, None])[None] if explicit else None
+        outs.append(adapter.forward_tokens(tokens, slots, mask=mask).logits)
+    torch.testing.assert_close(outs[0], outs[1])
+    # rollback hides stale slots: after it, a token fed at slot T+4 sees tokens 0, 1 and itself, not 2, 3
+    adapter.rollback(T + 2)
+    after = adapter.forward_tokens(tokens[:, 4:5], slots[4:5]).logits
+    adapter.setup_cache(3)
+    adapter.prefill(labels)
+    adapter.forward_tokens(tokens[:, :2], slots[:2])
+    fresh = adapter.forward_tokens(tokens[:, 4:5], slots[4:5]).logits
+    torch.testing.assert_close(after, fresh, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(after, outs[0][:, 4:5], atol=1e-3)  # what seeing tokens 2, 3 would have given
