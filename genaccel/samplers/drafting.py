@@ -23,6 +23,7 @@ from genaccel.samplers.speculative import (
     can_select_rows,
     shift_rows,
 )
+from genaccel.samplers.window import AUTO_DRAFT_LEN, AUTO_JACOBI_WINDOW, resolve_window
 
 
 def empty_draft(state: DecodeState) -> Draft:
@@ -84,10 +85,10 @@ class JacobiDrafter:
     both with a one-hot q (SJD ``get_multi_token_for_preparation``).
     """
 
-    def __init__(self, window: int = 16, init: str = "random", coupling: str = "independent"):
+    def __init__(self, window: int | str = 16, init: str = "random", coupling: str = "independent"):
         if coupling not in COUPLINGS:
             raise ValueError(f"coupling must be one of {COUPLINGS}, got {coupling!r}")
-        self.window = window
+        self.window, self.auto = resolve_window(window, AUTO_JACOBI_WINDOW)
         self.init = init
         self.coupling = coupling
 
@@ -180,8 +181,9 @@ class DrafterHeadSource:
     drafter logits.
     """
 
-    def __init__(self, drafter, draft_len: int = 4):
+    def __init__(self, drafter, draft_len: int | str = 4):
         self.drafter = drafter
+        draft_len, self.auto = resolve_window(draft_len, AUTO_DRAFT_LEN)
         self.window = draft_len + 1
 
     def start(self, state: DecodeState, hidden: torch.Tensor) -> None:
@@ -227,8 +229,9 @@ class DraftModelSource:
     samples ``num`` tokens.
     """
 
-    def __init__(self, draft_model, draft_len: int = 4):
+    def __init__(self, draft_model, draft_len: int | str = 4):
         self.draft_model = draft_model
+        draft_len, self.auto = resolve_window(draft_len, AUTO_DRAFT_LEN)
         self.window = draft_len + 1
 
     def start(self, state: DecodeState, hidden: torch.Tensor) -> None:

@@ -33,6 +33,7 @@ import torch
 from genaccel.models.contract import ARModel
 from genaccel.samplers.acceptance import AcceptanceRule, ExactRule
 from genaccel.samplers.base import Sampler, SamplerStats, SamplingOptions, draw, target_probs
+from genaccel.samplers.window import WindowPolicy, check_window_option, forward_cost, measured_lengths, window_arg
 
 INIT_SCHEMES = ("random", "repeat_horizon")
 # How a Jacobi draft is re-drawn when the target distribution at its position changes (docs/speculative.md):
@@ -46,14 +47,13 @@ COUPLINGS = ("independent", "maximal", "gumbel")
 class JacobiOptions(SamplingOptions):
     """Options of the training-free Jacobi draft window (SJD, MC-SJD, GSD)."""
 
-    window: int = 16
+    window: int | str = 16  # or 'auto': chosen per step from the cost curve and the acceptance (window.py)
     init: str = "repeat_horizon"  # named by SJD's LlamaGen script, whose drafts are in fact random (docs/speculative.md)
     draft_coupling: str = "independent"  # SJD; 'maximal' / 'gumbel': MC-SJD's coupled re-drafting (lossless)
 
     def validate(self) -> None:
         super().validate()
-        if not 1 <= self.window <= 1024:
-            raise ValueError(f"window must lie in [1, 1024] tokens per target forward (SJD default 16), got {self.window}")
+        check_window_option("window", self.window, 1, 1024, "tokens per target forward (SJD default 16)")
         if self.init not in INIT_SCHEMES:
             raise ValueError(f"init must be one of {INIT_SCHEMES}, got {self.init!r}")
         if self.draft_coupling not in COUPLINGS:
@@ -66,12 +66,11 @@ class DrafterOptions(SamplingOptions):
     """Options of a trained draft source: an EAGLE-style drafter head, or a smaller draft model."""
 
     drafter: str = ""
-    draft_len: int = 4
+    draft_len: int | str = 4  # or 'auto': chosen per step from the cost curve and the acceptance (window.py)
 
     def validate(self) -> None:
         super().validate()
-        if not 1 <= self.draft_len <= 64:
-            raise ValueError(f"draft_len must lie in [1, 64] drafted tokens per target forward, got {self.draft_len}")
+        check_window_option("draft_len", self.draft_len, 1, 64, "drafted tokens per target forward (default 4)")
         check_path_option("drafter", self.drafter)
 
 
@@ -110,7 +109,8 @@ def sampler_cli_options() -> list[tuple[str, dict]]:
         return flag, dict(type=type_, dest=flag[2:].replace("-", "_"), default=None, help=help_, **kw)
 
     return [
-        opt("--window", int, "sjd/gsd: Jacobi window, tokens verified per target forward (default 16); zipar: tokens a row needs before the next starts (default 8)"),
+        opt("--window", window_arg, "sjd/gsd: Jacobi window, tokens verified per target forward (default 16; 'auto' = "
+            "cost-aware, chosen per step); zipar: tokens a row needs before the next starts (default 8)"),
         opt("--init", str, "sjd/gsd: initialisation of new draft slots", choices=INIT_SCHEMES),
         opt("--draft-coupling", str, "sjd/mcsjd/gsd/lantern: how Jacobi drafts are re-drawn (independent = SJD; "
             "maximal, gumbel = MC-SJD, lossless; on lantern a coupling selects the Jacobi window)", choices=COUPLINGS),
@@ -121,7 +121,7 @@ def sampler_cli_options() -> list[tuple[str, dict]]:
         opt("--lantern-delta", float, "lantern (gsd): moved mass bound; <= 1 TV bound, > 1 LANTERN++ lambda, 0 = off"),
         opt("--codebook", str, "lantern/gsd: VQ checkpoint whose codebook defines neighbours (default: bundled VQ)"),
         opt("--drafter", str, "lantern/sd: EAGLE-style drafter checkpoint (default: bundled drafter)"),
-        opt("--draft-len", int, "lantern/sd: tokens drafted per target forward (4)"),
+        opt("--draft-len", window_arg, "lantern/sd: tokens drafted per target forward (4; 'auto' = cost-aware, chosen per step)"),
         opt("--draft-model", str, "sd: smaller GPT checkpoint used as the draft model instead of the drafter head"),
     ]
 
@@ -318,6 +318,23 @@ class SpeculativeSampler(Sampler):
     def acceptance_rule(self, model: ARModel) -> AcceptanceRule:
         return ExactRule()
 
+    _window_policy: tuple | None = None
+
+    def window_policy(self, model: ARModel, batch_labels: torch.Tensor, longest: int) -> WindowPolicy:
+        """The cost-aware window chooser of this sampler for ``model`` at this batch. It persists across
+        ``generate`` calls (statistics of earlier images are history too, so exactness is unaffected) and
+        starts afresh for another model, batch size or longest window."""
+        key = (id(model), batch_labels.shape[0], longest)
+        if self._window_policy is None or self._window_policy[0] != key:
+            cost = getattr(self, "_forward_cost", None) or forward_cost(model, batch_labels, measured_lengths(longest))
+            self._window_policy = (key, WindowPolicy(cost, longest))
+        return self._window_policy[1]
+
+    def set_forward_cost(self, cost: dict[int, float]) -> None:
+        """Use this cost curve {window length: seconds} instead of measuring one (tests, known hardware)."""
+        self._forward_cost = dict(cost)
+        self._window_policy = None
+
     def _generate(self, model, labels, generator, stats: SamplerStats) -> torch.Tensor:
         opts = self.options
         B, N, T = labels.shape[0], model.num_image_tokens, model.cls_token_num
@@ -326,6 +343,8 @@ class SpeculativeSampler(Sampler):
         W = source.window
         span = torch.arange(W, device=device)
         batch_labels = self.batch_labels(model, labels)
+        policy = self.window_policy(model, batch_labels, W) if getattr(source, "auto", False) else None
+        windows: dict[int, int] = {}
         model.setup_cache(batch_labels.shape[0], T + N)
         hist = torch.zeros(W + 1, dtype=torch.long, device=device)
         row_steps = 0
@@ -341,13 +360,18 @@ class SpeculativeSampler(Sampler):
         rows = torch.arange(B, device=device)  # original index of every row still in the batch
 
         while True:
+            step_tic, target_before = time.perf_counter(), stats.target_time_s
             n = state.n
             remaining = N - n
             L = min(W, int(remaining.max()))
+            if policy is not None:  # a function of earlier steps only: exact rules stay exact (window.py)
+                L = policy.choose(L)
+            windows[L] = windows.get(L, 0) + 1
             limit = (remaining.clamp(max=L) - 1).clamp(min=0)  # drafts a row can use before its image ends
             tic = time.perf_counter()
             draft = source.propose(state, L - 1)
-            stats.draft_time_s += time.perf_counter() - tic
+            draft_s = time.perf_counter() - tic
+            stats.draft_time_s += draft_s
 
             fed = torch.cat([buf.gather(1, (n - 1)[:, None]), draft.tokens], dim=1)
             # slots past a row's image end hold padding (ignored outputs): clamp them onto the unused last slot
@@ -366,6 +390,10 @@ class SpeculativeSampler(Sampler):
             live = remaining > 0
             hist += torch.bincount(committed[live], minlength=W + 1)
             row_steps += int(live.sum())
+            if policy is not None:
+                target_s = stats.target_time_s - target_before
+                engine_s = time.perf_counter() - step_tic - target_s - draft_s
+                policy.observe(verification.accepted[live] - 1, limit[live], engine_s, draft_s, L - 1)
 
             done = state.n >= N
             if bool(done.all()):
@@ -390,6 +418,7 @@ class SpeculativeSampler(Sampler):
             row_verify_steps=row_steps,
             row_step_compression=B * N / (B + row_steps),
             window=W,
+            window_hist=dict(sorted(windows.items())),
             rule=rule.name,
             draft_source=type(source).__name__,
         )
