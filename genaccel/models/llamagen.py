@@ -1,4 +1,4 @@
-"""LlamaGen class-conditional GPT (c2i), state-dict compatible with FoundationVision/LlamaGen.
+"""LlamaGen GPT, class-conditional (c2i) and text-conditional (t2i), state-dict compatible with FoundationVision/LlamaGen.
 
 One file, one model, in the spirit of gpt-fast's ``model.py``: a ``ModelArgs`` dataclass, named presets,
 a static pre-allocated KV cache, and a forward that needs nothing but tokens and cache positions.
