@@ -353,13 +353,14 @@ def run_sample(argv: list[str] | None = None, prog: str = "genaccel sample") -> 
     else:
         num_images = args.num_images or (len(args.classes) if args.classes else pipe.num_classes)
         labels = labels_for(pipe.num_classes, args.classes, num_images)
-    all_images, totals = [], {"nfe": 0, "wall_time_s": 0.0, "tokens": 0}
+    all_images, totals = [], {"nfe": 0, "image_nfe": 0.0, "wall_time_s": 0.0, "tokens": 0}
     start = time.perf_counter()
     try:
         for chunk, images, st in pipe.generate_batches(labels, sampler, args.batch_size, args.seed,
                                                        not args.no_progress):
             all_images.append(images)
             totals["nfe"] += st.nfe * len(chunk)
+            totals["image_nfe"] += st.forwards_per_image * len(chunk)  # ragged batches: images leave early
             totals["tokens"] += st.tokens * len(chunk)
             totals["wall_time_s"] += st.wall_time_s
     except KeyboardInterrupt:
@@ -370,8 +371,10 @@ def run_sample(argv: list[str] | None = None, prog: str = "genaccel sample") -> 
     stats = {
         "model": args.model, "sampler": args.sampler, "options": vars(sampler.options), "num_images": len(images),
         "batch_size": args.batch_size, "seed": args.seed, "checkpoints": pipe.info,
-        "nfe_per_image": totals["nfe"] / len(images), "tokens_per_image": totals["tokens"] / len(images),
-        "step_compression": totals["tokens"] / max(totals["nfe"], 1),
+        "nfe_per_image": totals["image_nfe"] / len(images), "tokens_per_image": totals["tokens"] / len(images),
+        "step_compression": totals["tokens"] / max(totals["image_nfe"], 1),
+        "batch_nfe_per_image": totals["nfe"] / len(images),  # forwards of the batches each image was in
+        "step_compression_batch": totals["tokens"] / max(totals["nfe"], 1),
         "sampling_time_s": totals["wall_time_s"], "total_time_s": elapsed,
         "images_per_s": len(images) / elapsed, "device": args.device, "dtype": args.dtype,
         "environment": environment(),

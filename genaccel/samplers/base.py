@@ -42,6 +42,16 @@ class SamplerStats:
         return out
 
     @property
+    def forwards_per_image(self) -> float:
+        """Target forwards each image of the batch took part in, on average. In a ragged speculative batch
+        (``row_verify_steps`` recorded) a complete image leaves the batch, so this is prefill + its own
+        verify steps, fewer than the batch's ``nfe``; other samplers run every image in every forward."""
+        row_steps = self.extra.get("row_verify_steps")
+        if row_steps is None or not self.images:
+            return float(self.nfe)
+        return 1 + row_steps / self.images
+
+    @property
     def tokens_per_forward(self) -> float:
         return self.tokens / max(self.nfe, 1)
 

@@ -45,8 +45,8 @@ def check_window_option(name: str, value, low: int, high: int, default: str) -> 
     if value == AUTO:
         return
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"{name} must be an integer in [{low}, {high}] or 'auto' (cost-aware, chosen per step); "
-                         f"{default}, got {value!r}")
+        raise ValueError(f"{name} must lie in [{low}, {high}] {default}, or be 'auto' (cost-aware, chosen per step), "
+                         f"got {value!r}")
 
 
 def window_arg(value: str) -> int | str:

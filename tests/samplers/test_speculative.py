@@ -295,3 +295,18 @@ def test_codebook_size_mismatch_is_reported():
     sampler.set_codebook(torch.randn(7, 4))
     with pytest.raises(ValueError, match="vocab_size 32"):
         sampler.generate(model, torch.tensor([0]))
+
+
+def test_forwards_per_image_of_a_ragged_batch_is_each_images_own_count():
+    """A complete image leaves a ragged batch: its forwards are prefill + its own verify steps, which for a
+    greedy batch (rows = their single runs) average the single runs' NFE, below the batch's NFE."""
+    model = tiny_gpt(block=64, seed=2)
+    labels = torch.tensor([0, 1, 2, 3])
+    sampler = make_sampler("sjd", model, temperature=0.0, window=8)
+    batch = sampler.generate(model, labels).stats
+    singles = [sampler.generate(model, label[None]).stats for label in labels]
+    assert batch.forwards_per_image == pytest.approx(sum(s.nfe for s in singles) / len(singles))
+    assert all(s.forwards_per_image == s.nfe for s in singles)
+    assert batch.forwards_per_image <= batch.nfe
+    ar = build_sampler("ar").generate(model, labels).stats
+    assert ar.forwards_per_image == ar.nfe == model.num_image_tokens

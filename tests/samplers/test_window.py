@@ -90,9 +90,9 @@ def test_window_options_accept_auto_and_reject_the_rest():
     with pytest.raises(ValueError, match="integer or 'auto'"):
         window_arg("big")
     for bad in ("fast", 0, 2.5):
-        with pytest.raises(ValueError, match="window must be an integer in \\[1, 1024\\] or 'auto'"):
+        with pytest.raises(ValueError, match="window must lie in \\[1, 1024\\] .* or be 'auto'"):
             build_sampler("sjd", window=bad)
-    with pytest.raises(ValueError, match="draft_len must be an integer in \\[1, 64\\] or 'auto'"):
+    with pytest.raises(ValueError, match="draft_len must lie in \\[1, 64\\] .* or be 'auto'"):
         build_sampler("sd", draft_len="many")
     assert build_sampler("mcsjd", window="auto").options.window == "auto"
 
