@@ -34,6 +34,7 @@ class ImageLayout:
     base_chunk: torch.Tensor | None = None
     pixels: torch.Tensor | None = None
     grid: tuple[int, int] | None = None
+    global_attention: torch.Tensor | None = None  # received attention per token (indexed like `source`)
 
     @property
     def always_keep(self) -> torch.Tensor:
@@ -81,6 +82,19 @@ class VLMAdapter:
 
     def vision_heads(self) -> int:
         return self.outer.config.vision_config.num_attention_heads
+
+    # How `global_attention_module` exposes its queries/keys: "qk" (q_proj / k_proj outputs, no rotary: CLIP,
+    # SigLIP) or "qwen" (fused qkv, 2-D rotary from the call's position_embeddings, blocks from cu_seqlens).
+    global_kind: str = "qk"
+
+    def global_attention_module(self) -> nn.Module | None:
+        """The vision attention whose received attention is the "global attention" signal (None: none)."""
+        return None
+
+    def global_attention(self, modality: str, record: Any, layouts: list[ImageLayout] | None) -> None:
+        """Turn the captured q/k of one encoding into per-token received attention: fill
+        `layout.global_attention` of `layouts` or store a vector in `record.kwargs` for `layouts(call)`."""
+        raise NotImplementedError
 
     def vision_layer_index(self, call: dict[str, Any], which: str) -> int:
         raise NotImplementedError
@@ -150,6 +164,17 @@ class LlavaAdapter(VLMAdapter):
 
     def projector(self):
         return self.outer.multi_modal_projector
+
+    def global_attention_module(self):
+        return self.vision_layers()[self.vision_layer_index({}, "deep")].self_attn
+
+    def global_attention(self, modality, record, layouts):
+        """[CLS] included as a query and a key, as in the tower; read through `source` like [CLS] attention."""
+        from genaccel.pruning import signals as sig
+
+        attention, heads = self.global_attention_module(), self.vision_heads()
+        q, k = (sig.split_heads(record.vision[("global", name)], heads) for name in ("q", "k"))
+        record.vision[("global", "scores")] = sig.received_attention(q, k, attention.scale)
 
     def feature_choice(self, call: dict[str, Any]) -> tuple[int, str]:
         config = self.outer.config
@@ -261,6 +286,30 @@ class Qwen2VLAdapter(VLMAdapter):
 
     model_types = ("qwen2_vl", "qwen2_5_vl")
     has_frames = True
+    global_kind = "qwen"
+
+    def global_attention_module(self):
+        return self.outer.visual.blocks[-1].attn
+
+    def global_attention(self, modality, record, layouts):
+        """Last vision block: rotary re-applied to the captured fused qkv, received attention within each of
+        the block's attention segments (frames, or windows in Qwen2.5-VL's windowed blocks), averaged over
+        each 2x2 group the PatchMerger fuses, and put back in token order (Qwen2.5-VL's `window_index`)."""
+        from genaccel.pruning import signals as sig
+
+        attention = self.global_attention_module()
+        qkv = record.vision[("global", "qkv")]
+        cos, sin = record.vision[("global", "cos")], record.vision[("global", "sin")]
+        q, k, _ = qkv.reshape(qkv.shape[0], 3, attention.num_heads, -1).unbind(1)
+        cos, sin = cos[:, None].float(), sin[:, None].float()
+        q, k = q.float() * cos + sig.rotate_half(q.float()) * sin, k.float() * cos + sig.rotate_half(k.float()) * sin
+        scores = sig.received_attention_segments(q, k, record.vision[("global", "cu_seqlens")], attention.scaling)
+        merge = self.outer.config.vision_config.spatial_merge_size**2
+        merged = scores.view(-1, merge).mean(dim=1)
+        window_index = record.vision.get(("global", "window_index"))
+        if window_index is not None:
+            merged = merged[torch.argsort(window_index.to(merged.device))]
+        record.kwargs[f"{modality}_global_attention"] = merged
 
     def layouts(self, call):
         config = self.outer.config
@@ -270,9 +319,10 @@ class Qwen2VLAdapter(VLMAdapter):
             (call.get("video_grid_thw"), call.get("pixel_values_videos"), config.video_token_id),
         ]
         layouts = []
-        for grid, pixels, token_id in grids:
+        for (grid, pixels, token_id), modality in zip(grids, ("image", "video")):
             if grid is None:
                 continue
+            scores, offset = call.get(f"{modality}_global_attention"), 0
             rows = [0, *grid.prod(dim=-1).cumsum(0).tolist()]
             for index, thw in enumerate(grid):
                 patches = None if pixels is None else pixels[rows[index] : rows[index + 1]]
@@ -281,7 +331,9 @@ class Qwen2VLAdapter(VLMAdapter):
                 for frame in range(frames):
                     part = None if patches is None else patches[frame * frame_rows : (frame + 1) * frame_rows]
                     length = int(thw.prod()) // merge // frames
-                    layouts.append(ImageLayout(length=length, token_id=token_id, pixels=part))
+                    received = None if scores is None else scores[offset : offset + length]
+                    offset += length
+                    layouts.append(ImageLayout(length, token_id, pixels=part, global_attention=received))
         return layouts
 
     def decode_positions(self, q_len, past, attention_mask, device):
@@ -305,6 +357,61 @@ class LlavaOnevisionAdapter(VLMAdapter):
 
     model_types = ("llava_onevision",)
     has_frames = True
+
+    def global_attention_module(self):
+        tower = self.outer.vision_tower
+        layers = getattr(tower, "vision_model", tower).encoder.layers
+        layer = self.outer.config.vision_feature_layer
+        if not isinstance(layer, int):
+            return None
+        return layers[clip_layer_index(layer, len(layers))].self_attn
+
+    def global_attention(self, modality, record, layouts):
+        """SigLIP received attention per crop patch, laid out like the features: the model's own
+        `pack_image_features` (unpad, AnyRes interpolation) on the 1-channel score map for images, its
+        `apply_pooling` for video frames; newline slots come out NaN and are never read."""
+        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+        from genaccel.pruning import signals as sig
+
+        attention, heads = self.global_attention_module(), self.vision_heads()
+        q, k = (sig.split_heads(record.vision[("global", name)], heads) for name in ("q", "k"))
+        scores = sig.received_attention(q, k, attention.scale)
+        if (
+            record.kwargs.get("vision_feature_select_strategy") or self.outer.config.vision_feature_select_strategy
+        ) == "default":
+            scores = scores[:, 1:]
+        scores = scores[..., None]
+        nan = torch.full((1,), float("nan"), device=scores.device)
+        if modality == "image":
+            sizes = record.kwargs["image_sizes"]
+            config = self.outer.config
+            counts = [
+                image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
+                for size in sizes
+            ]
+            if sum(counts) != scores.shape[0]:
+                counts = [1] * len(sizes)  # multi-image samples are encoded without AnyRes crops
+            aspect = record.kwargs.get("vision_aspect_ratio") or config.vision_aspect_ratio
+            packed, _ = self.outer.pack_image_features(
+                list(torch.split(scores, counts)), sizes, image_newline=nan, vision_aspect_ratio=aspect
+            )
+            vectors = [p[:, 0] for p in packed]
+        else:
+            frames = record.kwargs.get("pixel_values_videos", record.kwargs.get("pixel_values")).shape[1]
+            pooled = self.outer.apply_pooling(scores)
+            vectors = [torch.cat([video.flatten(), nan]) for video in pooled.split(frames)]
+        self._assign_vectors(layouts, vectors)
+
+    @staticmethod
+    def _assign_vectors(layouts: list[ImageLayout], vectors: list[torch.Tensor]) -> None:
+        """Give every layout its image's / video's score vector (per-frame layouts share their video's)."""
+        index, covered = -1, 0
+        for layout in layouts:
+            if index < 0 or covered >= vectors[index].numel():
+                index, covered = index + 1, 0
+            layout.global_attention = vectors[index]
+            covered += layout.length
 
     def output_layouts(self, modality, kwargs, output):
         features = output.pooler_output

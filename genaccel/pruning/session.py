@@ -43,6 +43,7 @@ VISION_SIGNALS = frozenset(
 FEATURE_SIGNALS = frozenset({"vision_features", "cls_feature", "project"})
 # Whole-crop views of the same captures (VisionZip's official NeXT rule); filled for AnyRes layouts only.
 CROP_SIGNALS = frozenset({"crop_cls_attention", "crop_keys", "crop_features", "crop_grid", "crop_source"})
+GLOBAL_SIGNALS = frozenset({"global_attention"})  # received attention in the vision tower, any tower
 LLM_SIGNALS = frozenset({"text_attention", "key_norms", "text_pivots", "columns", "text_pivot_columns"})
 
 
@@ -194,14 +195,16 @@ class PruningSession:
             available |= VISION_SIGNALS
             if self.adapter.projector() is not None:
                 available |= FEATURE_SIGNALS | CROP_SIGNALS
+        if self.adapter.global_attention_module() is not None:
+            available |= GLOBAL_SIGNALS
         if self.strategy.in_llm:
             available |= LLM_SIGNALS
         missing = self.strategy.needs - available
         if missing:
             raise ValueError(
                 f"strategy {self.strategy.name!r} needs {sorted(missing)}, which {type(self.adapter.model).__name__} "
-                "cannot provide (its vision tower has no [CLS] token); use divprune, mmr, fastv, dart, uniform, pool "
-                "or random"
+                "cannot provide (its vision tower has no [CLS] token); use global-attention (the [CLS]-free analogue "
+                "of fastervlm), divprune, mmr, fastv, dart, uniform, pool or random"
             )
         if getattr(self.strategy, "mode", None) == "official" and self.strategy.name == "visionzip":
             if not FEATURE_SIGNALS <= available:
@@ -241,6 +244,8 @@ class PruningSession:
             self._capture_vision(attention, which)
         if "vision_features" in self.requested:
             self._capture_features(adapter.vision_layers()[adapter.vision_layer_index({}, "deep")])
+        if "global_attention" in self.requested:
+            self._capture_global(adapter.global_attention_module())
         self._hook(MethodWrap(adapter.model, "generate", self._checked_generate))
 
     def detach(self) -> None:
@@ -280,6 +285,36 @@ class PruningSession:
 
         self._hook(layer.register_forward_hook(keep_output))
 
+    def _capture_global(self, attention: nn.Module) -> None:
+        """Keep what the "global attention" signal is recomputed from (adapter.global_kind says which)."""
+
+        def store(slot, value):
+            if self._active_encoding is not None:
+                self._active_encoding.vision[("global", slot)] = value
+
+        if self.adapter.global_kind == "qk":
+            for name in ("q", "k"):
+                projection = getattr(attention, f"{name}_proj")
+                self._hook(projection.register_forward_hook(lambda m, a, out, name=name: store(name, out)))
+            return
+
+        def keep_inputs(module, args, kwargs):
+            store("cu_seqlens", kwargs["cu_seqlens"] if "cu_seqlens" in kwargs else args[1])
+            cos, sin = kwargs["position_embeddings"] if "position_embeddings" in kwargs else args[2]
+            store("cos", cos)
+            store("sin", sin)
+
+        self._hook(attention.register_forward_pre_hook(keep_inputs, with_kwargs=True))
+        self._hook(attention.qkv.register_forward_hook(lambda m, a, out: store("qkv", out)))
+        visual = self.adapter.outer.visual
+        if hasattr(visual, "permute_input_for_window_attn"):  # Qwen2.5-VL: tokens enter the blocks window-ordered
+
+            def window_order(original, tensor, window_index, *args, **kwargs):
+                store("window_index", window_index)
+                return original(tensor, window_index, *args, **kwargs)
+
+            self._hook(MethodWrap(visual, "permute_input_for_window_attn", window_order))
+
     @staticmethod
     def _checked_generate(original, *args, **kwargs):
         """Refuse beam search and several returned sequences before `generate` expands the inputs.
@@ -318,6 +353,8 @@ class PruningSession:
             layouts = self.adapter.output_layouts(modality, record.kwargs, output)
             if layouts is not None:
                 record.kwargs[f"{modality}_layouts"] = layouts
+            if "global_attention" in self.requested:
+                self.adapter.global_attention(modality, record, layouts)
             self._encodings = {key: value for key, value in self._encodings.items() if value[0]() is not None}
             self._encodings[id(output)] = (weakref.ref(output), record)
             self._call_encodings.append(record)
@@ -529,6 +566,8 @@ class PruningSession:
         context: dict[str, torch.Tensor] = {}
         if self.requested & VISION_SIGNALS:
             context.update(self._vision_context())
+        if ("global", "scores") in self._vision_captured and "global_attention" in self.requested:
+            context["global_attention"] = self._vision_captured[("global", "scores")].flatten()
         if self.requested & LLM_SIGNALS:
             context.update(self._llm_context(hidden, cos, sin, mask2d))
         return context
@@ -651,6 +690,10 @@ class PruningSession:
             fields["cls_feature"] = context["vision_features"][row_start].detach().float().cpu()
         if "project" in self.requested:
             fields["project"] = self._project
+        if "global_attention" in self.requested:
+            scores = layout.global_attention if layout.global_attention is not None else context["global_attention"]
+            index = prunable if layout.source is None else layout.source[prunable]
+            fields["global_attention"] = self._host(scores[index.to(scores.device)])
         if "crop_features" in self.requested and layout.grid is not None and prunable.numel():
             fields.update(self._crop_signals(layout, prunable, context))
         for name in ("text_attention", "key_norms"):

@@ -75,3 +75,33 @@ def rotated_key_l1(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num
     """L1 norm of each token's post-RoPE key over heads and dims, [B, L] (DART's pivot criterion)."""
     k = apply_rope(split_heads(keys.float(), num_kv_heads), cos.float(), sin.float())
     return k.abs().sum(dim=(1, 3))
+
+
+def received_attention(queries: torch.Tensor, keys: torch.Tensor, scale: float, chunk: int = 1024) -> torch.Tensor:
+    """ "Global attention" for towers without [CLS] (SigLIP, Qwen-ViT; reference §3.4): the attention each
+    token receives, averaged over heads and over every query of its attention block.
+
+    queries, keys [R, H, T, dh] (post-RoPE where the tower rotates them); returns [R, T], each row summing to 1.
+    Queries are processed `chunk` at a time, so memory is O(H * chunk * T) rather than O(H * T^2).
+    """
+    q, k = queries.float(), keys.float()
+    total = q.new_zeros(q.shape[0], q.shape[1], k.shape[2])
+    for start in range(0, q.shape[2], chunk):
+        logits = (q[:, :, start : start + chunk] @ k.transpose(-1, -2)) * scale
+        total = total + logits.softmax(dim=-1).sum(dim=2)
+    return total.mean(dim=1) / q.shape[2]
+
+
+def received_attention_segments(
+    queries: torch.Tensor, keys: torch.Tensor, cu_seqlens: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """`received_attention` within each block [cu_seqlens[i], cu_seqlens[i+1]) of a packed sequence (Qwen-ViT:
+    one block per image frame, or per window in Qwen2.5-VL's windowed layers). queries, keys [S, H, dh]; -> [S]."""
+    bounds = cu_seqlens.tolist()
+    parts = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end > start:
+            q = queries[start:end].transpose(0, 1)[None]
+            k = keys[start:end].transpose(0, 1)[None]
+            parts.append(received_attention(q, k, scale)[0])
+    return torch.cat(parts) if parts else queries.new_zeros(0)

@@ -31,6 +31,7 @@ class SpanSignals:
     cls_attention: torch.Tensor | None = None  # [N] [CLS] attention in the vision tower (deep layer)
     cls_attention_shallow: torch.Tensor | None = None  # [N] same at the shallow layer (HiRED budgets)
     vision_keys: torch.Tensor | None = None  # [N, dh] head-mean vision keys (VisionZip merge metric)
+    global_attention: torch.Tensor | None = None  # [N] attention received in the vision tower (mean over queries)
     text_attention: torch.Tensor | None = None  # [N] last text token's attention at LLM layer K-1 (FastV)
     key_norms: torch.Tensor | None = None  # [N] L1 norm of post-RoPE keys at layer K-1 (DART pivots)
     text_pivots: torch.Tensor | None = None  # [P, D] hidden states of the text pivot tokens (DART)
@@ -234,6 +235,29 @@ class FasterVLM(Strategy):
 
     def surrogate(self, signals, kept):
         return require(signals, "cls_attention", self.name)
+
+
+class GlobalAttention(Strategy):
+    """Top tokens by "global attention": the attention each token receives in the vision tower's feature layer,
+    averaged over heads and every query of its attention block (reference §0.1, §3.4).
+
+    The [CLS]-free analogue of FasterVLM for SigLIP (LLaVA-OneVision) and Qwen-ViT towers, where no [CLS]
+    query summarises the image: a token many queries attend to is one the tower treats as informative (the
+    "global attention" HiPrune and VisionZip's Qwen ports use). Qwen: the last vision block, averaged over the
+    2x2 patches each LLM token merges; LLaVA-OneVision: interpolated and pooled exactly as the features are.
+    Works on CLIP towers too ([CLS] counted as a query).
+    """
+
+    name = "global-attention"
+    needs = frozenset({"global_attention"})
+    no_surrogate = None
+
+    def select(self, signals, budget, preselected, generator):
+        scores = require(signals, "global_attention", self.name)
+        return Selection(keep=top_scores(scores, budget, preselected), scores=scores)
+
+    def surrogate(self, signals, kept):
+        return require(signals, "global_attention", self.name)
 
 
 class VisionZip(Strategy):
@@ -712,9 +736,22 @@ class DART(Strategy):
 
 STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls
-    for cls in (KeepAll, RandomPrune, UniformPrune, PoolPrune, FastV, VisionZip, FasterVLM, HiRED, DivPrune, MMR, DART)
+    for cls in (
+        KeepAll,
+        RandomPrune,
+        UniformPrune,
+        PoolPrune,
+        FastV,
+        VisionZip,
+        FasterVLM,
+        GlobalAttention,
+        HiRED,
+        DivPrune,
+        MMR,
+        DART,
+    )
 }
-ALIASES = {"keep_all": "keep-all", "none": "keep-all", "idpruner": "mmr"}
+ALIASES = {"keep_all": "keep-all", "none": "keep-all", "idpruner": "mmr", "global": "global-attention"}
 
 
 def available_strategies() -> list[str]:

@@ -386,7 +386,7 @@ def test_llava_onevision_batch_equals_each_alone_and_explains_cls_strategies(lla
         with pruning.apply(model, "divprune", keep=6):
             alone = greedy(model, single)
         torch.testing.assert_close(all_logits(batched)[row], all_logits(alone)[0], atol=2e-5, rtol=1e-4)
-    with pytest.raises(ValueError, match="no \\[CLS\\] token\\); use divprune"):
+    with pytest.raises(ValueError, match="no \\[CLS\\] token\\); use global-attention"):
         enter(model, "fastervlm")
 
 

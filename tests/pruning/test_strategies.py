@@ -25,6 +25,7 @@ def signals(seed: int = 0, n: int = N, **extra) -> SpanSignals:
         "embeds": torch.randn(n, 8, generator=generator),
         "cls_attention": torch.rand(n, generator=generator),
         "cls_attention_shallow": torch.rand(n, generator=generator),
+        "global_attention": torch.rand(n, generator=generator),
         "vision_keys": torch.randn(n, 4, generator=generator),
         "text_attention": torch.rand(n, generator=generator),
         "key_norms": torch.rand(n, generator=generator),
@@ -57,7 +58,10 @@ def reference_top(scores: torch.Tensor, k: int) -> list[int]:
     return sorted(ranked[:k])
 
 
-@pytest.mark.parametrize("name,field", [("fastervlm", "cls_attention"), ("fastv", "text_attention")])
+@pytest.mark.parametrize(
+    "name,field",
+    [("fastervlm", "cls_attention"), ("fastv", "text_attention"), ("global-attention", "global_attention")],
+)
 def test_score_strategies_keep_the_top_scores(name, field):
     s = signals()
     assert select(name, s, 12).keep.tolist() == reference_top(getattr(s, field), 12)
