@@ -103,6 +103,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--write", action="store_true", help="write the table into docs/benchmarks.md (section hf-janus)")
     p.add_argument("--json", default="", help="write every number to this JSON file ('' = none)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="sample nothing: one table from the --json files of earlier runs of one setup (samplers "
+                        "split over runs), printed and, with --write, written")
     a = p.parse_args(argv)
     if a.num_images < 1 or a.prompt_len < 2:
         p.error("--num-images must be >= 1 and --prompt-len >= 2 (BOS and <begin_of_image>)")
@@ -121,9 +124,42 @@ def sampler_options(name: str, a: argparse.Namespace) -> dict:
     return options
 
 
+SETUP = ("shape", "layers", "draft_layers", "num_images", "prompt_len", "cfg_scale", "temperature", "window",
+         "draft_len", "seed", "threads")
+
+
+def run_args(command: str) -> argparse.Namespace:
+    """The parsed options of a recorded ``python -m genaccel.bench hf ...`` command."""
+    return parse_args(shlex.split(command)[4:])
+
+
+def merge_runs(paths: list[str]) -> tuple[dict, list[str], dict, argparse.Namespace]:
+    """(results in file order, commands, first environment, setup) of runs that share one setup."""
+    payloads = [json.loads(Path(p).read_text()) for p in paths]
+    setups = [run_args(p["command"]) for p in payloads]
+    for path, s in zip(paths, setups):
+        diff = [k for k in SETUP if getattr(s, k) != getattr(setups[0], k)]
+        if diff:
+            raise SystemExit(f"error: {path} was run with other {', '.join(diff)} than {paths[0]}; merge only runs of "
+                             "one setup")
+    results: dict = {}
+    for p in payloads:
+        results.update(p["results"])
+    return results, [p["command"] for p in payloads], payloads[0]["environment"], setups[0]
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     a = parse_args(argv)
+    if a.merge:
+        results, commands, env, setup = merge_runs(a.merge)
+        table = markdown(results, setup, commands, env)
+        print(table)
+        if a.write:
+            from genaccel.bench.sections import write_section
+
+            write_section("hf-janus", table)
+        return results
     torch.set_num_threads(a.threads)
     names = [n.strip() for n in a.samplers.split(",") if n.strip()]
     shape = SHAPES[a.shape]
@@ -151,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
               flush=True)
     command = "python -m genaccel.bench hf " + " ".join(shlex.quote(x) for x in argv)
     env = environment(a.threads, "fp32")
-    table = markdown(results, a, command, env)
+    table = markdown(results, a, [command], env)
     print(table)
     if a.write:
         from genaccel.bench.sections import write_section
@@ -163,8 +199,8 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
-def markdown(results: dict, a: argparse.Namespace, command: str, env: dict) -> str:
-    """The docs/benchmarks.md section: setup, caveat, one row per sampler (speed-up vs ar where ar ran)."""
+def markdown(results: dict, a: argparse.Namespace, commands: list[str], env: dict) -> str:
+    """The docs/benchmarks.md section: setup, caveat, the command(s), one row per sampler (time vs ar where ar ran)."""
     shape = SHAPES[a.shape]
     layers = a.layers or shape.layers
     ar = results.get("ar")
@@ -182,7 +218,9 @@ def markdown(results: dict, a: argparse.Namespace, command: str, env: dict) -> s
         "at rates Janus-Pro does not have. The rows show that every sampler runs through the adapter and what its "
         "forwards cost at this shape.",
         "",
-        f"Command: `{command}`",
+        *([f"Command: `{commands[0]}`"] if len(commands) == 1 else
+          [f"Rows measured in {len(commands)} runs of this setup (`--merge` of their JSON files):", "",
+           *[f"- `{c}`" for c in commands]]),
         "",
         "| sampler | forwards / image | step compression | mean accepted length | s / image | time vs ar |",
         "|---|---|---|---|---|---|",

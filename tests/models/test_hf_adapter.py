@@ -8,6 +8,7 @@ exact joint distribution of the chi-square test.
 from __future__ import annotations
 
 import itertools
+import json
 import sys
 from pathlib import Path
 
@@ -314,6 +315,13 @@ def test_bench_hf_rows_on_a_tiny_janus(tmp_path):
     assert results["ar"]["nfe"] == 16 and results["ar"]["step_compression"] == 1.0  # 1 prefill + 15 forwards
     assert results["sjd"]["nfe"] <= 16 and results["sd"]["step_compression"] >= 1.0
     assert "bench hf --shape tiny" in path.read_text()
+    other, odd = tmp_path / "gsd.json", tmp_path / "odd.json"
+    main(["--shape", "tiny", "--samplers", "gsd", "--json", str(other)])
+    merged = main(["--merge", str(path), str(other)])
+    assert list(merged) == ["ar", "sjd", "sd", "gsd"] and merged["gsd"] == json.loads(other.read_text())["results"]["gsd"]
+    main(["--shape", "tiny", "--samplers", "ar", "--cfg-scale", "3", "--json", str(odd)])
+    with pytest.raises(SystemExit, match="other cfg_scale"):
+        main(["--merge", str(path), str(odd)])
 
 
 @pytest.mark.parametrize("make", [janus_ragged, emu3_ragged], ids=["janus", "emu3"])
