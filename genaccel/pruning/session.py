@@ -174,6 +174,7 @@ class PruningSession:
         # prefill then computes differentiable ranking scores instead of pruning, and stops at layer K.
         self.surrogate_targets: list[torch.Tensor] | None = None
         self.surrogates: list[SpanSurrogate] = []
+        self._encoding_seconds = 0.0
         self._reset_call()
 
     # ----- configuration checks ---------------------------------------------------------------------------
@@ -354,7 +355,10 @@ class PruningSession:
             if layouts is not None:
                 record.kwargs[f"{modality}_layouts"] = layouts
             if "global_attention" in self.requested:
+                start = time.perf_counter()
                 self.adapter.global_attention(modality, record, layouts)
+                # Scoring done at encoding time still counts towards the prefill's `score_seconds`.
+                self._encoding_seconds += time.perf_counter() - start
             self._encodings = {key: value for key, value in self._encodings.items() if value[0]() is not None}
             self._encodings[id(output)] = (weakref.ref(output), record)
             self._call_encodings.append(record)
@@ -537,10 +541,11 @@ class PruningSession:
                 kept_length=compact.shape[1],
                 keep_columns=keep_columns,
                 spans=span_reports,
-                score_seconds=time.perf_counter() - start,
+                score_seconds=time.perf_counter() - start + self._encoding_seconds,
                 selected_columns=selected_columns,
             )
         )
+        self._encoding_seconds = 0.0
         return LayerOverride(
             hidden=compact, attention_mask=self._causal_mask(compact, mask_c, cache), position_embeddings=tables
         )
