@@ -110,11 +110,7 @@ def measure_forward_cost(model, batch_labels: torch.Tensor, lengths: list[int], 
                 torch.cuda.synchronize(out.logits.device)
             times[L].append(time.perf_counter() - tic)
             model.rollback(torch.full((R,), T, device=device))
-    cost, running = {}, 0.0
-    for L in sorted(lengths):
-        running = max(running, statistics.median(times[L][1:]))
-        cost[L] = running
-    return cost
+    return monotone({L: statistics.median(times[L][1:]) for L in lengths})
 
 
 def forward_cost(model, batch_labels: torch.Tensor, lengths: list[int]) -> dict[int, float]:
@@ -129,10 +125,19 @@ def forward_cost(model, batch_labels: torch.Tensor, lengths: list[int]) -> dict[
         except (OSError, ValueError, AttributeError):
             cached = {}
     if not all(L in cached for L in lengths):
-        cached = {**cached, **measure_forward_cost(model, batch_labels, [L for L in lengths if L not in cached])}
+        cached = monotone({**cached, **measure_forward_cost(model, batch_labels, [L for L in lengths if L not in cached])})
         save_cost(key, cached)
     _MEMO[key] = cached
     return {L: cached[L] for L in lengths}
+
+
+def monotone(cost: dict[int, float]) -> dict[int, float]:
+    """The curve made non-decreasing in L (points measured at different times are merged into one curve)."""
+    out, running = {}, 0.0
+    for L in sorted(cost):
+        running = max(running, cost[L])
+        out[L] = running
+    return out
 
 
 def save_cost(key: str, cost: dict[int, float]) -> None:
@@ -166,6 +171,7 @@ class WindowPolicy:
     """Chooses each step's window from the cost curve and the running acceptance (module docstring)."""
 
     def __init__(self, cost: dict[int, float], longest: int):
+        cost = monotone(cost)
         points = sorted(cost)
         xs = torch.tensor(points, dtype=torch.float64)
         ys = torch.tensor([cost[L] for L in points], dtype=torch.float64)

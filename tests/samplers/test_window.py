@@ -83,6 +83,10 @@ def test_cost_curve_is_measured_once_and_cached_by_key(tmp_path, monkeypatch):
     assert len(calls) == 1
     forward_cost(model, torch.tensor([0, 1, 4, 4]), lengths)  # another batch: its own key
     assert len(calls) == 2 and len(json.loads(cost_cache_path().read_text())) == 2
+    # a longer window measured later (alone) joins the curve without ever costing less than a shorter one
+    monkeypatch.setattr(window, "measure_forward_cost", lambda m, b, ls: {L: 1e-9 for L in ls})
+    longer = forward_cost(model, labels, measured_lengths(9))
+    assert longer[9] == longer[8] == cost[8]
 
 
 def test_window_options_accept_auto_and_reject_the_rest():
