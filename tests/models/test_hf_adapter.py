@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from transformers import (
     Emu3Config,
     Emu3ForConditionalGeneration,
@@ -119,8 +120,14 @@ def test_janus_greedy_ar_equals_generate_image_mode():
     model = tiny_janus()
     ids = torch.tensor(JANUS_PROMPTS)
     with torch.no_grad():
-        ref = model.generate(ids, attention_mask=torch.ones_like(ids), generation_mode="image", do_sample=False,
-                             guidance_scale=5.0)
+        try:
+            ref = model.generate(ids, attention_mask=torch.ones_like(ids), generation_mode="image", do_sample=False,
+                                 guidance_scale=5.0)
+        except TypeError as e:  # transformers 5.17.0: its own image generation calls a helper with a missing argument
+            if "_prepare_static_cache" not in str(e):
+                raise
+            pytest.skip(f"transformers {transformers.__version__}'s own Janus image generation fails ({e}); "
+                        "the reference runs on releases where it works")
     assert len(set(ref.flatten().tolist())) > 3  # a non-degenerate reference
     adapter = wrap_hf_model(model, ids)
     assert isinstance(adapter, JanusImageAdapter)
