@@ -106,6 +106,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="sample nothing: one table from the --json files of earlier runs of one setup (samplers "
                         "split over runs), printed and, with --write, written")
+    p.add_argument("--note", default="", help="a sentence printed under the table (e.g. how the machine was shared)")
     a = p.parse_args(argv)
     if a.num_images < 1 or a.prompt_len < 2:
         p.error("--num-images must be >= 1 and --prompt-len >= 2 (BOS and <begin_of_image>)")
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = parse_args(argv)
     if a.merge:
         results, commands, env, setup = merge_runs(a.merge)
-        table = markdown(results, setup, commands, env)
+        table = markdown(results, setup, commands, env, a.note)
         print(table)
         if a.write:
             from genaccel.bench.sections import write_section
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
               flush=True)
     command = "python -m genaccel.bench hf " + " ".join(shlex.quote(x) for x in argv)
     env = environment(a.threads, "fp32")
-    table = markdown(results, a, [command], env)
+    table = markdown(results, a, [command], env, a.note)
     print(table)
     if a.write:
         from genaccel.bench.sections import write_section
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
-def markdown(results: dict, a: argparse.Namespace, commands: list[str], env: dict) -> str:
+def markdown(results: dict, a: argparse.Namespace, commands: list[str], env: dict, note: str = "") -> str:
     """The docs/benchmarks.md section: setup, caveat, the command(s), one row per sampler (time vs ar where ar ran)."""
     shape = SHAPES[a.shape]
     layers = a.layers or shape.layers
@@ -229,6 +230,8 @@ def markdown(results: dict, a: argparse.Namespace, commands: list[str], env: dic
         rel = f"{r['s_per_image'] / ar['s_per_image']:.2f}x" if ar else "-"
         lines.append(f"| {name} | {r['nfe']:.1f} | {r['step_compression']:.2f}x | {r['mean_accepted_length']:.2f} | "
                      f"{r['s_per_image']:.2f} | {rel} |")
+    if note:
+        lines += ["", note]
     return "\n".join(lines)
 
 
