@@ -63,6 +63,9 @@ class ZipAROptions(SamplingOptions):
 
     def validate(self) -> None:
         super().validate()
+        if not isinstance(self.window, int) or isinstance(self.window, bool):
+            raise ValueError(f"zipar's window is a token count (an integer, official default 8), got "
+                             f"{self.window!r}: --window auto applies to the Jacobi samplers (sjd, mcsjd, gsd, lantern)")
         if self.window < 1:
             raise ValueError(f"window must be >= 1 token (ZipAR default 8; it must also be below the grid side), "
                              f"got {self.window}")

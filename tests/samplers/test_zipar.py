@@ -231,6 +231,8 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy():
 
 # ----------------------------------------------------------------------------- errors and options
 def test_bad_window_raises_clear_errors():
+    with pytest.raises(ValueError, match="--window auto applies to the Jacobi samplers"):
+        ZipARSampler(window="auto")
     with pytest.raises(ValueError, match="window must be >= 1"):
         ZipARSampler(window=0)
     model = zipar_gpt(4)
