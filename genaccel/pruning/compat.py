@@ -116,12 +116,38 @@ def api_problems() -> list[str]:
     for name in ("get_anyres_image_grid_shape", "image_size_to_num_patches"):
         need(hasattr(modeling_llava_next, name), f"modeling_llava_next has no {name}")
     need(hasattr(modeling_qwen2_vl, "Qwen2VLTextModel"), "modeling_qwen2_vl has no Qwen2VLTextModel")
+    _check_global_attention_api(need)
     if hasattr(modeling_qwen2_vl, "Qwen2VLTextModel"):
         need(
             _qwen2vl_rotary_is_per_token(modeling_qwen2_vl),
             "Qwen2-VL's decoder layers receive rotary tables that are not (batch, length, dim)",
         )
     return problems
+
+
+def _check_global_attention_api(need) -> None:
+    """The pieces the global-attention signal and the LLaVA-OneVision layouts call (adapters.py, session.py):
+    Qwen2.5-VL's window permutation (its window_index is recorded to undo the order) and LLaVA-OneVision's
+    own packing, pooling and patch count."""
+    from transformers.models.llava_onevision import modeling_llava_onevision
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
+
+    tower = getattr(modeling_qwen2_5_vl, "Qwen2_5_VisionTransformerPretrainedModel", None)
+    permute = getattr(tower, "permute_input_for_window_attn", None)
+    need(permute is not None, "Qwen2_5_VisionTransformerPretrainedModel has no permute_input_for_window_attn")
+    if permute is not None:
+        order = list(inspect.signature(permute).parameters)[1:3]
+        need(order == ["input_tensor", "window_index"],
+             f"Qwen2.5-VL permute_input_for_window_attn takes {order} first, not (input_tensor, window_index)")
+    outer = modeling_llava_onevision.LlavaOnevisionModel
+    need(hasattr(outer, "pack_image_features"), "LlavaOnevisionModel has no pack_image_features")
+    if hasattr(outer, "pack_image_features"):
+        pack = _missing_parameters(outer.pack_image_features,
+                                   ("image_features", "image_sizes", "image_newline", "vision_aspect_ratio"))
+        need(not pack, f"LlavaOnevisionModel.pack_image_features lacks parameter(s) {pack}")
+    need(hasattr(outer, "apply_pooling"), "LlavaOnevisionModel has no apply_pooling")
+    need(hasattr(modeling_llava_onevision, "image_size_to_num_patches"),
+         "modeling_llava_onevision has no image_size_to_num_patches")
 
 
 def _qwen2vl_rotary_is_per_token(modeling_qwen2_vl) -> bool:
