@@ -5,7 +5,9 @@ Entry points (imported lazily, so ``import genaccel.eval`` stays light):
 * ``cli_main(argv)`` — ``genaccel eval`` (same as ``python -m genaccel.eval``);
 * ``report_main(argv)`` — ``genaccel report runs/*.json``;
 * ``fd_domain``, ``class_accuracy`` (:mod:`genaccel.eval.fd`), ``load_feature_extractor``;
-* ``measure_latency``, ``measure_throughput``, ``environment`` (:mod:`genaccel.eval.throughput`).
+* ``measure_latency``, ``measure_throughput``, ``environment`` (:mod:`genaccel.eval.throughput`);
+* ``kernel_distance`` (KID), ``density_coverage``, ``f_score``; ``build_feature_extractor`` and
+  ``register_feature_extractor`` (the ``--feature-extractor`` registry, :mod:`genaccel.eval.extractors`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ _EXPORTS = {
     "feature_stats": "genaccel.eval.fd", "load_feature_extractor": "genaccel.eval.feature_extractor",
     "measure_latency": "genaccel.eval.throughput", "measure_throughput": "genaccel.eval.throughput",
     "environment": "genaccel.eval.throughput", "compute_metrics": "genaccel.eval.metrics",
+    "kernel_distance": "genaccel.eval.kid", "density_coverage": "genaccel.eval.density_coverage",
+    "f_score": "genaccel.eval.density_coverage", "build_feature_extractor": "genaccel.eval.extractors",
+    "register_feature_extractor": "genaccel.eval.extractors",
 }
 
 
@@ -41,5 +46,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'genaccel.eval' has no attribute {name!r}")
 
 
-__all__ = ["class_accuracy", "cli_main", "compute_metrics", "environment", "fd_domain", "feature_stats",
-           "frechet_distance", "load_feature_extractor", "measure_latency", "measure_throughput", "report_main"]
+__all__ = ["build_feature_extractor", "class_accuracy", "cli_main", "compute_metrics", "density_coverage",
+           "environment", "f_score", "fd_domain", "feature_stats", "frechet_distance", "kernel_distance",
+           "load_feature_extractor", "measure_latency", "measure_throughput", "register_feature_extractor",
+           "report_main"]
