@@ -16,16 +16,22 @@ from genaccel.utils.io import save_safetensors
 K = 6
 
 
+def random_tokenizer(decoders: str, seed: int) -> FlexTokenizer:
+    """A tiny FlexTok tokenizer (64x64 images in 16 patches, K = 6, 60 codes) with N(0, 0.2) weights."""
+    torch.manual_seed(seed)
+    tok = FlexTokenizer(FlexTokArgs(image_size=64, patch_size=16, width=32, depth=1, decoder_depth=1, heads=2,
+                                    num_tokens=K, fsq_levels=[5, 4, 3], decoders=decoders))
+    with torch.no_grad():
+        for p in tok.parameters():
+            p.normal_(0.0, 0.2)
+    return tok
+
+
 @pytest.fixture(scope="module")
 def flex_ckpts(tmp_path_factory):
     """A tiny random FlexTok tokenizer (64x64 images in 16 patches, K = 6, 60 codes) and a 1-D GPT over its tokens."""
     d = tmp_path_factory.mktemp("flex")
-    torch.manual_seed(0)
-    tok = FlexTokenizer(FlexTokArgs(image_size=64, patch_size=16, width=32, depth=1, decoder_depth=1, heads=2,
-                                    num_tokens=K, fsq_levels=[5, 4, 3], decoders="direct"))
-    with torch.no_grad():
-        for p in tok.parameters():
-            p.normal_(0.0, 0.2)
+    tok = random_tokenizer("direct", seed=0)
     save_safetensors(tok.state_dict(), d / "flextok.safetensors", metadata=export_metadata(tok))
     gpt = build_gpt(None, dim=32, n_layer=1, n_head=2, vocab_size=60, num_classes=3, block_size=K, multiple_of=32,
                     layout="1d")
@@ -123,12 +129,7 @@ def test_flow_decoder_through_the_pipeline_and_the_cli(flex_ckpts, tmp_path, cap
     stats.json, and is refused for tokenizers without one and for VQ models, before any sampling."""
     from genaccel.eval.fd import quantize_like_samples
 
-    torch.manual_seed(1)
-    both = FlexTokenizer(FlexTokArgs(image_size=64, patch_size=16, width=32, depth=1, decoder_depth=1, heads=2,
-                                     num_tokens=K, fsq_levels=[5, 4, 3], decoders="both"))
-    with torch.no_grad():
-        for p in both.parameters():
-            p.normal_(0.0, 0.2)
+    both = random_tokenizer("both", seed=1)
     save_safetensors(both.state_dict(), tmp_path / "both.safetensors", metadata=export_metadata(both))
     pipe = load_model("flextok", ckpt=flex_ckpts / "gpt.safetensors", vq_ckpt=tmp_path / "both.safetensors",
                       decoder="flow", decode_steps=2)
