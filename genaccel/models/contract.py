@@ -27,6 +27,13 @@ Calls.
    their K/V and valid lengths; later calls use B' rows. Ragged speculative batches drop complete images
    with it so they stop costing compute; a model without it keeps them (correct, only slower). It covers
    every cache the model owns.
+6. Optional ``prefill_rows(index, labels)``: restart cache rows ``index`` (a (R',) long tensor of distinct rows)
+   with the conditions ``labels`` (R',): as ``prefill`` does for a whole batch, their valid lengths become 0
+   and their class slots are written; every other row keeps its K/V and valid length. Returns the
+   :class:`ModelOutput` of those rows' class slots, in ``index`` order. Continuous batching refills the row of
+   a complete image with the next request this way; with CFG the sampler passes the cond row and its paired
+   uncond row (``index = [b..; b + B..]``, ``labels = [label..; null..]``), so the ``[cond; uncond]`` layout of
+   the batch is kept. A model without it runs a job as consecutive batches (correct, only slower).
 
 Built extensions (additive; every earlier sampler keeps working):
 * NAR (``genaccel/models/nar.py``; two dimension-oriented heads, the vertical one with its own extra block
@@ -100,6 +107,7 @@ class ARModel(Protocol):
     def rollback(self, length) -> None: ...
 
     # optional: def select_rows(self, index: torch.Tensor) -> None (see the module docstring, call 5)
+    # optional: def prefill_rows(self, index: torch.Tensor, labels: torch.Tensor) -> ModelOutput (call 6)
 
     def clear_cache(self) -> None: ...
 

@@ -446,6 +446,46 @@ class LlamaGenGPT(nn.Module):
         self.valid_len = self.valid_len[index]
         self.max_batch_size = index.numel()
 
+    def prefill_rows(self, index: torch.Tensor, labels: torch.Tensor) -> ModelOutput:
+        """Restart cache rows ``index`` (R',) with the conditions ``labels`` (R',) (contract call 6): their
+        class slots are written as :meth:`prefill` writes them and their valid lengths become
+        ``cls_token_num``; every other row keeps its K/V and length. Continuous batching refills the row of
+        a complete image with it. Returns the class slots' output of those rows, in ``index`` order.
+
+        The class slots attend only to each other, so they are computed on a small cache of just those rows
+        and slots (by :meth:`prefill` itself) and copied into the batch cache: no other row is touched.
+        """
+        if self.valid_len is None or self.layers[0].attention.kv_cache is None:
+            raise RuntimeError("call model.setup_cache(batch_size, ...) and prefill before prefill_rows")
+        index = index.to(self.valid_len.device)
+        if index.dim() != 1 or labels.shape != index.shape:
+            raise ValueError(f"prefill_rows needs one label per row: index {tuple(index.shape)}, labels "
+                             f"{tuple(labels.shape)}")
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.max_batch_size
+                              or index.unique().numel() != index.numel()):
+            raise ValueError(f"prefill_rows: rows must be distinct and lie in [0, {self.max_batch_size}), got "
+                             f"{index.tolist()}")
+        T, caches = self.cls_token_num, [layer.attention.kv_cache for layer in self.layers]
+        saved = self.valid_len, self.max_batch_size, self.max_seq_len
+        k0 = caches[0].k_cache
+        try:
+            for layer in self.layers:
+                layer.attention.kv_cache = KVCache(index.numel(), self.args.n_kv_head, find_multiple(T, 8),
+                                                   self.args.head_dim, k0.dtype, k0.device)
+            self.max_batch_size, self.max_seq_len = index.numel(), find_multiple(T, 8)
+            self.valid_len = torch.zeros(index.numel(), dtype=torch.long, device=k0.device)
+            out = self.prefill(labels)
+            for layer, cache in zip(self.layers, caches):
+                small = layer.attention.kv_cache
+                cache.k_cache[index, :, :T] = small.k_cache[:, :, :T]
+                cache.v_cache[index, :, :T] = small.v_cache[:, :, :T]
+        finally:
+            for layer, cache in zip(self.layers, caches):
+                layer.attention.kv_cache = cache
+            self.valid_len, self.max_batch_size, self.max_seq_len = saved
+        self.valid_len[index] = T
+        return out
+
     def default_mask(self, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         """Causal-by-slot mask that also hides slots beyond the valid length not written in this call."""
         B = self.max_batch_size
@@ -644,6 +684,22 @@ class LlamaGenT2I(LlamaGenGPT):
         self.cond_mask = self.condition_masks(labels)
         cond = self.cls_embedding(features)[:, : self.cls_token_num]
         return self._forward_embeddings(cond, torch.arange(self.cls_token_num, device=labels.device), None, None)
+
+    def prefill_rows(self, index: torch.Tensor, labels: torch.Tensor) -> ModelOutput:
+        """The c2i call 6 with captions: rows ``index`` take the caption masks of ``labels`` (paired as
+        :meth:`condition_masks` pairs a [captions; null captions] batch), every other row keeps its own."""
+        before = self.cond_mask
+        if before is None:
+            before = torch.ones(self.max_batch_size, self.cls_token_num, dtype=torch.bool, device=index.device)
+        try:
+            out = super().prefill_rows(index, labels)
+            masks = before.clone()
+            masks[index.to(masks.device)] = self.cond_mask.to(masks.device)
+        except BaseException:
+            self.cond_mask = before
+            raise
+        self.cond_mask = masks
+        return out
 
     def select_rows(self, index: torch.Tensor) -> None:
         super().select_rows(index)

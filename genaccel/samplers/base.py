@@ -52,12 +52,24 @@ class SamplerStats:
         return 1 + row_steps / self.images
 
     @property
+    def rows_in_flight(self) -> int:
+        """Images a forward carries at most: the batch, or a stream's batch size (``generate_stream``)."""
+        return int(self.extra.get("rows_in_flight", self.images) or 1)
+
+    @property
+    def batch_forwards_per_image(self) -> float:
+        """Target forwards per image slot of the batch: ``nfe`` for one batch; for a stream of M images at
+        batch size B (``generate_stream``), ``nfe * B / M``, the forwards one batch of B images costs on
+        average -- what a batch-1 NFE is compared with."""
+        return self.nfe * self.rows_in_flight / max(self.images, 1)
+
+    @property
     def tokens_per_forward(self) -> float:
-        return self.tokens / max(self.nfe, 1)
+        return self.tokens / max(self.batch_forwards_per_image, 1)
 
     @property
     def step_compression(self) -> float:
-        """Tokens per image divided by target forwards: AR is 1.0 by definition."""
+        """Tokens per image divided by target forwards per image slot of the batch: AR is 1.0 by definition."""
         return self.tokens_per_forward
 
     def to_dict(self) -> dict[str, Any]:
@@ -210,6 +222,16 @@ class Sampler:
         self, model: ARModel, labels: torch.Tensor, generator: torch.Generator | None = None
     ) -> SampleOutput:
         """Sample one image's tokens per label (B,) with ``model``; labels must be valid class ids."""
+        labels = self.checked_labels(model, labels)
+        stats = SamplerStats(images=labels.shape[0], tokens=model.num_image_tokens)
+        start = time.perf_counter()
+        tokens = self._generate(model, labels, generator, stats)
+        stats.wall_time_s = time.perf_counter() - start
+        return SampleOutput(tokens=tokens, stats=stats)
+
+    def checked_labels(self, model: ARModel, labels) -> torch.Tensor:
+        """``labels`` on the model's device, after one clear error for a decoding order this sampler cannot run
+        or for invalid class ids."""
         order = getattr(model, "decoding_order", "raster")
         if order not in self.orders:
             need = self.orders[0]
@@ -219,11 +241,23 @@ class Sampler:
             )
         labels = torch.as_tensor(labels, device=_device_of(model))
         check_labels(labels, model.num_classes)
-        stats = SamplerStats(images=labels.shape[0], tokens=model.num_image_tokens)
-        start = time.perf_counter()
-        tokens = self._generate(model, labels, generator, stats)
-        stats.wall_time_s = time.perf_counter() - start
-        return SampleOutput(tokens=tokens, stats=stats)
+        return labels
+
+    @torch.no_grad()
+    def generate_stream(
+        self, model: ARModel, labels: torch.Tensor, batch_size: int, generator: torch.Generator | None = None
+    ) -> SampleOutput:
+        """Sample one image per label (M,) with at most ``batch_size`` images in flight; tokens in label order.
+
+        Here: consecutive batches of ``batch_size`` labels drawing from the one ``generator`` in turn, with
+        their stats merged (:func:`merge_stats`). Speculative samplers override it with continuous batching
+        (a complete image's row takes the next label), where the model supports it.
+        """
+        check_batch_size(batch_size)
+        labels = self.checked_labels(model, labels)
+        parts = [self.generate(model, chunk, generator) for chunk in labels.split(batch_size)]
+        return SampleOutput(tokens=torch.cat([p.tokens for p in parts]),
+                            stats=merge_stats([p.stats for p in parts], min(batch_size, labels.shape[0])))
 
     def _generate(self, model, labels, generator, stats) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -234,6 +268,35 @@ class Sampler:
 
     def duplicate_for_cfg(self, tokens: torch.Tensor) -> torch.Tensor:
         return torch.cat([tokens, tokens]) if self.options.use_cfg else tokens
+
+
+def check_batch_size(batch_size: int) -> None:
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1 (images in flight), got {batch_size!r}")
+
+
+def merge_stats(parts: list[SamplerStats], rows_in_flight: int) -> SamplerStats:
+    """One :class:`SamplerStats` for consecutive batches run as a stream at ``rows_in_flight`` images per batch.
+
+    Counts and times add up; ``row_verify_steps`` counts the verify steps every image took part in (for a
+    sampler that records none, every image of a batch takes part in all of its forwards but the prefill), so
+    ``forwards_per_image`` stays per image and ``batch_forwards_per_image`` is the mean forwards of a batch
+    of ``rows_in_flight`` images. ``extra["batches"]`` keeps each batch's own ``extra``.
+    """
+    merged = SamplerStats(tokens=parts[0].tokens if parts else 0)
+    for p in parts:
+        merged.nfe += p.nfe
+        merged.images += p.images
+        merged.wall_time_s += p.wall_time_s
+        merged.draft_forwards += p.draft_forwards
+        merged.draft_time_s += p.draft_time_s
+        merged.target_time_s += p.target_time_s
+    merged.extra.update(
+        rows_in_flight=rows_in_flight, continuous=False,
+        row_verify_steps=sum(p.extra.get("row_verify_steps", (p.nfe - 1) * p.images) for p in parts),
+        batches=[p.extra for p in parts],
+    )
+    return merged
 
 
 def _device_of(model) -> torch.device:

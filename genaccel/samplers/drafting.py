@@ -20,6 +20,7 @@ from genaccel.samplers.speculative import (
     DecodeState,
     Draft,
     StepOutcome,
+    can_prefill_rows,
     can_select_rows,
     shift_rows,
 )
@@ -114,11 +115,22 @@ class JacobiDrafter:
             self.noise = torch.cat([self.noise, self.fresh_noise(state, num + 1 - self.noise.shape[1])], dim=1)
         return Draft(tokens=fresh, q=q)
 
-    def fresh_noise(self, state: DecodeState, width: int) -> torch.Tensor:
-        """Exponential(1) noise for ``width`` new positions of every row (one vector per position)."""
-        B, V = state.tokens.shape[0], state.model.vocab_size
+    def fresh_noise(self, state: DecodeState, width: int, rows: int | None = None) -> torch.Tensor:
+        """Exponential(1) noise for ``width`` new positions of every row, or of ``rows`` rows (one vector per
+        position)."""
+        B, V = state.tokens.shape[0] if rows is None else rows, state.model.vocab_size
         noise = torch.empty(B, width, V, device=state.tokens.device).exponential_(generator=state.generator)
         return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+
+    def can_start_rows(self) -> bool:
+        return True
+
+    def start_rows(self, state: DecodeState, index: torch.Tensor, hidden: torch.Tensor | None) -> None:
+        """Rows ``index`` start a new image: no drafts yet (the next proposal initialises every slot) and, for
+        the Gumbel coupling, fresh noise at every window position, as :meth:`start` gives a new batch."""
+        self.count[index] = 0
+        if self.coupling == "gumbel" and self.noise.shape[1]:
+            self.noise[index] = self.fresh_noise(state, self.noise.shape[1], index.numel())
 
     def init_tokens(self, state: DecodeState, tokens: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
         """Initial tokens for the slots ``need`` (B, K) marks, after the drafts ``tokens`` that exist.
@@ -214,6 +226,17 @@ class DrafterHeadSource:
     def observe(self, state: DecodeState, outcome: StepOutcome) -> None:
         self.pending_hidden = outcome.hidden[:, : max(1, int(outcome.committed.max()))]
 
+    def can_start_rows(self) -> bool:
+        return True
+
+    def start_rows(self, state: DecodeState, index: torch.Tensor, hidden: torch.Tensor) -> None:
+        """Rows ``index`` start a new image: nothing of it fed yet, H_0 = its class slot's hidden state. The
+        drafter's stale cache slots need no reset: an entry reads only slots <= its own, and the new image's
+        entries rewrite them in order before any is read."""
+        self.fed[index] = 0
+        self.pending_hidden = self.pending_hidden.clone()
+        self.pending_hidden[state.cfg_rows(index), :1] = hidden[:, :1].to(self.pending_hidden.dtype)
+
     def select_rows(self, state: DecodeState, keep: torch.Tensor) -> bool:
         rows = state.cfg_rows(keep)
         self.drafter.select_rows(rows)
@@ -265,6 +288,17 @@ class DraftModelSource:
 
     def observe(self, state: DecodeState, outcome: StepOutcome) -> None:
         """Nothing to learn: the next proposal re-feeds the committed tokens."""
+
+    def can_start_rows(self) -> bool:
+        return can_prefill_rows(self.draft_model)
+
+    def start_rows(self, state: DecodeState, index: torch.Tensor, hidden: torch.Tensor) -> None:
+        """Rows ``index`` start a new image: the draft model prefills their conditions (its contract call 6)
+        and nothing of the image is fed yet."""
+        rows = state.cfg_rows(index)
+        self.draft_model.prefill_rows(rows, state.batch_labels[rows])
+        state.stats.draft_forwards += 1
+        self.fed[index] = 0
 
     def select_rows(self, state: DecodeState, keep: torch.Tensor) -> bool:
         if not can_select_rows(self.draft_model):

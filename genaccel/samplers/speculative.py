@@ -11,7 +11,9 @@ A speculative sampler is a draft source plus an acceptance rule around :func:`ve
    every row commits its own accepted length (ragged batch);
 4. every row's KV cache is rolled back to its own committed length (per-row valid lengths; nothing is
    copied). Rows that are complete leave the batch (``select_rows`` of the model and the draft source), so
-   they stop costing compute.
+   they stop costing compute; in a stream (:meth:`SpeculativeSampler.generate_stream`, continuous batching)
+   a complete row first takes the next request instead (``prefill_rows`` of the model, ``start_rows`` of
+   the draft source).
 
 Ragged batches keep exact rules exact: each row runs its own speculative chain; the other rows only decide
 how many drafts a step verifies (the window is the longest any row still needs), and a draft count chosen
@@ -32,7 +34,15 @@ import torch
 
 from genaccel.models.contract import ARModel
 from genaccel.samplers.acceptance import AcceptanceRule, ExactRule
-from genaccel.samplers.base import Sampler, SamplerStats, SamplingOptions, draw, target_probs
+from genaccel.samplers.base import (
+    SampleOutput,
+    Sampler,
+    SamplerStats,
+    SamplingOptions,
+    check_batch_size,
+    draw,
+    target_probs,
+)
 from genaccel.samplers.window import WindowPolicy, check_window_option, forward_cost, measured_lengths, window_arg
 
 INIT_SCHEMES = ("random", "repeat_horizon")
@@ -234,7 +244,13 @@ class StepOutcome:
 
 class DraftSource(Protocol):
     """Pluggable drafts: ``start`` after prefill, ``propose`` before every target step, ``observe`` after it,
-    ``select_rows`` when complete rows leave the batch (indices of the rows that stay, in order)."""
+    ``select_rows`` when complete rows leave the batch (indices of the rows that stay, in order).
+
+    Optional, for continuous batching: ``can_start_rows()`` says whether ``start_rows(state, index, hidden)``
+    works now; that call restarts the state of image rows ``index`` for new requests whose prefill has run
+    (``state`` already holds their first token; ``hidden`` (R', 1, D) the new rows' class-slot hidden states,
+    [cond; uncond] with CFG), exactly as ``start`` would for a batch of them.
+    """
 
     window: int  # the most tokens one target forward verifies (drafts + 1)
 
@@ -307,6 +323,17 @@ def can_select_rows(model: ARModel) -> bool:
     return callable(getattr(model, "select_rows", None))
 
 
+def can_prefill_rows(model: ARModel) -> bool:
+    """Whether ``model`` implements the contract's optional ``prefill_rows`` (refilling rows, call 6)."""
+    return callable(getattr(model, "prefill_rows", None))
+
+
+def can_start_rows(source: DraftSource) -> bool:
+    """Whether a draft source can start its state for refilled rows (``start_rows``; continuous batching)."""
+    check = getattr(source, "can_start_rows", None)
+    return callable(check) and bool(check())
+
+
 class SpeculativeSampler(Sampler):
     """The shared decode loop; subclasses pick :meth:`draft_source` and :meth:`acceptance_rule`."""
 
@@ -335,19 +362,49 @@ class SpeculativeSampler(Sampler):
         self._forward_cost = dict(cost)
         self._window_policy = None
 
-    def _generate(self, model, labels, generator, stats: SamplerStats) -> torch.Tensor:
+    @torch.no_grad()
+    def generate_stream(
+        self, model: ARModel, labels: torch.Tensor, batch_size: int, generator: torch.Generator | None = None
+    ) -> SampleOutput:
+        """Continuous batching: sample one image per label (M,) with ``batch_size`` rows in flight; as soon as
+        a row's image is complete, the next label restarts that row (``model.prefill_rows``, contract call 6,
+        and the draft source's ``start_rows``), so M images take about (sum of their own steps) / batch_size
+        forwards instead of the sum over batches of the slowest row. Tokens come back in label order.
+
+        Every draw comes from the one ``generator`` in the order the stream makes them, so a stream is
+        reproducible given the seed, the labels and ``batch_size`` (an image's tokens depend on which images
+        share its forwards, as in a batch; its distribution does not, docs/speculative.md). Without
+        ``prefill_rows`` (or a draft source without ``start_rows``) the labels run as consecutive batches.
+        """
+        check_batch_size(batch_size)
+        labels = self.checked_labels(model, labels)
+        source = self.draft_source(model)
+        if labels.shape[0] <= batch_size or not (can_prefill_rows(model) and can_start_rows(source)):
+            return super().generate_stream(model, labels, batch_size, generator)
+        stats = SamplerStats(images=labels.shape[0], tokens=model.num_image_tokens)
+        start = time.perf_counter()
+        tokens = self._generate(model, labels, generator, stats, width=batch_size, source=source)
+        stats.wall_time_s = time.perf_counter() - start
+        return SampleOutput(tokens=tokens, stats=stats)
+
+    def _generate(self, model, labels, generator, stats: SamplerStats, width: int | None = None,
+                  source: DraftSource | None = None) -> torch.Tensor:
+        """The ragged decode loop over ``labels``; ``width`` = rows in flight (continuous batching: a complete
+        row takes the next label), None = all labels as one batch."""
         opts = self.options
-        B, N, T = labels.shape[0], model.num_image_tokens, model.cls_token_num
+        M, N, T = labels.shape[0], model.num_image_tokens, model.cls_token_num
+        B = M if width is None else min(width, M)
         device = labels.device
-        source, rule = self.draft_source(model), self.acceptance_rule(model)
+        source, rule = source or self.draft_source(model), self.acceptance_rule(model)
         W = source.window
         span = torch.arange(W, device=device)
-        batch_labels = self.batch_labels(model, labels)
+        batch_labels = self.batch_labels(model, labels[:B]).clone()  # refills write into it
         policy = self.window_policy(model, batch_labels, W) if getattr(source, "auto", False) else None
         windows: dict[int, int] = {}
         model.setup_cache(batch_labels.shape[0], T + N)
         hist = torch.zeros(W + 1, dtype=torch.long, device=device)
         row_steps = 0
+        image_steps = torch.zeros(M, dtype=torch.long, device=device)  # verify steps each image took part in
 
         out = stats.target_forward(model.prefill, batch_labels)
         # committed tokens, plus W scratch columns so a window's scatter never runs off the end
@@ -356,8 +413,9 @@ class SpeculativeSampler(Sampler):
         state = DecodeState(model, opts, batch_labels, buf[:, :N],
                             torch.ones(B, dtype=torch.long, device=device), generator, stats)
         source.start(state, out.hidden[:, -1:])
-        result = torch.empty(B, N, dtype=torch.long, device=device)
-        rows = torch.arange(B, device=device)  # original index of every row still in the batch
+        result = torch.empty(M, N, dtype=torch.long, device=device)
+        rows = torch.arange(B, device=device)  # label index of every row still in the batch
+        admitted, prefills = B, 1
 
         while True:
             step_tic, target_before = time.perf_counter(), stats.target_time_s
@@ -390,12 +448,22 @@ class SpeculativeSampler(Sampler):
             live = remaining > 0
             hist += torch.bincount(committed[live], minlength=W + 1)
             row_steps += int(live.sum())
+            if width is not None:
+                image_steps[rows[live]] += 1
             if policy is not None:
                 target_s = stats.target_time_s - target_before
                 engine_s = time.perf_counter() - step_tic - target_s - draft_s
                 policy.observe(verification.accepted[live] - 1, limit[live], engine_s, draft_s, L - 1)
 
             done = state.n >= N
+            if admitted < M and bool(done.any()):  # continuous batching: complete rows take the next labels
+                free = done.nonzero().squeeze(1)[: M - admitted]
+                result[rows[free]] = buf[free, :N]
+                new = torch.arange(admitted, admitted + free.numel(), device=device)
+                self._refill(model, source, state, buf, free, labels[new])
+                rows[free] = new
+                admitted, prefills = admitted + free.numel(), prefills + 1
+                done = state.n >= N
             if bool(done.all()):
                 result[rows] = buf[:, :N]
                 break
@@ -412,17 +480,36 @@ class SpeculativeSampler(Sampler):
         stats.extra.update(
             accepted_length_hist={a: c for a, c in enumerate(hist_rows) if c},
             mean_accepted_length=sum(a * c for a, c in enumerate(hist_rows)) / max(1, sum(hist_rows)),
-            verify_steps=stats.nfe - 1,
+            verify_steps=stats.nfe - prefills,
             # compute measure: a forward costs in proportion to the rows it carries, so tokens per row-forward
             # is what a ragged batch keeps of the batch-1 compression (docs/speculative.md)
             row_verify_steps=row_steps,
-            row_step_compression=B * N / (B + row_steps),
+            row_step_compression=M * N / (M + row_steps),
+            rows_in_flight=B,
+            continuous=width is not None,
+            prefill_forwards=prefills,
             window=W,
             window_hist=dict(sorted(windows.items())),
             rule=rule.name,
             draft_source=type(source).__name__,
         )
+        if width is not None:  # per image: its prefill and the verify steps it took part in
+            stats.extra["image_forwards"] = (image_steps + 1).tolist()
         return result
+
+    def _refill(self, model: ARModel, source: DraftSource, state: DecodeState, buf: torch.Tensor,
+                free: torch.Tensor, labels: torch.Tensor) -> None:
+        """Restart batch rows ``free`` (complete images, already stored) with new requests ``labels``: one
+        target forward over their class slots (both CFG halves at their paired rows), the first token drawn
+        from it as in a fresh batch, and the draft source's state for those rows started afresh."""
+        index = state.cfg_rows(free)
+        new_labels = self.batch_labels(model, labels)
+        out = state.stats.target_forward(model.prefill_rows, index, new_labels)
+        buf[free] = 0
+        buf[free, 0] = draw(target_probs(out.logits[:, -1:], self.options, 0), state.generator)[:, 0]
+        state.n[free] = 1
+        state.batch_labels[index] = new_labels
+        source.start_rows(state, free, out.hidden[:, -1:])
 
 
 # ----------------------------------------------------------------------------- codebook for LANTERN / GSD
@@ -477,6 +564,6 @@ def load_codebook(path: str = "") -> torch.Tensor:
 
 __all__ = [
     "COUPLINGS", "CodebookMixin", "DecodeState", "Draft", "DraftSource", "DrafterOptions", "JacobiOptions",
-    "SpeculativeSampler", "can_select_rows", "shift_rows",
+    "SpeculativeSampler", "can_prefill_rows", "can_select_rows", "can_start_rows", "shift_rows",
     "StepOutcome", "Verification", "load_codebook", "load_sampler_config", "read_sampler_config", "one_hot_q", "sampler_cli_options", "verify_window",
 ]

@@ -1,0 +1,163 @@
+"""Continuous batching (``generate_stream``): refilled rows keep exact rules exact, greedy streams equal AR,
+the contract's ``prefill_rows`` restarts only the rows it names, stats count per image and per batch."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from spec_helpers import exact_joint, sequence_index, tiny_gpt
+from test_speculative import chi_square_pvalue, make_sampler
+
+from genaccel.samplers import build_sampler
+
+STREAM_CASES = [
+    ("sjd", {"window": 4, "init": "repeat_horizon", "cfg_interval": 1}),
+    ("sjd", {"window": 3, "draft_coupling": "gumbel", "top_k": 3}),
+    ("sd-model", {"draft_len": 2, "top_p": 0.8}),
+]
+
+
+@pytest.mark.parametrize("kind,options", STREAM_CASES)
+def test_refilled_rows_each_follow_their_own_target_distribution(kind, options):
+    """6000 images of mixed classes through 200 rows: about 30 images pass through every row, each
+    starting at whatever step the previous one ended; every image must follow its class's AR joint."""
+    model = tiny_gpt(vocab=4, block=4, seed=11, head_std=0.3)
+    sampler = make_sampler(kind, model, cfg_scale=1.5, **options)
+    labels = torch.arange(6000) % 4
+    out = sampler.generate_stream(model, labels, 200, torch.Generator().manual_seed(5))
+    assert out.stats.extra["continuous"] and out.stats.extra["prefill_forwards"] > 20  # rows were refilled
+    seqs = sequence_index(out.tokens, model.vocab_size)
+    for label in range(4):
+        probs = exact_joint(model, label, sampler.options)
+        assert chi_square_pvalue(seqs[labels == label], probs) > 1e-3, label
+
+
+def test_distribution_test_detects_a_refill_that_keeps_the_old_condition():
+    """A refill whose new image still attends to the previous image's class slot must fail the same test:
+    the stream test can see a leak between the images of a row."""
+    model = tiny_gpt(vocab=4, block=4, seed=11, head_std=0.3)
+    sampler = make_sampler("sjd", model, cfg_scale=1.5, window=3)
+    real = type(model).prefill_rows
+
+    def leaky(self, index, labels):
+        old = [(c.k_cache[index, :, :1].clone(), c.v_cache[index, :, :1].clone())
+               for c in (layer.attention.kv_cache for layer in self.layers)]
+        out = real(self, index, labels)
+        for layer, (k, v) in zip(self.layers, old):
+            layer.attention.kv_cache.k_cache[index, :, :1], layer.attention.kv_cache.v_cache[index, :, :1] = k, v
+        return out
+
+    labels = torch.arange(6000) % 4
+    type(model).prefill_rows = leaky
+    try:
+        out = sampler.generate_stream(model, labels, 200, torch.Generator().manual_seed(5))
+    finally:
+        type(model).prefill_rows = real
+    seqs = sequence_index(out.tokens, model.vocab_size)
+    pvalues = [chi_square_pvalue(seqs[labels == c], exact_joint(model, c, sampler.options)) for c in range(4)]
+    assert min(pvalues) < 1e-6, pvalues
+
+
+@pytest.mark.parametrize("kind,options", [("sjd", {"draft_coupling": "maximal"}), ("sd-model", {}), ("sd-head", {})])
+def test_fp32_greedy_stream_equals_single_image_ar(kind, options):
+    """Every image of a greedy stream (7 images, 3 rows in flight, refilled at different steps) equals its
+    own single-image ``ar`` greedy run token for token. Greedy drafts of a drafter or draft model are
+    deterministic, so there the stream's accepted lengths must also be the single runs' (a draft source
+    that kept a refilled row's old state would draft worse)."""
+    model = tiny_gpt(block=25, seed=2)
+    labels = torch.tensor([0, 1, 2, 3, 0, 2, 1])
+    ar = build_sampler("ar", temperature=0.0)
+    singles = torch.cat([ar.generate(model, labels[i : i + 1]).tokens for i in range(len(labels))])
+    sampler = make_sampler(kind, model, temperature=0.0, **options)
+    out = sampler.generate_stream(model, labels, 3)
+    assert out.stats.extra["continuous"] and out.stats.extra["prefill_forwards"] > 1
+    assert torch.equal(out.tokens, singles)
+    if kind != "sjd":  # Jacobi drafts start random: their accepted lengths depend on the draws
+        hist = Counter()
+        for i in range(len(labels)):
+            hist.update(sampler.generate(model, labels[i : i + 1]).stats.extra["accepted_length_hist"])
+        assert out.stats.extra["accepted_length_hist"] == dict(hist)
+
+
+def test_prefill_rows_restarts_only_the_named_rows():
+    """After ``prefill_rows``, the restarted rows give the outputs of a fresh batch of their labels and the
+    other rows the outputs they had: no row reads another's cache or its own old image."""
+    model = tiny_gpt(block=16, seed=3)
+    gen = torch.Generator().manual_seed(0)
+    labels, old, x = torch.tensor([0, 1, 2, 3]), torch.randint(32, (4, 5), generator=gen), torch.randint(32, (4, 1), generator=gen)
+    model.setup_cache(4, 17)
+    model.prefill(labels)
+    model.forward_tokens(old, torch.arange(1, 6))
+    model.prefill_rows(torch.tensor([2, 0]), torch.tensor([3, 1]))
+    got = model.forward_tokens(x, torch.tensor([[1], [6], [1], [6]])).logits
+
+    model.setup_cache(4, 17)
+    model.prefill(torch.tensor([1, 1, 3, 3]))
+    fresh = model.forward_tokens(x, torch.tensor([1])).logits
+    model.setup_cache(4, 17)
+    model.prefill(labels)
+    model.forward_tokens(old, torch.arange(1, 6))
+    kept = model.forward_tokens(x, torch.tensor([6])).logits
+    torch.testing.assert_close(got[[0, 2]], fresh[[0, 2]], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[[1, 3]], kept[[1, 3]], rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_rows_rejects_bad_rows():
+    model = tiny_gpt(block=16, seed=3)
+    model.setup_cache(2, 17)
+    model.prefill(torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="distinct"):
+        model.prefill_rows(torch.tensor([1, 1]), torch.tensor([0, 0]))
+    with pytest.raises(ValueError, match="one label per row"):
+        model.prefill_rows(torch.tensor([1]), torch.tensor([0, 0]))
+
+
+def test_stream_stats_count_per_image_and_per_batch():
+    """Per image: its prefill + the verify steps it took part in; per batch: the stream's forwards spread
+    over batches of its width (``batch_forwards_per_image``); consecutive batches are merged alike."""
+    model = tiny_gpt(block=16, seed=2)
+    labels = torch.arange(10) % 4
+    out = build_sampler("sjd", window=4).generate_stream(model, labels, 4, torch.Generator().manual_seed(0))
+    st = out.stats
+    assert st.images == 10 and st.rows_in_flight == 4
+    assert sum(st.extra["image_forwards"]) == 10 + st.extra["row_verify_steps"]
+    assert st.forwards_per_image == pytest.approx(sum(st.extra["image_forwards"]) / 10)
+    assert st.nfe == st.extra["verify_steps"] + st.extra["prefill_forwards"]
+    assert st.batch_forwards_per_image == pytest.approx(st.nfe * 4 / 10)
+    assert st.step_compression == pytest.approx(16 / (st.nfe * 4 / 10))
+
+    ar = build_sampler("ar").generate_stream(model, labels, 4, torch.Generator().manual_seed(0))
+    assert ar.stats.nfe == 3 * 16 and not ar.stats.extra["continuous"]  # batches of 4, 4, 2
+    assert ar.stats.forwards_per_image == pytest.approx(16)
+    assert ar.stats.step_compression == pytest.approx(16 / (48 * 4 / 10))
+
+
+def test_models_without_prefill_rows_run_consecutive_batches():
+    """A model lacking call 6 gets the batches a caller would have run, from the one generator in turn."""
+    model = tiny_gpt(block=16, seed=2)
+    labels = torch.arange(6) % 4
+    sampler = build_sampler("sjd", window=4)
+    type(model).prefill_rows, real = None, type(model).prefill_rows
+    try:
+        out = sampler.generate_stream(model, labels, 4, torch.Generator().manual_seed(0))
+    finally:
+        type(model).prefill_rows = real
+    gen = torch.Generator().manual_seed(0)
+    batches = torch.cat([sampler.generate(model, c, gen).tokens for c in labels.split(4)])
+    assert not out.stats.extra["continuous"] and torch.equal(out.tokens, batches)
+
+
+def test_stream_is_reproducible_given_seed_and_batch_size():
+    model = tiny_gpt(block=16, seed=2)
+    labels = torch.arange(9) % 4
+    sampler = build_sampler("sjd", window=4)
+    a = sampler.generate_stream(model, labels, 3, torch.Generator().manual_seed(4)).tokens
+    b = sampler.generate_stream(model, labels, 3, torch.Generator().manual_seed(4)).tokens
+    assert torch.equal(a, b)
+
+
+def test_bad_batch_size_is_one_clear_error():
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        build_sampler("sjd").generate_stream(tiny_gpt(block=16), torch.tensor([0]), 0)
