@@ -10,6 +10,7 @@ import torch
 from spec_helpers import exact_joint, sequence_index, tiny_gpt
 from test_speculative import chi_square_pvalue, make_sampler
 
+from genaccel.models.llamagen import build_gpt
 from genaccel.samplers import build_sampler
 
 STREAM_CASES = [
@@ -161,3 +162,19 @@ def test_stream_is_reproducible_given_seed_and_batch_size():
 def test_bad_batch_size_is_one_clear_error():
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
         build_sampler("sjd").generate_stream(tiny_gpt(block=16), torch.tensor([0]), 0)
+
+
+def test_t2i_greedy_stream_with_caption_masks_equals_single_image_ar():
+    """LlamaGen t2i's call 6 carries each refilled row's caption mask (cond row and its null-caption row)."""
+    torch.manual_seed(0)
+    model = build_gpt(None, dim=64, n_layer=2, n_head=4, vocab_size=32, block_size=16, multiple_of=32,
+                      model_type="t2i", cls_token_num=4, caption_dim=8).eval()
+    for prm in model.parameters():
+        torch.nn.init.normal_(prm, 0.0, 0.3)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
+    model.set_captions(torch.randn(3, 4, 8), mask)
+    labels = torch.tensor([0, 1, 2, 2, 0, 1])
+    ar = build_sampler("ar", temperature=0.0, cfg_scale=3.0)
+    singles = torch.cat([ar.generate(model, labels[i : i + 1]).tokens for i in range(len(labels))])
+    out = build_sampler("sjd", temperature=0.0, cfg_scale=3.0, window=4).generate_stream(model, labels, 2)
+    assert out.stats.extra["continuous"] and torch.equal(out.tokens, singles)
