@@ -128,10 +128,22 @@ class ImagePipeline:
         batch_size: int,
         seed: int = 0,
         progress: bool = True,
+        continuous: bool = False,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, SamplerStats]]:
-        """Yield (labels, uint8 images, stats) per batch; batch i draws from a generator seeded ``seed + i``."""
+        """Yield (labels, uint8 images, stats) per batch; batch i draws from a generator seeded ``seed + i``.
+
+        ``continuous``: one stream instead (``Sampler.generate_stream``: a speculative sampler refills the row
+        of a complete image with the next label, others run consecutive batches), yielded once with all labels,
+        drawing from one generator seeded ``seed``. Its stats count the stream's forwards: per image
+        ``forwards_per_image``, per batch of ``batch_size`` images ``batch_forwards_per_image``.
+        """
         device = next(self.gpt.parameters()).device
         self.prepare_sampler(sampler)
+        if continuous:
+            gen = torch.Generator(device=device).manual_seed(seed)
+            out = sampler.generate_stream(self.gpt, labels.to(device), batch_size, gen)
+            yield labels, torch.cat([self.decode(t, gen) for t in out.tokens.split(batch_size)]), out.stats
+            return
         chunks = labels.split(batch_size)
         for i, chunk in enumerate(tqdm(chunks, desc=f"sampling ({sampler.name})", disable=not progress)):
             gen = torch.Generator(device=device).manual_seed(seed + i)

@@ -178,3 +178,19 @@ def test_t2i_greedy_stream_with_caption_masks_equals_single_image_ar():
     singles = torch.cat([ar.generate(model, labels[i : i + 1]).tokens for i in range(len(labels))])
     out = build_sampler("sjd", temperature=0.0, cfg_scale=3.0, window=4).generate_stream(model, labels, 2)
     assert out.stats.extra["continuous"] and torch.equal(out.tokens, singles)
+
+
+def test_pipeline_generate_batches_continuous_yields_one_stream():
+    from genaccel.pipeline import ImagePipeline
+
+    class TokenPipeline(ImagePipeline):
+        def decode(self, tokens, generator=None):  # no tokenizer: the "images" are the tokens
+            return tokens
+
+    model = tiny_gpt(block=16, seed=2)
+    pipe, labels = TokenPipeline(gpt=model, vq=None), torch.arange(7) % 4
+    sampler = build_sampler("sjd", window=4)
+    (chunk, images, stats), = list(pipe.generate_batches(labels, sampler, 3, seed=9, continuous=True))
+    want = sampler.generate_stream(model, labels, 3, torch.Generator().manual_seed(9))
+    assert torch.equal(chunk, labels) and torch.equal(images, want.tokens)
+    assert stats.extra["continuous"] and stats.images == 7 and stats.rows_in_flight == 3
