@@ -10,7 +10,11 @@ cfg 4). Each run samples the same ``--num-images`` labels once one by one and on
   many rows it carries) and its ratio to batch 1;
 * row step compression at batch B: tokens per row-forward, i.e. counting a forward once per row it still
   carries -- the compute measure, since complete rows leave a ragged batch;
-* wall seconds per image at both batch sizes (no quality metrics; ``bench samplers`` has those).
+* wall seconds per image at both batch sizes (no quality metrics; ``bench samplers`` has those);
+* with ``--continuous``, the same labels once more as one continuous-batching stream of ``--batch-size``
+  rows (``generate_stream``: a complete image's row takes the next label): its step compression per batch
+  forward (tokens per image / (stream forwards x batch size / images), prefills of refilled rows counted)
+  and its ratio to batch 1.
 
 Prints a Markdown table (and writes JSON with ``--json``); nothing is written into the docs.
 """
@@ -47,6 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ckpt", default=None, help="GPT checkpoint (default: bundled)")
     add_dtype_flag(p, choices=("fp32", "bf16"), help="GPT compute dtype")
     add_sampler_flags(p.add_argument_group("sampler options", "as sample's flags"))
+    p.add_argument("--continuous", action="store_true",
+                   help="also run the labels as one continuous-batching stream of --batch-size rows")
     p.add_argument("--json", default="", help="write every number to this JSON file ('' = none)")
     return p.parse_args(argv)
 
@@ -63,6 +69,18 @@ def measure(model, sampler, labels: torch.Tensor, batch_size: int, seed: int) ->
     N = model.num_image_tokens
     return {"nfe": statistics.mean(nfes), "step_compression": N / statistics.mean(nfes),
             "row_step_compression": N * labels.numel() / row_steps, "wall_s_per_image": wall / labels.numel()}
+
+
+def measure_stream(model, sampler, labels: torch.Tensor, batch_size: int, seed: int) -> dict[str, float]:
+    """The numbers of :func:`measure` for one continuous-batching stream of ``batch_size`` rows over ``labels``."""
+    tic = time.perf_counter()
+    out = sampler.generate_stream(model, labels, batch_size, torch.Generator().manual_seed(seed))
+    wall = time.perf_counter() - tic
+    st, N = out.stats, model.num_image_tokens
+    return {"nfe": st.batch_forwards_per_image, "step_compression": st.step_compression,
+            "row_step_compression": N * labels.numel() / (st.extra.get("row_verify_steps", 0) + labels.numel()),
+            "wall_s_per_image": wall / labels.numel(), "stream_forwards": st.nfe,
+            "prefill_forwards": st.extra.get("prefill_forwards", 0), "continuous": bool(st.extra.get("continuous"))}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -82,8 +100,13 @@ def main(argv: list[str] | None = None) -> dict:
         many = measure(pipe.gpt, sampler, labels, a.batch_size, a.seed + 1000)
         results[name] = {"options": dict(vars(sampler.options)), "batch_1": one, f"batch_{a.batch_size}": many,
                          "ratio": many["step_compression"] / one["step_compression"]}
-        print(f"{name}: b=1 {one['step_compression']:.2f}x, b={a.batch_size} {many['step_compression']:.2f}x "
-              f"({results[name]['ratio']:.2f} of b=1), rows {many['row_step_compression']:.2f}x", flush=True)
+        line = (f"{name}: b=1 {one['step_compression']:.2f}x, b={a.batch_size} {many['step_compression']:.2f}x "
+                f"({results[name]['ratio']:.2f} of b=1), rows {many['row_step_compression']:.2f}x")
+        if a.continuous:
+            stream = measure_stream(pipe.gpt, sampler, labels, a.batch_size, a.seed + 2000)
+            results[name].update(continuous=stream, continuous_ratio=stream["step_compression"] / one["step_compression"])
+            line += f", continuous {stream['step_compression']:.2f}x ({results[name]['continuous_ratio']:.2f} of b=1)"
+        print(line, flush=True)
     command = "python -m genaccel.bench compression " + " ".join(shlex.quote(x) for x in argv)
     print(markdown(results, a.batch_size, command))
     if a.json:
@@ -93,16 +116,23 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def markdown(results: dict, batch_size: int, command: str) -> str:
-    """The table docs/speculative.md quotes."""
+    """The table docs/speculative.md quotes (continuous-batching columns when the runs have them)."""
     b = f"batch_{batch_size}"
+    stream = any("continuous" in r for r in results.values())
+    extra_head = (f" continuous b={batch_size} | continuous / b=1 | s/image continuous |" if stream else "")
     lines = [f"Command: `{command}`", "",
              f"| run | step compression b=1 | step compression b={batch_size} | b={batch_size} / b=1 | "
-             f"row step compression b={batch_size} | s/image b=1 | s/image b={batch_size} |",
-             "|---|---|---|---|---|---|---|"]
+             f"row step compression b={batch_size} | s/image b=1 | s/image b={batch_size} |" + extra_head,
+             "|---|---|---|---|---|---|---|" + ("---|---|---|" if stream else "")]
     for name, r in results.items():
         one, many = r["batch_1"], r[b]
-        lines.append(f"| {name} | {one['step_compression']:.2f}x | {many['step_compression']:.2f}x | {r['ratio']:.2f} | "
-                     f"{many['row_step_compression']:.2f}x | {one['wall_s_per_image']:.3f} | {many['wall_s_per_image']:.3f} |")
+        row = (f"| {name} | {one['step_compression']:.2f}x | {many['step_compression']:.2f}x | {r['ratio']:.2f} | "
+               f"{many['row_step_compression']:.2f}x | {one['wall_s_per_image']:.3f} | {many['wall_s_per_image']:.3f} |")
+        if stream:
+            c = r.get("continuous")
+            row += (f" {c['step_compression']:.2f}x | {r['continuous_ratio']:.2f} | {c['wall_s_per_image']:.3f} |"
+                    if c else " - | - | - |")
+        lines.append(row)
     return "\n".join(lines)
 
 

@@ -194,3 +194,17 @@ def test_pipeline_generate_batches_continuous_yields_one_stream():
     want = sampler.generate_stream(model, labels, 3, torch.Generator().manual_seed(9))
     assert torch.equal(chunk, labels) and torch.equal(images, want.tokens)
     assert stats.extra["continuous"] and stats.images == 7 and stats.rows_in_flight == 3
+
+
+def test_compression_bench_reports_the_continuous_stream():
+    from genaccel.bench.compression import markdown, measure, measure_stream
+
+    model, labels = tiny_gpt(block=16, seed=2), torch.arange(6) % 4
+    sampler = build_sampler("sjd", window=4)
+    one, many = measure(model, sampler, labels, 1, 0), measure(model, sampler, labels, 3, 1)
+    stream = measure_stream(model, sampler, labels, 3, 2)
+    assert stream["continuous"] and stream["nfe"] == pytest.approx(stream["stream_forwards"] * 3 / 6)
+    assert stream["step_compression"] == pytest.approx(16 / stream["nfe"])
+    results = {"sjd": {"batch_1": one, "batch_3": many, "ratio": 1.0, "continuous": stream, "continuous_ratio": 0.5}}
+    table = markdown(results, 3, "cmd")
+    assert "continuous b=3" in table and f"{stream['step_compression']:.2f}x | 0.50 |" in table
