@@ -330,23 +330,65 @@ def prepare_job_dir(job: SampleJob, info: DistInfo) -> None:
         )
 
 
-def sample_shards(pipeline, sampler, job: SampleJob, info: DistInfo, progress: bool = True) -> dict:
+STREAM_SHARDS = 8  # continuous batching: shards per stream (what an interrupted stream loses at most)
+
+
+def sample_shards(pipeline, sampler, job: SampleJob, info: DistInfo, progress: bool = True,
+                  continuous: bool = False) -> dict:
     """Sample this rank's share of the missing shards (rebalanced over the current world size); returns counts
-    and the wall time spent sampling (+ decoding)."""
+    and the wall time spent sampling (+ decoding).
+
+    ``continuous``: up to :data:`STREAM_SHARDS` of the rank's shards at a time run as one continuous-batching
+    stream of ``batch_size`` rows (``Sampler.generate_stream``), seeded from its first shard, and are written
+    when it ends. The images keep their labels and, for exact samplers, their distribution; which draws an
+    image gets then depends on the shards streamed with it (reproducible given the seed, the batch size and
+    the shards missing per rank). Shard stats: :func:`stream_shard_stats`.
+    """
     labels = label_plan(pipeline.num_classes, job)
     missing = missing_shards(job, info)
     todo = shards_for_rank(job, info, missing)
     resumed = job.num_shards - len(missing) if info.is_main else 0  # counted once, summed over ranks later
     device = next(pipeline.gpt.parameters()).device
     start, images = time.perf_counter(), 0
-    for k in tqdm(todo, desc=f"sampling rank {info.rank}/{info.world}", disable=not progress, position=info.rank):
-        s, e = job.shard_range(k)
-        gen = torch.Generator(device=device).manual_seed(shard_seed(job.seed, k))
-        out = sampler.generate(pipeline.gpt, labels[s:e].to(device), gen)
-        write_shard(job, k, pipeline.decode(out.tokens), labels[s:e], out.stats)
-        images += e - s
+    group = STREAM_SHARDS if continuous else 1
+    streams = [todo[i : i + group] for i in range(0, len(todo), group)]
+    for shards in tqdm(streams, desc=f"sampling rank {info.rank}/{info.world}", disable=not progress,
+                       position=info.rank):
+        ranges = [job.shard_range(k) for k in shards]
+        gen = torch.Generator(device=device).manual_seed(shard_seed(job.seed, shards[0]))
+        chunk = torch.cat([labels[s:e] for s, e in ranges]).to(device)
+        if continuous:
+            out = sampler.generate_stream(pipeline.gpt, chunk, job.batch_size, gen)
+        else:
+            out = sampler.generate(pipeline.gpt, chunk, gen)
+        sizes = [e - s for s, e in ranges]
+        for k, (s, e), tokens, first in zip(shards, ranges, out.tokens.split(sizes), np.cumsum([0] + sizes)):
+            stats = stream_shard_stats(out.stats, int(first), e - s) if continuous else out.stats
+            write_shard(job, k, pipeline.decode(tokens), labels[s:e], stats)
+            images += e - s
     return {"shards_assigned": len(todo), "shards_sampled": len(todo), "shards_resumed": resumed,
             "images_sampled": images, "wall_time_s": time.perf_counter() - start}
+
+
+def stream_shard_stats(stats, first: int, count: int):
+    """Stats of images ``first .. first + count - 1`` of a stream, for their shard file: ``nfe`` = the stream's
+    forwards per batch of its width (``batch_forwards_per_image``, what :func:`summarize_stats` averages as
+    the batch view), ``row_verify_steps`` = the verify steps these images took part in (so
+    ``forwards_per_image`` stays theirs; a share in proportion where the stream ran as consecutive batches
+    and recorded no per-image counts), times in proportion to the images; ``extra`` names the stream."""
+    from genaccel.samplers import SamplerStats
+
+    share = count / max(stats.images, 1)
+    per_image = stats.extra.get("image_forwards")
+    rows = (sum(per_image[first : first + count]) - count if per_image is not None
+            else stats.extra.get("row_verify_steps", 0) * share)
+    return SamplerStats(
+        nfe=stats.batch_forwards_per_image, tokens=stats.tokens, images=count, wall_time_s=stats.wall_time_s * share,
+        draft_forwards=round(stats.draft_forwards * share), draft_time_s=stats.draft_time_s * share,
+        target_time_s=stats.target_time_s * share,
+        extra={"continuous": bool(stats.extra.get("continuous")), "stream_images": stats.images,
+               "stream_forwards": stats.nfe, "stream_rows": stats.rows_in_flight, "row_verify_steps": rows},
+    )
 
 
 def collect_shards(job: SampleJob) -> tuple[np.ndarray, np.ndarray, list[dict]]:
@@ -426,6 +468,7 @@ __all__ = [
     "shard_done",
     "sample_shards",
     "shard_seed",
+    "stream_shard_stats",
     "shards_for_rank",
     "shutdown_distributed",
     "summarize_stats",

@@ -3,8 +3,10 @@ the contract's ``prefill_rows`` restarts only the rows it names, stats count per
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from spec_helpers import exact_joint, sequence_index, tiny_gpt
@@ -208,3 +210,39 @@ def test_compression_bench_reports_the_continuous_stream():
     results = {"sjd": {"batch_1": one, "batch_3": many, "ratio": 1.0, "continuous": stream, "continuous_ratio": 0.5}}
     table = markdown(results, 3, "cmd")
     assert "continuous b=3" in table and f"{stream['step_compression']:.2f}x | 0.50 |" in table
+
+
+def test_eval_job_streams_shards_and_keeps_per_image_counts(tmp_path):
+    """``sample_shards(continuous=True)``: every shard written with its own labels, the stream's images in
+    shard order, per-shard stats whose per-image forwards add up to the stream's."""
+    from genaccel.eval.job import (
+        DistInfo,
+        SampleJob,
+        prepare_job_dir,
+        read_shard,
+        sample_shards,
+        shard_seed,
+        summarize_stats,
+    )
+    from genaccel.pipeline import ImagePipeline
+
+    class TokenPipeline(ImagePipeline):
+        def decode(self, tokens, generator=None):  # "images" (B, 4, 4, 1) holding the tokens
+            return tokens.view(-1, 4, 4, 1).to(torch.uint8)
+
+    model, info = tiny_gpt(block=16, seed=2), DistInfo()
+    job = SampleJob(out_dir=str(tmp_path / "job"), num_images=10, batch_size=3, sampler="sjd")
+    prepare_job_dir(job, info)
+    sampler = build_sampler("sjd", window=4)
+    counts = sample_shards(TokenPipeline(gpt=model, vq=None), sampler, job, info, progress=False, continuous=True)
+    assert counts["images_sampled"] == 10
+    shards = [read_shard(job, k) for k in range(job.num_shards)]
+    labels = np.concatenate([s["labels"] for s in shards])
+    assert labels.tolist() == [i % 4 for i in range(10)]
+    stats = [json.loads(str(s["stats"])) for s in shards]
+    assert all(s["extra"]["continuous"] and s["extra"]["stream_images"] == 10 for s in stats)
+    want = sampler.generate_stream(model, torch.tensor(labels), 3, torch.Generator().manual_seed(shard_seed(0, 0)))
+    images = np.concatenate([s["images"] for s in shards]).reshape(10, 16)
+    assert np.array_equal(images, want.tokens.to(torch.uint8).numpy())
+    assert sum(s["extra"]["row_verify_steps"] for s in stats) == want.stats.extra["row_verify_steps"]
+    assert summarize_stats(stats)["nfe_per_image"] == pytest.approx(want.stats.batch_forwards_per_image)
