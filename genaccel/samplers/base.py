@@ -281,7 +281,8 @@ def merge_stats(parts: list[SamplerStats], rows_in_flight: int) -> SamplerStats:
     Counts and times add up; ``row_verify_steps`` counts the verify steps every image took part in (for a
     sampler that records none, every image of a batch takes part in all of its forwards but the prefill), so
     ``forwards_per_image`` stays per image and ``batch_forwards_per_image`` is the mean forwards of a batch
-    of ``rows_in_flight`` images. ``extra["batches"]`` keeps each batch's own ``extra``.
+    of ``rows_in_flight`` images; accepted-length histograms add up. ``extra["batches"]`` keeps each batch's
+    own ``extra``.
     """
     merged = SamplerStats(tokens=parts[0].tokens if parts else 0)
     for p in parts:
@@ -291,6 +292,13 @@ def merge_stats(parts: list[SamplerStats], rows_in_flight: int) -> SamplerStats:
         merged.draft_forwards += p.draft_forwards
         merged.draft_time_s += p.draft_time_s
         merged.target_time_s += p.target_time_s
+    hists = [p.extra.get("accepted_length_hist") for p in parts]
+    if parts and all(h is not None for h in hists):  # speculative batches: one histogram over the stream
+        total: dict[int, int] = {}
+        for h in hists:
+            for a, c in h.items():
+                total[a] = total.get(a, 0) + c
+        merged.extra["accepted_length_hist"] = dict(sorted(total.items()))
     merged.extra.update(
         rows_in_flight=rows_in_flight, continuous=False,
         row_verify_steps=sum(p.extra.get("row_verify_steps", (p.nfe - 1) * p.images) for p in parts),

@@ -37,7 +37,7 @@ def test_refilled_rows_each_follow_their_own_target_distribution(kind, options):
         assert chi_square_pvalue(seqs[labels == label], probs) > 1e-3, label
 
 
-def test_distribution_test_detects_a_refill_that_keeps_the_old_condition():
+def test_distribution_test_detects_a_refill_that_keeps_the_old_condition(monkeypatch):
     """A refill whose new image still attends to the previous image's class slot must fail the same test:
     the stream test can see a leak between the images of a row."""
     model = tiny_gpt(vocab=4, block=4, seed=11, head_std=0.3)
@@ -53,11 +53,8 @@ def test_distribution_test_detects_a_refill_that_keeps_the_old_condition():
         return out
 
     labels = torch.arange(6000) % 4
-    type(model).prefill_rows = leaky
-    try:
-        out = sampler.generate_stream(model, labels, 200, torch.Generator().manual_seed(5))
-    finally:
-        type(model).prefill_rows = real
+    monkeypatch.setattr(type(model), "prefill_rows", leaky)
+    out = sampler.generate_stream(model, labels, 200, torch.Generator().manual_seed(5))
     seqs = sequence_index(out.tokens, model.vocab_size)
     pvalues = [chi_square_pvalue(seqs[labels == c], exact_joint(model, c, sampler.options)) for c in range(4)]
     assert min(pvalues) < 1e-6, pvalues
@@ -137,16 +134,13 @@ def test_stream_stats_count_per_image_and_per_batch():
     assert ar.stats.step_compression == pytest.approx(16 / (48 * 4 / 10))
 
 
-def test_models_without_prefill_rows_run_consecutive_batches():
+def test_models_without_prefill_rows_run_consecutive_batches(monkeypatch):
     """A model lacking call 6 gets the batches a caller would have run, from the one generator in turn."""
     model = tiny_gpt(block=16, seed=2)
     labels = torch.arange(6) % 4
     sampler = build_sampler("sjd", window=4)
-    type(model).prefill_rows, real = None, type(model).prefill_rows
-    try:
-        out = sampler.generate_stream(model, labels, 4, torch.Generator().manual_seed(0))
-    finally:
-        type(model).prefill_rows = real
+    monkeypatch.setattr(type(model), "prefill_rows", None)
+    out = sampler.generate_stream(model, labels, 4, torch.Generator().manual_seed(0))
     gen = torch.Generator().manual_seed(0)
     batches = torch.cat([sampler.generate(model, c, gen).tokens for c in labels.split(4)])
     assert not out.stats.extra["continuous"] and torch.equal(out.tokens, batches)
@@ -246,3 +240,13 @@ def test_eval_job_streams_shards_and_keeps_per_image_counts(tmp_path):
     assert np.array_equal(images, want.tokens.to(torch.uint8).numpy())
     assert sum(s["extra"]["row_verify_steps"] for s in stats) == want.stats.extra["row_verify_steps"]
     assert summarize_stats(stats)["nfe_per_image"] == pytest.approx(want.stats.batch_forwards_per_image)
+
+
+def test_consecutive_batches_merge_their_histograms(monkeypatch):
+    model = tiny_gpt(block=16, seed=2)
+    labels, sampler = torch.arange(5) % 4, build_sampler("sjd", window=4)
+    monkeypatch.setattr(type(model), "prefill_rows", None)
+    out = sampler.generate_stream(model, labels, 2, torch.Generator().manual_seed(0))
+    parts = [b["accepted_length_hist"] for b in out.stats.extra["batches"]]
+    assert len(parts) == 3 and sum(out.stats.extra["accepted_length_hist"].values()) == sum(
+        sum(h.values()) for h in parts)
