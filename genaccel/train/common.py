@@ -1,4 +1,5 @@
-"""Shared pieces of the training recipes: config files, resumable checkpoints, logging."""
+"""Shared pieces of the training recipes: config files, resumable checkpoints, logging, the LlamaGen
+optimiser, the crop stream of a resumed run, and the export of trained weights."""
 
 from __future__ import annotations
 
@@ -6,13 +7,17 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import yaml
 
-from genaccel.utils.io import save_torch
+from genaccel.data.skimage_crops import RandomCropStream
+from genaccel.models import load_gpt
+from genaccel.utils.io import save_json, save_safetensors, save_torch
 
 
 def parse_config(argv: list[str] | None, defaults: dict[str, Any], prog: str) -> dict[str, Any]:
@@ -116,3 +121,63 @@ def checkpoint_or_stop(
     if stop:
         log.info(stop)
     return bool(stop)
+
+
+def llamagen_adamw(model: torch.nn.Module, cfg: dict) -> torch.optim.AdamW:
+    """LlamaGen's optimiser (train_c2i.py ``creat_optimizer``): AdamW with betas (0.9, 0.95) at ``cfg['lr']``,
+    weight decay ``cfg['weight_decay']`` on parameters with two or more dimensions and none on the rest."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg["lr"], betas=(0.9, 0.95),
+    )
+
+
+def load_gpt_for_tokens(path: str, tokens: torch.Tensor) -> torch.nn.Module:
+    """The GPT at ``path`` (an initialisation), refused unless its grid has one position per token of a row of
+    ``tokens``: a GPT trained on another VQ grid would be fine-tuned on sequences of the wrong length."""
+    gpt = load_gpt(path)
+    if gpt.num_image_tokens != tokens.shape[1]:
+        raise SystemExit(f"GPT grid has {gpt.num_image_tokens} tokens but the VQ gives {tokens.shape[1]}")
+    return gpt
+
+
+def crop_stream(cfg: dict, step: int, crop_size: int) -> tuple[RandomCropStream, torch.Generator]:
+    """The training crops and the recipe's noise generator for a run that starts (or resumes) at ``step``: both
+    seeded from ``cfg['seed']`` and the step, so a resumed run goes on with fresh draws instead of replaying
+    the first steps' ones."""
+    stream = RandomCropStream("train", seed=cfg["seed"] * 1000 + step, crop_size=crop_size)
+    return stream, torch.Generator().manual_seed(cfg["seed"] + step)
+
+
+def float16_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict stored as float16, as the bundled GPT-family assets ship (loading upcasts)."""
+    return {k: v.half() for k, v in model.state_dict().items()}
+
+
+def export_weights(state: dict[str, torch.Tensor], meta: dict[str, str], record: dict, out: Path, stem: str,
+                   export_path: str) -> None:
+    """Write ``out/{stem}.safetensors`` (``meta`` as its metadata) and the run's ``record`` to
+    ``out/{stem}_metrics.json``; when ``export_path`` is set, the same weights there and the record next to them
+    (same name, ``.json``), the pair a bundled asset ships as."""
+    save_safetensors(state, out / f"{stem}.safetensors", metadata=meta)
+    save_json(record, out / f"{stem}_metrics.json")
+    if export_path:
+        save_safetensors(state, export_path, metadata=meta)
+        save_json(record, Path(export_path).with_suffix(".json"))
+
+
+@torch.no_grad()
+def mean_token_nll(model: torch.nn.Module, tokens: torch.Tensor, logits_of: Callable[..., torch.Tensor],
+                   *columns: torch.Tensor) -> float:
+    """Mean per-token NLL (nats) of ``tokens``, 128 rows at a time: ``logits_of(rows, *column_rows)`` gives the
+    rows' logits (``columns`` are split alongside, e.g. the labels); the model is in eval mode meanwhile."""
+    model.eval()
+    total, count = 0.0, 0
+    for toks, *cols in zip(tokens.split(128), *(c.split(128) for c in columns)):
+        logits = logits_of(toks, *cols)
+        total += F.cross_entropy(logits.flatten(0, 1), toks.flatten(), reduction="sum").item()
+        count += toks.numel()
+    model.train()
+    return total / count

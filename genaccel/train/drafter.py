@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from genaccel.models import load_gpt
 from genaccel.models.drafter import EagleDrafter, drafter_metadata
 from genaccel.samplers import build_sampler
-from genaccel.train.common import checkpoint_or_stop, cosine_lr, resume, set_lr, start_run
-from genaccel.utils.io import save_json, save_safetensors, save_torch
+from genaccel.train.common import checkpoint_or_stop, cosine_lr, export_weights, resume, set_lr, start_run
+from genaccel.utils.io import save_torch
 
 DEFAULTS = {
     "out_dir": "checkpoints/drafter", "gpt_path": "genaccel/assets/llamagen_tiny_gpt.safetensors",
@@ -151,10 +151,8 @@ def main(argv: list[str] | None = None) -> dict:
     metrics.update(steps=step, minutes=(time.time() - start) / 60)
     log.info(f"final held-out {json.dumps(metrics)}")
     meta = drafter_metadata(drafter.args, target=Path(cfg["gpt_path"]).name)
-    save_safetensors(drafter.state_dict(), out / "drafter.safetensors", metadata=meta)
-    if cfg["export_path"]:
-        save_safetensors(drafter.state_dict(), cfg["export_path"], metadata=meta)
-    save_json({"config": drafter.args.__dict__, "metrics": metrics, "recipe": cfg}, out / "drafter_metrics.json")
+    record = {"config": drafter.args.__dict__, "metrics": metrics, "recipe": cfg}
+    export_weights(drafter.state_dict(), meta, record, out, "drafter", cfg["export_path"])
     return metrics
 
 

@@ -27,11 +27,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from genaccel.data.skimage_crops import RandomCropStream, make_crops
+from genaccel.data.skimage_crops import make_crops
 from genaccel.models.loading import config_from_metadata, read_state_dict
 from genaccel.tokenizers.flex import FlexTokArgs, FlexTokenizer, export_metadata
-from genaccel.train.common import checkpoint_or_stop, cosine_lr, resume, set_lr, start_run
-from genaccel.utils.io import save_json, save_safetensors
+from genaccel.train.common import checkpoint_or_stop, cosine_lr, crop_stream, export_weights, resume, set_lr, start_run
 
 MAX_MINUTES = 45.0
 MODEL_FIELDS = ("image_size", "patch_size", "width", "depth", "decoder_depth", "heads", "mlp_ratio", "num_tokens",
@@ -158,11 +157,7 @@ def export(model: FlexTokenizer, cfg: dict, out: Path, metrics: dict) -> None:
     """float32 safetensors with the config in metadata (out_dir and ``export_path``) + metrics JSON next to each."""
     meta = export_metadata(model)
     record = {"config": json.loads(meta["config"]), "metrics": metrics, "recipe": cfg}
-    save_safetensors(model.state_dict(), out / "flextok.safetensors", metadata=meta)
-    save_json(record, out / "flextok_metrics.json")
-    if cfg["export_path"]:
-        save_safetensors(model.state_dict(), cfg["export_path"], metadata=meta)
-        save_json(record, Path(cfg["export_path"]).with_suffix(".json"))
+    export_weights(model.state_dict(), meta, record, out, "flextok", cfg["export_path"])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -179,8 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
     log.info(f"FlexTok {params_m:.2f}M params ({trained_m:.2f}M trained), K={model.num_tokens}, "
              f"vocab {model.vocab_size}, train length {model.args.train_length}, schedule {model.args.nested_dropout}"
              + (f"; from {cfg['init_from']} ({len(new)} new tensors), frozen {cfg['frozen']}" if cfg["init_from"] else ""))
-    stream = RandomCropStream("train", seed=cfg["seed"] * 1000 + step, crop_size=model.args.image_size)
-    gen = torch.Generator().manual_seed(cfg["seed"] + step)
+    stream, gen = crop_stream(cfg, step, model.args.image_size)
     used = torch.zeros(model.vocab_size, dtype=torch.bool)
     start = time.time()
     bar = tqdm(total=cfg["steps"], initial=step, desc="flextok", dynamic_ncols=True)

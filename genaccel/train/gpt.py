@@ -27,8 +27,18 @@ from genaccel.models import load_vq
 from genaccel.models.llamagen import LlamaGenGPT, ModelArgs
 from genaccel.models.loading import read_state_dict
 from genaccel.tokenizers.flex import load_flextok
-from genaccel.train.common import checkpoint_or_stop, cosine_lr, resume, set_lr, start_run
-from genaccel.utils.io import save_json, save_safetensors, save_torch
+from genaccel.train.common import (
+    checkpoint_or_stop,
+    cosine_lr,
+    export_weights,
+    float16_state,
+    llamagen_adamw,
+    mean_token_nll,
+    resume,
+    set_lr,
+    start_run,
+)
+from genaccel.utils.io import save_torch
 
 DEFAULTS = dict(
     out_dir="checkpoints/gpt", vq_path="checkpoints/vq/vq.safetensors", seed=0, steps=1200, batch_size=32,
@@ -129,15 +139,12 @@ def heldout_nll(model: torch.nn.Module, data: dict, extra: str | None = None) ->
     """Mean per-token NLL (nats) of held-out tokens under the model's ``teacher_forced`` objective (raster GPT,
     NAR cells, Token-Shuffle windows), conditional on the class, fp32; ``extra`` names other logits of the
     output to score instead (``ModelOutput.extra[extra]``, e.g. Token-Shuffle's intra-window head)."""
-    model.eval()
-    total, count = 0.0, 0
-    for toks, labs in zip(data["tokens"].split(128), data["labels"].split(128)):
+
+    def logits_of(toks: torch.Tensor, labs: torch.Tensor) -> torch.Tensor:
         out = model.teacher_forced(labs, toks)
-        logits = out.logits if extra is None else out.extra[extra]
-        total += F.cross_entropy(logits.flatten(0, 1), toks.flatten(), reduction="sum").item()
-        count += toks.numel()
-    model.train()
-    return total / count
+        return out.logits if extra is None else out.extra[extra]
+
+    return mean_token_nll(model, data["tokens"], logits_of, data["labels"])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -148,12 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = LlamaGenGPT(args)
     model.init_weights(torch.Generator().manual_seed(cfg["seed"]))
     log.info(f"GPT params: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M, train seqs {len(train['tokens'])}")
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg["lr"], betas=(0.9, 0.95),
-    )
+    opt = llamagen_adamw(model, cfg)
     step, start = train_on_tokens(model, opt, train, cfg, out / "last.pt", log, "gpt", token_ce,
                                   lambda step: cosine_lr(step, cfg["steps"], cfg["lr"], cfg["warmup"]))
     metrics = {"heldout_nll_nats": heldout_nll(model, heldout), "steps": step,
@@ -162,13 +164,9 @@ def main(argv: list[str] | None = None) -> dict:
     config = {k: getattr(args, k) for k in ModelArgs.field_names()}
     # Shipped in float16 (max relative weight error ~5e-4) to stay well under the 20 MB file limit; loading
     # upcasts to the model's dtype, and every reported number was measured on these float16-stored weights.
-    half = {k: v.half() for k, v in model.state_dict().items()}
     meta = {"config": json.dumps(config), "stored_dtype": "float16"}
-    save_safetensors(half, out / "gpt.safetensors", metadata=meta)
-    save_json({"config": config, "metrics": metrics, "recipe": cfg}, out / "gpt_metrics.json")
-    if cfg["export_path"]:
-        save_safetensors(half, cfg["export_path"], metadata=meta)
-        save_json({"config": config, "metrics": metrics, "recipe": cfg}, Path(cfg["export_path"]).with_suffix(".json"))
+    record = {"config": config, "metrics": metrics, "recipe": cfg}
+    export_weights(float16_state(model), meta, record, out, "gpt", cfg["export_path"])
     return metrics
 
 

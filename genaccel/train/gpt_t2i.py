@@ -28,12 +28,19 @@ import torch
 import torch.nn.functional as F
 
 from genaccel.data.skimage_crops import PHOTO_NAMES
-from genaccel.models import BUNDLED, load_gpt
+from genaccel.models import BUNDLED
 from genaccel.models.llamagen import LlamaGenT2I, ModelArgs, left_pad_captions
 from genaccel.models.t2i import CaptionEncoder, package_model_folder
-from genaccel.train.common import cosine_lr, start_run
+from genaccel.train.common import (
+    cosine_lr,
+    export_weights,
+    float16_state,
+    llamagen_adamw,
+    load_gpt_for_tokens,
+    mean_token_nll,
+    start_run,
+)
 from genaccel.train.gpt import cached_tokens, train_on_tokens
-from genaccel.utils.io import save_json, save_safetensors
 
 DEFAULTS = dict(
     out_dir="checkpoints/gpt_t2i", gpt_path=str(BUNDLED["gpt"]), vq_path=str(BUNDLED["vq"]),
@@ -117,17 +124,14 @@ def heldout_nll(model: LlamaGenT2I, data: dict, bank: tuple[torch.Tensor, torch.
                 null: bool = False) -> float:
     """Mean per-token NLL (nats) of held-out tokens, each crop under caption ``class * per_class + (i % per_class)``
     of ``bank`` (features, mask), or under the null caption with that caption's mask."""
-    model.eval()
     features, mask = bank
-    total, count = 0.0, 0
     index = data["labels"] * per_class + torch.arange(len(data["labels"])) % per_class
-    for toks, idx in zip(data["tokens"].split(128), index.split(128)):
+
+    def logits_of(toks: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         drop = torch.full((len(idx),), null)
-        logits = model.teacher_forced(features[idx], toks, mask[idx], drop=drop).logits
-        total += F.cross_entropy(logits.flatten(0, 1), toks.flatten(), reduction="sum").item()
-        count += toks.numel()
-    model.train()
-    return total / count
+        return model.teacher_forced(features[idx], toks, mask[idx], drop=drop).logits
+
+    return mean_token_nll(model, data["tokens"], logits_of, index)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -136,9 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     heldout = cached_tokens(out, cfg, "heldout", cfg["heldout_per_class"])
     encoder = CaptionEncoder(text_encoder_folder(cfg["text_encoder"]), max_length=cfg["caption_tokens"])
     train_text, heldout_text = captions(TRAIN_TEMPLATES), captions(HELDOUT_TEMPLATES)
-    gpt = load_gpt(cfg["gpt_path"])
-    if gpt.num_image_tokens != train["tokens"].shape[1]:
-        raise SystemExit(f"GPT grid has {gpt.num_image_tokens} tokens but the VQ gives {train['tokens'].shape[1]}")
+    gpt = load_gpt_for_tokens(cfg["gpt_path"], train["tokens"])
     model = t2i_from_gpt(gpt, cfg["caption_tokens"], encoder.dim, cfg["class_dropout_prob"],
                          torch.Generator().manual_seed(cfg["seed"]))
     model.set_captions(*encoder.encode(train_text))  # training labels index these captions
@@ -154,28 +156,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     at_init = nlls()
     log.info(f"t2i params {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M; at init {json.dumps(at_init)}")
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg["lr"], betas=(0.9, 0.95),
-    )
+    opt = llamagen_adamw(model, cfg)
     step, start = train_on_tokens(model, opt, train, cfg, out / "last.pt", log, "gpt-t2i", caption_ce,
                                   lambda step: cosine_lr(step, cfg["steps"], cfg["lr"], cfg["warmup"]))
     metrics = {**nlls(), "at_init": at_init, "steps": step, "minutes": (time.time() - start) / 60,
                "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
     log.info(f"final {json.dumps(metrics)}")
     config = {k: getattr(model.args, k) for k in ModelArgs.field_names()}
-    half = {k: v.half() for k, v in model.state_dict().items()}  # float16 storage, as the bundled GPT
     meta = {"config": json.dumps(config), "stored_dtype": "float16", "family": "llamagen-t2i",
             "text_encoder": cfg["text_encoder"]}
     record = {"config": config, "metrics": metrics, "recipe": cfg, "train_captions": train_text,
               "heldout_captions": heldout_text}
-    save_safetensors(half, out / "gpt_t2i.safetensors", metadata=meta)
-    save_json(record, out / "gpt_t2i_metrics.json")
-    if cfg["export_path"]:
-        save_safetensors(half, cfg["export_path"], metadata=meta)
-        save_json(record, Path(cfg["export_path"]).with_suffix(".json"))
+    export_weights(float16_state(model), meta, record, out, "gpt_t2i", cfg["export_path"])
     return metrics
 
 

@@ -17,14 +17,11 @@ from __future__ import annotations
 import json
 import time
 
-import torch
-
-from genaccel.models import BUNDLED, load_gpt
+from genaccel.models import BUNDLED
 from genaccel.models.llamagen import LlamaGenGPT, ModelArgs
 from genaccel.models.nar import NARModel
-from genaccel.train.common import start_run
+from genaccel.train.common import export_weights, float16_state, llamagen_adamw, load_gpt_for_tokens, start_run
 from genaccel.train.gpt import cached_tokens, heldout_nll, token_ce, train_on_tokens
-from genaccel.utils.io import save_json, save_safetensors
 
 DEFAULTS = dict(
     out_dir="checkpoints/nar", gpt_path=str(BUNDLED["gpt"]), vq_path=str(BUNDLED["vq"]), seed=0, steps=600,
@@ -57,32 +54,22 @@ def main(argv: list[str] | None = None) -> dict:
     cfg, out, log = start_run(argv, DEFAULTS, "nar")
     train = cached_tokens(out, cfg, "train", cfg["train_per_class"])
     heldout = cached_tokens(out, cfg, "heldout", cfg["heldout_per_class"])
-    gpt = load_gpt(cfg["gpt_path"])
-    if gpt.num_image_tokens != train["tokens"].shape[1]:
-        raise SystemExit(f"GPT grid has {gpt.num_image_tokens} tokens but the VQ gives {train['tokens'].shape[1]}")
+    gpt = load_gpt_for_tokens(cfg["gpt_path"], train["tokens"])
     if (cfg["class_dropout_prob"] > 0) != (gpt.args.class_dropout_prob > 0):
         raise SystemExit("class_dropout_prob must be > 0 exactly when the GPT has a null-class row (CFG)")
     model = nar_from_gpt(gpt)
     nll_start = heldout_nll(model, heldout)
     log.info(f"NAR params {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M; held-out NLL at init {nll_start:.4f}")
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg["lr"], betas=(0.9, 0.95),
-    )
+    opt = llamagen_adamw(model, cfg)
     step, start = train_on_tokens(model, opt, train, cfg, out / "last.pt", log, "nar", token_ce,
                                   lambda step: step_lr(step, cfg["steps"], cfg["lr"], cfg["milestones"], cfg["gamma"]))
     metrics = {"heldout_nll_nats": heldout_nll(model, heldout), "heldout_nll_at_init": nll_start, "steps": step,
                "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "minutes": (time.time() - start) / 60}
     log.info(f"final {json.dumps(metrics)}")
     config = {k: getattr(model.args, k) for k in ModelArgs.field_names()}
-    half = {k: v.half() for k, v in model.state_dict().items()}  # float16 storage, as the bundled GPT
     meta = {"config": json.dumps(config), "stored_dtype": "float16", "family": "nar"}
-    save_safetensors(half, out / "nar.safetensors", metadata=meta)
-    if cfg["export_path"]:
-        save_safetensors(half, cfg["export_path"], metadata=meta)
-    save_json({"config": config, "metrics": metrics, "recipe": cfg}, out / "nar_metrics.json")
+    record = {"config": config, "metrics": metrics, "recipe": cfg}
+    export_weights(float16_state(model), meta, record, out, "nar", cfg["export_path"])
     return metrics
 
 

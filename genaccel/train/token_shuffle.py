@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -35,9 +34,8 @@ from genaccel.data.skimage_crops import NUM_CLASSES
 from genaccel.models import BUNDLED, load_gpt
 from genaccel.models.llamagen import LlamaGenGPT, ModelArgs
 from genaccel.models.token_shuffle import TokenShuffleArgs, TokenShuffleGPT, export_metadata, load_token_shuffle
-from genaccel.train.common import cosine_lr, start_run
+from genaccel.train.common import cosine_lr, export_weights, float16_state, llamagen_adamw, start_run
 from genaccel.train.gpt import cached_tokens, heldout_nll, train_on_tokens
-from genaccel.utils.io import save_json, save_safetensors
 
 DEFAULTS = dict(
     out_dir="checkpoints/token_shuffle", gpt_path=str(BUNDLED["gpt"]), vq_path=str(BUNDLED["vq"]), seed=0,
@@ -144,26 +142,12 @@ def copy_shuffle_modules(source: TokenShuffleGPT, target: TokenShuffleGPT) -> li
     return [k for k in missing if k.startswith(SHUFFLE_PREFIXES)]
 
 
-def make_optimizer(model: TokenShuffleGPT, cfg: dict) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg["lr"], betas=(0.9, 0.95),
-    )
-
-
 def export(model: TokenShuffleGPT, cfg: dict, out, metrics: dict) -> None:
     """float16 safetensors with the config in metadata (as the bundled GPT), and the metrics JSON."""
-    half = {k: v.half() for k, v in model.state_dict().items()}
     meta = {**export_metadata(model), "stored_dtype": "float16"}
-    save_safetensors(half, out / "token_shuffle.safetensors", metadata=meta)
     config = {**json.loads(meta["config"]), "token_shuffle": json.loads(meta["token_shuffle"])}
     record = {"config": config, "metrics": metrics, "recipe": cfg}
-    save_json(record, out / "token_shuffle_metrics.json")
-    if cfg["export_path"]:
-        save_safetensors(half, cfg["export_path"], metadata=meta)
-        save_json(record, Path(cfg["export_path"]).with_suffix(".json"))
+    export_weights(float16_state(model), meta, record, out, "token_shuffle", cfg["export_path"])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -179,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     params_m = sum(p.numel() for p in model.parameters()) / 1e6
     log.info(f"Token-Shuffle s={model.shuffle_window}: {model.num_positions} positions for {model.num_image_tokens} "
              f"tokens, {params_m:.2f}M params; held-out NLL at init {nll_start:.4f}")
-    opt = make_optimizer(model, cfg)
+    opt = llamagen_adamw(model, cfg)
     step, start = train_on_tokens(model, opt, train, cfg, out / "last.pt", log, "token-shuffle", token_shuffle_loss,
                                   lambda step: cosine_lr(step, cfg["steps"], cfg["lr"], cfg["warmup"]))
     metrics = {"heldout_nll_nats": heldout_nll(model, heldout), "heldout_nll_at_init": nll_start,

@@ -21,10 +21,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from genaccel.data.skimage_crops import RandomCropStream, make_crops
+from genaccel.data.skimage_crops import make_crops
 from genaccel.tokenizers.vq import VQArgs, VQModel
-from genaccel.train.common import checkpoint_or_stop, cosine_lr, resume, set_lr, start_run
-from genaccel.utils.io import save_json, save_safetensors
+from genaccel.train.common import checkpoint_or_stop, cosine_lr, crop_stream, export_weights, resume, set_lr, start_run
 
 DEFAULTS = dict(
     out_dir="checkpoints/vq", seed=0, steps=1300, batch_size=32, lr=4e-4, warmup=50, threads=2,
@@ -92,8 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     opt = torch.optim.Adam(params, lr=cfg["lr"], betas=(0.9, 0.95))
     ckpt = out / "last.pt"
     step = resume(ckpt, model, opt, log)
-    stream = RandomCropStream("train", seed=cfg["seed"] * 1000 + step, crop_size=cfg["image_size"])
-    gen = torch.Generator().manual_seed(cfg["seed"] + step)
+    stream, gen = crop_stream(cfg, step, cfg["image_size"])
     used = torch.zeros(cfg["codebook_size"], dtype=torch.bool)
     start = time.time()
     bar = tqdm(total=cfg["steps"], initial=step, desc="vq", dynamic_ncols=True)
@@ -127,10 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
     metrics.update(steps=step, minutes=(time.time() - start) / 60, image_size=cfg["image_size"])
     log.info(f"final {json.dumps(metrics)}")
     config = {k: v for k, v in model.args.__dict__.items()}
-    save_safetensors(model.state_dict(), out / "vq.safetensors", metadata={"config": json.dumps(config)})
-    if cfg["export_path"]:
-        save_safetensors(model.state_dict(), cfg["export_path"], metadata={"config": json.dumps(config)})
-    save_json({"config": config, "metrics": metrics, "recipe": cfg}, out / "vq_metrics.json")
+    record = {"config": config, "metrics": metrics, "recipe": cfg}
+    export_weights(model.state_dict(), {"config": json.dumps(config)}, record, out, "vq", cfg["export_path"])
     return metrics
 
 

@@ -37,3 +37,28 @@ def test_unknown_recipe_field_is_rejected(tmp_path):
 
     with pytest.raises(SystemExit, match="unknown field 'lr_typo'"):
         vq_recipe.main(["--set", "lr_typo=1"])
+
+
+def test_export_weights_writes_the_run_pair_and_the_asset_pair(tmp_path):
+    from safetensors.torch import load_file
+
+    from genaccel.train.common import export_weights
+
+    state, record = {"w": torch.arange(6.0).view(2, 3)}, {"metrics": {"steps": 3}}
+    export_weights(state, {"config": "{}"}, record, tmp_path, "model", str(tmp_path / "asset.safetensors"))
+    for weights, metrics in (("model.safetensors", "model_metrics.json"), ("asset.safetensors", "asset.json")):
+        assert torch.equal(load_file(tmp_path / weights)["w"], state["w"])
+        assert json.loads((tmp_path / metrics).read_text()) == record
+    export_weights(state, {}, record, tmp_path / "run", "model", "")  # no export_path: only the run's pair
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["model.safetensors", "model_metrics.json"]
+
+
+def test_llamagen_adamw_decays_matrices_only():
+    from genaccel.train.common import llamagen_adamw
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    opt = llamagen_adamw(model, {"lr": 0.5, "weight_decay": 0.05})
+    decay, rest = opt.param_groups
+    assert [p.shape for p in decay["params"]] == [(4, 3)] and decay["weight_decay"] == 0.05
+    assert len(rest["params"]) == 3 and rest["weight_decay"] == 0.0
+    assert opt.defaults["betas"] == (0.9, 0.95) and decay["lr"] == 0.5
