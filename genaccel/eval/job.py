@@ -364,7 +364,8 @@ def sample_shards(pipeline, sampler, job: SampleJob, info: DistInfo, progress: b
         sizes = [e - s for s, e in ranges]
         for k, (s, e), tokens, first in zip(shards, ranges, out.tokens.split(sizes), np.cumsum([0] + sizes)):
             stats = stream_shard_stats(out.stats, int(first), e - s) if continuous else out.stats
-            write_shard(job, k, pipeline.decode(tokens), labels[s:e], stats)
+            # a flow decoder's noise continues the shard's generator, so a resumed shard decodes the same
+            write_shard(job, k, pipeline.decode(tokens, gen), labels[s:e], stats)
             images += e - s
     return {"shards_assigned": len(todo), "shards_sampled": len(todo), "shards_resumed": resumed,
             "images_sampled": images, "wall_time_s": time.perf_counter() - start}
