@@ -7,28 +7,13 @@ import json
 
 import pytest
 import torch
+from recipe_helpers import GRID, tiny_gpt_file
 
-from genaccel.data.skimage_crops import NUM_CLASSES, PHOTO_NAMES
-from genaccel.models.llamagen import ModelArgs, build_gpt
+from genaccel.data.skimage_crops import PHOTO_NAMES
 from genaccel.models.t2i import load_t2i
 from genaccel.train import gpt_t2i as recipe
-from genaccel.utils.io import save_safetensors, save_torch
 
-VOCAB, GRID, WIDTH = 24, 4, 12
-
-
-def tiny_gpt_file(out_dir):
-    torch.manual_seed(0)
-    gpt = build_gpt(None, dim=32, n_layer=2, n_head=2, vocab_size=VOCAB, num_classes=NUM_CLASSES,
-                    block_size=GRID * GRID, multiple_of=32)
-    config = {k: getattr(gpt.args, k) for k in ModelArgs.field_names()}
-    save_safetensors(gpt.state_dict(), out_dir / "gpt.safetensors", metadata={"config": json.dumps(config)})
-    gen = torch.Generator().manual_seed(0)
-    for split in ("train", "heldout"):
-        data = {"tokens": torch.randint(0, VOCAB, (8, GRID * GRID), generator=gen),
-                "labels": torch.randint(0, NUM_CLASSES, (8,), generator=gen), "vocab_size": VOCAB}
-        save_torch(data, out_dir / f"tokens_{split}.pt")
-    return gpt
+WIDTH = 12  # caption feature width of the tiny text encoder
 
 
 def test_captions_cover_every_photo_with_distinct_train_and_heldout_wording():

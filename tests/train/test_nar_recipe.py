@@ -2,32 +2,12 @@
 
 from __future__ import annotations
 
-import json
-
 import torch
+from recipe_helpers import GRID, tiny_gpt_file
 
-from genaccel.data.skimage_crops import NUM_CLASSES
 from genaccel.models import load_nar
-from genaccel.models.llamagen import ModelArgs, build_gpt
 from genaccel.train import nar as recipe
 from genaccel.train.nar import nar_from_gpt, step_lr
-from genaccel.utils.io import save_safetensors, save_torch
-
-VOCAB, GRID = 24, 4
-
-
-def tiny_gpt_file(out_dir):
-    torch.manual_seed(0)
-    gpt = build_gpt(None, dim=32, n_layer=2, n_head=2, vocab_size=VOCAB, num_classes=NUM_CLASSES,
-                    block_size=GRID * GRID, multiple_of=32)
-    config = {k: getattr(gpt.args, k) for k in ModelArgs.field_names()}
-    save_safetensors(gpt.state_dict(), out_dir / "gpt.safetensors", metadata={"config": json.dumps(config)})
-    gen = torch.Generator().manual_seed(0)
-    for split in ("train", "heldout"):
-        data = {"tokens": torch.randint(0, VOCAB, (8, GRID * GRID), generator=gen),
-                "labels": torch.randint(0, NUM_CLASSES, (8,), generator=gen), "vocab_size": VOCAB}
-        save_torch(data, out_dir / f"tokens_{split}.pt")
-    return gpt
 
 
 def test_vertical_head_starts_as_a_copy_of_the_last_block_and_head(tmp_path):

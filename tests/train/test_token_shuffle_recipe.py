@@ -6,27 +6,15 @@ import json
 
 import pytest
 import torch
+from recipe_helpers import GRID, VOCAB, save_gpt, write_fake_token_cache
 from safetensors import safe_open
 
 from genaccel.data.skimage_crops import NUM_CLASSES
-from genaccel.models.llamagen import ModelArgs, build_gpt
+from genaccel.models.llamagen import build_gpt
 from genaccel.models.token_shuffle import TokenShuffleArgs, load_token_shuffle
 from genaccel.train import token_shuffle as recipe
-from genaccel.utils.io import save_safetensors, save_torch
-
-VOCAB, GRID = 24, 4
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def write_fake_token_cache(out_dir, images: int = 8) -> None:
-    """``tokens_{train,heldout}.pt`` in the format ``genaccel.train.gpt.cached_tokens`` reads (no VQ encoding)."""
-    gen = torch.Generator().manual_seed(0)
-    for split in ("train", "heldout"):
-        data = {"tokens": torch.randint(0, VOCAB, (images, GRID * GRID), generator=gen),
-                "labels": torch.randint(0, NUM_CLASSES, (images,), generator=gen), "vocab_size": VOCAB}
-        save_torch(data, out_dir / f"tokens_{split}.pt")
 
 
 def tiny_args(out_dir, *extra: str) -> list[str]:
@@ -61,9 +49,7 @@ def tiny_gpt_file(tmp_path):
     gpt = build_gpt(None, dim=32, n_layer=1, n_head=2, vocab_size=VOCAB, num_classes=NUM_CLASSES,
                     block_size=GRID * GRID, multiple_of=32)
     gpt.init_weights(torch.Generator().manual_seed(1))
-    config = {k: getattr(gpt.args, k) for k in ModelArgs.field_names()}
-    path = save_safetensors(gpt.state_dict(), tmp_path / "gpt.safetensors", metadata={"config": json.dumps(config)})
-    return gpt, path
+    return gpt, save_gpt(gpt, tmp_path / "gpt.safetensors")
 
 
 def test_backbone_is_copied_from_the_gpt_and_shuffle_modules_are_fresh(tmp_path):
