@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from model_helpers import random_llamagen
 from safetensors.torch import save_file
 
 from genaccel.models import CheckpointError, load_gpt, load_vq, suggest_gpt_preset
@@ -14,11 +15,7 @@ TINY = dict(dim=64, n_layer=2, n_head=4, vocab_size=40, num_classes=5, block_siz
 
 
 def tiny_gpt():
-    torch.manual_seed(0)
-    model = build_gpt(None, **TINY).eval()
-    for p in model.parameters():
-        torch.nn.init.normal_(p, 0, 0.2)
-    return model
+    return random_llamagen(0, 0.2, **TINY)
 
 
 def logits(model):

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from model_helpers import official_block_keys, random_llamagen
 
 from genaccel.models.llamagen import GPT_PRESETS, LlamaGenGPT, ModelArgs, build_gpt
 
@@ -15,14 +16,7 @@ OFFICIAL = {"GPT-B": (2048, 110.9), "GPT-L": (2816, 342.9), "GPT-XL": (3584, 774
 def official_keys(dim: int, n_layer: int, hidden: int, vocab: int = 16384, classes: int = 1000) -> dict:
     keys = {"cls_embedding.embedding_table.weight": (classes + 1, dim), "tok_embeddings.weight": (vocab, dim),
             "norm.weight": (dim,), "output.weight": (vocab, dim)}
-    for i in range(n_layer):
-        keys.update({
-            f"layers.{i}.attention.wqkv.weight": (3 * dim, dim), f"layers.{i}.attention.wo.weight": (dim, dim),
-            f"layers.{i}.feed_forward.w1.weight": (hidden, dim), f"layers.{i}.feed_forward.w3.weight": (hidden, dim),
-            f"layers.{i}.feed_forward.w2.weight": (dim, hidden), f"layers.{i}.attention_norm.weight": (dim,),
-            f"layers.{i}.ffn_norm.weight": (dim,),
-        })
-    return keys
+    return {**keys, **official_block_keys(dim, n_layer, hidden)}
 
 
 @pytest.mark.parametrize("name", list(OFFICIAL))
@@ -38,14 +32,9 @@ def test_presets_match_official_keys_shapes_and_sizes(name):
 
 
 def tiny(**kw) -> LlamaGenGPT:
-    torch.manual_seed(0)
     args = dict(dim=64, n_layer=2, n_head=4, vocab_size=50, num_classes=6, block_size=16, multiple_of=32,
                 token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0)
-    args.update(kw)
-    model = build_gpt(None, **args).eval()
-    for prm in model.parameters():
-        torch.nn.init.normal_(prm, 0.0, 0.3)
-    return model
+    return random_llamagen(0, 0.3, **{**args, **kw})
 
 
 def reference_logits(model: LlamaGenGPT, labels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -113,15 +102,20 @@ def test_class_token_query_key_are_zeroed():
     assert table.shape == (1 + 16, 64 // 4 // 2, 2)
 
 
+def incremental_logits(model: LlamaGenGPT, labels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits over [class, tokens[:, :-1]] the cached way: prefill, then one ``forward_tokens`` call per token."""
+    model.setup_cache(len(labels))
+    steps = [model.prefill(labels).logits]
+    for t in range(tokens.shape[1] - 1):
+        steps.append(model.forward_tokens(tokens[:, t : t + 1], torch.tensor([1 + t])).logits)
+    return torch.cat(steps, 1)
+
+
 def test_kv_cache_incremental_equals_teacher_forced_fp32():
     model = tiny()
     labels, tokens = torch.tensor([0, 5, 2]), torch.randint(0, 50, (3, 16))
     full = model.teacher_forced(labels, tokens).logits
-    model.setup_cache(3)
-    steps = [model.prefill(labels).logits]
-    for t in range(15):
-        steps.append(model.forward_tokens(tokens[:, t : t + 1], torch.tensor([1 + t])).logits)
-    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0, atol=1e-5)
+    torch.testing.assert_close(incremental_logits(model, labels, tokens), full, rtol=0, atol=1e-5)
 
 
 def test_multi_token_chunks_and_per_row_positions_equal_single_steps():
@@ -229,11 +223,7 @@ def test_1d_kv_cache_equals_teacher_forced_and_a_generation_length_is_a_prefix()
     model = tiny_1d(12)
     labels, tokens = torch.tensor([0, 5]), torch.randint(0, 50, (2, 12))
     full = model.teacher_forced(labels, tokens).logits
-    model.setup_cache(2)
-    steps = [model.prefill(labels).logits]
-    for t in range(11):
-        steps.append(model.forward_tokens(tokens[:, t : t + 1], torch.tensor([1 + t])).logits)
-    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0, atol=1e-5)
+    torch.testing.assert_close(incremental_logits(model, labels, tokens), full, rtol=0, atol=1e-5)
     model.set_generation_length(5)
     assert model.num_image_tokens == 5
     model.set_generation_length(None)

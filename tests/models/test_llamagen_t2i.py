@@ -7,6 +7,7 @@ from dataclasses import asdict
 
 import pytest
 import torch
+from model_helpers import official_block_keys, random_llamagen
 
 from genaccel.models.contract import combine_cfg
 from genaccel.models.llamagen import (
@@ -25,14 +26,9 @@ T, C = 6, 12  # caption slots and caption width of the tiny models
 
 
 def tiny_t2i(seed: int = 0, **kw) -> LlamaGenT2I:
-    torch.manual_seed(seed)
     args = dict(dim=64, n_layer=2, n_head=4, vocab_size=50, block_size=16, multiple_of=32, model_type="t2i",
                 cls_token_num=T, caption_dim=C, token_dropout_p=0.0, resid_dropout_p=0.0, ffn_dropout_p=0.0)
-    args.update(kw)
-    model = build_gpt(None, **args).eval()
-    for prm in model.parameters():
-        torch.nn.init.normal_(prm, 0.0, 0.3)
-    return model
+    return random_llamagen(seed, 0.3, **{**args, **kw})
 
 
 def official_t2i_keys(dim: int, n_layer: int, hidden: int, vocab: int = 16384, caption_dim: int = 2048,
@@ -41,14 +37,7 @@ def official_t2i_keys(dim: int, n_layer: int, hidden: int, vocab: int = 16384, c
     keys = {"cls_embedding.uncond_embedding": (tokens, caption_dim),
             "cls_embedding.cap_proj.fc1.weight": (dim, caption_dim), "cls_embedding.cap_proj.fc2.weight": (dim, dim),
             "tok_embeddings.weight": (vocab, dim), "norm.weight": (dim,), "output.weight": (vocab, dim)}
-    for i in range(n_layer):
-        keys.update({
-            f"layers.{i}.attention.wqkv.weight": (3 * dim, dim), f"layers.{i}.attention.wo.weight": (dim, dim),
-            f"layers.{i}.feed_forward.w1.weight": (hidden, dim), f"layers.{i}.feed_forward.w3.weight": (hidden, dim),
-            f"layers.{i}.feed_forward.w2.weight": (dim, hidden), f"layers.{i}.attention_norm.weight": (dim,),
-            f"layers.{i}.ffn_norm.weight": (dim,),
-        })
-    return keys
+    return {**keys, **official_block_keys(dim, n_layer, hidden)}
 
 
 # ----------------------------------------------------------------------------- float64 reference

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_helpers import official_block_keys
 
 from genaccel.models import CheckpointError, load_nar
 from genaccel.models.nar import NAR_PRESETS, NARModel, build_nar, diagonal_cells, proximity_mask
@@ -19,14 +20,7 @@ def official_keys(dim: int, n_layer: int, hidden: int, vocab: int = 16384, class
     keys = {"cls_embedding.embedding_table.weight": (classes + 1, dim), "tok_embeddings.weight": (vocab, dim),
             "norm.weight": (dim,), "output.weight": (vocab, dim), "medusa_norm.weight": (dim,),
             "medusa_output.weight": (vocab, dim)}
-    for i in range(n_layer + 1):
-        keys.update({
-            f"layers.{i}.attention.wqkv.weight": (3 * dim, dim), f"layers.{i}.attention.wo.weight": (dim, dim),
-            f"layers.{i}.feed_forward.w1.weight": (hidden, dim), f"layers.{i}.feed_forward.w3.weight": (hidden, dim),
-            f"layers.{i}.feed_forward.w2.weight": (dim, hidden), f"layers.{i}.attention_norm.weight": (dim,),
-            f"layers.{i}.ffn_norm.weight": (dim,),
-        })
-    return keys
+    return {**keys, **official_block_keys(dim, n_layer + 1, hidden)}
 
 
 @pytest.mark.parametrize("name", list(OFFICIAL))
