@@ -30,3 +30,11 @@ def random_llamagen(seed: int, std: float, **args):
     for prm in model.parameters():
         torch.nn.init.normal_(prm, 0.0, std)
     return model
+
+
+def assert_official_layout(model: torch.nn.Module, keys: dict, params_m: float, rel: float) -> None:
+    """``model``'s state dict has exactly the official key names and shapes ``keys``, and its parameter count is
+    within relative ``rel`` of the published ``params_m`` million."""
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == keys
+    total = sum(v.numel() for v in model.parameters()) / 1e6
+    assert abs(total - params_m) / params_m < rel, f"{total:.1f}M parameters, published {params_m}M"

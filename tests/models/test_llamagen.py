@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from model_helpers import official_block_keys, random_llamagen
+from model_helpers import assert_official_layout, official_block_keys, random_llamagen
 
 from genaccel.models.llamagen import GPT_PRESETS, LlamaGenGPT, ModelArgs, build_gpt
 
@@ -25,10 +25,7 @@ def test_presets_match_official_keys_shapes_and_sizes(name):
         model = build_gpt(name)
     hidden, params_m = OFFICIAL[name]
     p = GPT_PRESETS[name]
-    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    assert got == official_keys(p["dim"], p["n_layer"], hidden)
-    total = sum(v.numel() for v in model.parameters()) / 1e6
-    assert abs(total - params_m) / params_m < 0.01
+    assert_official_layout(model, official_keys(p["dim"], p["n_layer"], hidden), params_m, 0.01)
 
 
 def tiny(**kw) -> LlamaGenGPT:

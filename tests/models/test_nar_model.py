@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from model_helpers import official_block_keys
+from model_helpers import assert_official_layout, official_block_keys
 
 from genaccel.models import CheckpointError, load_nar
 from genaccel.models.nar import NAR_PRESETS, NARModel, build_nar, diagonal_cells, proximity_mask
@@ -29,10 +29,7 @@ def test_presets_have_the_official_keys_shapes_and_sizes(name):
         model = build_nar(name)
     hidden, params_m = OFFICIAL[name]
     preset = NAR_PRESETS[name]
-    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    assert got == official_keys(preset["dim"], preset["n_layer"], hidden)
-    total = sum(v.numel() for v in model.parameters()) / 1e6
-    assert abs(total - params_m) / params_m < 0.005
+    assert_official_layout(model, official_keys(preset["dim"], preset["n_layer"], hidden), params_m, 0.005)
 
 
 def reference_proximity(grid: int, cls: int, length: int) -> torch.Tensor:
