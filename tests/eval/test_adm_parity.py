@@ -66,6 +66,18 @@ def adm_features(model: torch.nn.Module, images: np.ndarray) -> tuple[np.ndarray
     return pool.double().numpy(), logits.double().numpy(), spatial.astype(np.float64)
 
 
+def common_subspace(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``a`` and ``b`` in an orthonormal basis of the span of their centred rows and mean difference.
+
+    Means, covariances' traces and the nonzero eigenvalues of ``S1 S2`` are unchanged by this change of basis,
+    so ``adm_fid`` gives the same value on the projected features (checked in
+    ``test_fid_is_unchanged_in_the_common_subspace``) while scipy's ``sqrtm`` runs on a (n1 + n2)-square matrix
+    instead of a 2048-square one (tens of seconds on one CPU thread)."""
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    q, _ = np.linalg.qr(np.concatenate([a - mu_a, b - mu_b, (mu_a - mu_b)[None]]).T)
+    return a @ q, b @ q
+
+
 # ---- helpers ----------------------------------------------------------------------------------------------
 def _images(seed: int, n: int = 12, size: int = 32) -> np.ndarray:
     rng = np.random.default_rng(seed)
@@ -131,47 +143,61 @@ def test_running_stats_equal_np_cov_in_any_batching():
 
 
 # ---- end to end through the CLI, same model ----------------------------------------------------------------
-def test_cli_metrics_equal_adm_reference_implementation(tmp_path, random_inception):
-    gen, real = _images(0, n=12), _images(1, n=10)
-    save_adm_npz(tmp_path / "gen.npz", gen)
-    save_adm_npz(tmp_path / "real.npz", real)
-    ours = main(["metrics", str(tmp_path / "gen.npz"), "--metrics", "fid,sfid,is,prc", "--reference",
-                 str(tmp_path / "real.npz"), "--inception-weights", str(random_inception)])
+@pytest.fixture(scope="module")
+def adm_run(tmp_path_factory, random_inception):
+    """Generated and real image files, the CLI's fid/sfid/is/prc on them against the real images, and the pool,
+    logits and spatial features computed here (``adm_features``): computed once, shared by the tests below.
+    Six and five images: every equality holds for any set size, P&R's k=3 needs at least 4 per set."""
+    folder = tmp_path_factory.mktemp("adm_parity")
+    gen, real = _images(0, n=6), _images(1, n=5)
+    save_adm_npz(folder / "gen.npz", gen)
+    save_adm_npz(folder / "real.npz", real)
+    ours = main(["metrics", str(folder / "gen.npz"), "--metrics", "fid,sfid,is,prc", "--reference",
+                 str(folder / "real.npz"), "--inception-weights", str(random_inception), "--cache-dir", "none"])
     model = load_inception(random_inception)
-    g_pool, g_logits, g_spatial = adm_features(model, gen)
-    r_pool, _, r_spatial = adm_features(model, real)
-    assert g_spatial.shape == (12, 17 * 17 * 7)
-    assert ours["fid"] == pytest.approx(adm_fid(g_pool, r_pool), rel=1e-6)
-    assert ours["sfid"] == pytest.approx(adm_fid(g_spatial, r_spatial), rel=1e-6)
+    return {"folder": folder, "real": real, "ours": ours, "gen_features": adm_features(model, gen),
+            "real_features": adm_features(model, real)}
+
+
+def test_fid_is_unchanged_in_the_common_subspace():
+    a, b = _features(8, 7, d=64), _features(9, 5, d=64) + 0.3
+    assert adm_fid(*common_subspace(a, b)) == pytest.approx(adm_fid(a, b), rel=1e-6)  # sqrtm noise: ~1e-8
+
+
+def test_cli_metrics_equal_adm_reference_implementation(adm_run):
+    ours = adm_run["ours"]
+    g_pool, g_logits, g_spatial = adm_run["gen_features"]
+    r_pool, _, r_spatial = adm_run["real_features"]
+    assert g_spatial.shape == (6, 17 * 17 * 7)
+    assert ours["fid"] == pytest.approx(adm_fid(*common_subspace(g_pool, r_pool)), rel=1e-6)
+    assert ours["sfid"] == pytest.approx(adm_fid(*common_subspace(g_spatial, r_spatial)), rel=1e-6)
     assert ours["sfid"] > 0 and ours["fid"] > 0
     assert ours["inception_score_mean"] == pytest.approx(adm_inception_score(g_logits), rel=1e-6)
     assert (ours["precision"], ours["recall"]) == adm_prec_recall(r_pool.astype(np.float32).astype(np.float64),
                                                                   g_pool.astype(np.float32).astype(np.float64))
 
 
-def test_inception_stats_file_is_read_by_adm_and_gives_the_same_fid_sfid(tmp_path, random_inception):
-    gen, real = _images(0, n=12), _images(1, n=10)
-    save_adm_npz(tmp_path / "gen.npz", gen)
-    save_adm_npz(tmp_path / "real.npz", real)
+def test_inception_stats_file_is_read_by_adm_and_gives_the_same_fid_sfid(tmp_path, random_inception, adm_run):
+    folder, real = adm_run["folder"], adm_run["real"]
     w = ["--inception-weights", str(random_inception)]
-    main(["stats", str(tmp_path / "real.npz"), "--features", "inception", "--out", str(tmp_path / "ref.npz"), *w,
-          "--batch-size", "4"])
+    main(["stats", str(folder / "real.npz"), "--features", "inception", "--out", str(tmp_path / "ref.npz"), *w,
+          "--batch-size", "2"])
     (mu, sigma), (mu_s, sigma_s) = adm_read_statistics(tmp_path / "ref.npz")
-    r_pool, _, r_spatial = adm_features(load_inception(random_inception), real)
+    r_pool, _, r_spatial = adm_run["real_features"]
     np.testing.assert_allclose(mu, r_pool.mean(0), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(mu_s, r_spatial.mean(0), rtol=1e-5, atol=1e-7)  # NHWC order, as ADM's mu_s
     np.testing.assert_allclose(sigma_s, np.cov(r_spatial, rowvar=False), rtol=1e-4, atol=1e-7)
-    assert mu_s.shape == (2023,) and sigma.shape == (2048, 2048)
-    common = ["metrics", str(tmp_path / "gen.npz"), "--metrics", "fid,sfid", *w]
-    from_stats = main([*common, "--reference", str(tmp_path / "ref.npz")])
-    from_images = main([*common, "--reference", str(tmp_path / "real.npz")])
+    assert mu_s.shape == (2023,) and sigma.shape == (2048, 2048) and len(real) == 5
+    from_stats = main(["metrics", str(folder / "gen.npz"), "--metrics", "fid,sfid", *w, "--reference",
+                       str(tmp_path / "ref.npz")])
+    from_images = adm_run["ours"]  # the same generated images against the reference's images
     assert from_stats["reference_stats_from"] == "file"
     assert from_stats["fid"] == pytest.approx(from_images["fid"], rel=1e-6)
     assert from_stats["sfid"] == pytest.approx(from_images["sfid"], rel=1e-6)
 
 
 def test_sfid_needs_spatial_statistics_or_images(tmp_path, random_inception):
-    save_adm_npz(tmp_path / "gen.npz", _images(0, n=6))
+    save_adm_npz(tmp_path / "gen.npz", _images(0, n=4))
     s = feature_stats(np.random.default_rng(0).normal(size=(10, 2048)))
     np.savez(tmp_path / "ttur.npz", mu=s.mu, sigma=s.sigma)  # TTUR / clean-fid layout: no mu_s
     args = ["metrics", str(tmp_path / "gen.npz"), "--inception-weights", str(random_inception), "--reference",
