@@ -271,6 +271,34 @@ class BoundedRelaxRule(ExactRule):
 
 
 # ----------------------------------------------------------------------------- GSD
+GSD_CLOSE_TABLE_MAX_CODES = 4096  # a (V, V) bool table of "codes within embed_threshold": 16 MiB at 4096 codes
+
+
+def codebook_distance(codebook: torch.Tensor, x: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+    """Squared L2 distance ``||E[cand] - E[x]||^2`` (float32) for draft tokens x (...) and candidates (..., C)."""
+    cb = codebook.to(cand.device, torch.float32)
+    return (cb[cand] - cb[x].unsqueeze(-2)).pow(2).sum(-1)
+
+
+def codebook_close_table(codebook: torch.Tensor, embed_threshold: float, device: torch.device | str = "cpu",
+                         rows: int = 256) -> torch.Tensor | None:
+    """(V, V) bool table ``close[x, t] = ||E[t] - E[x]||^2 < embed_threshold``, or None above
+    :data:`GSD_CLOSE_TABLE_MAX_CODES` codes (the table would not pay for its memory).
+
+    Built with :func:`codebook_distance`'s arithmetic, so a look-up gives bit-for-bit the same decision as
+    computing the distance per call; built once per rule, it replaces a (..., C, d) gather and three ops
+    in every verify step (issue #14: GSD's engine share).
+    """
+    V = codebook.shape[0]
+    if V > GSD_CLOSE_TABLE_MAX_CODES:
+        return None
+    codes = torch.arange(V, device=device)
+    cand = codes.expand(min(rows, V), V)
+    chunks = [codebook_distance(codebook, codes[i : i + rows], cand[: min(rows, V - i)]) < embed_threshold
+              for i in range(0, V, rows)]
+    return torch.cat(chunks)
+
+
 def gsd_group(
     p: torch.Tensor,
     x: torch.Tensor,
@@ -278,6 +306,7 @@ def gsd_group(
     prob_threshold: float,
     codebook: torch.Tensor | None = None,
     embed_threshold: float = math.inf,
+    close: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """GSD's dynamic cluster of x as a boolean mask (..., V) (``--group-mode ours``, the paper's rule).
 
@@ -286,24 +315,28 @@ def gsd_group(
     candidates); a candidate t stays only if
     ``|p(t) - p(x)| < prob_threshold`` and, with a codebook, ``||E[t] - E[x]||^2 < embed_threshold``.
     x itself is always a member (GSD ``SpeculativeSampler.__call__``, shared/reference/speculative.md §2.2).
+    ``close`` is :func:`codebook_close_table` of (codebook, embed_threshold), looked up instead of computing
+    the distances (same result).
     """
     # The h = group_size // 2 tokens just above x in the ranking are the h least probable of those more probable
-    # than x; the rest are the most probable of those less probable. Two top-k calls instead of a full sort.
+    # than x; the rest are the most probable of those less probable. Two unsorted top-k calls instead of a full
+    # sort (the set does not depend on ``sorted``: sorting only permutes the selected k).
     above_n = min(group_size // 2, p.shape[-1] - 1)
     below_n = min(group_size - 1 - group_size // 2, p.shape[-1] - 1)
-    px = gather_token(p, x).unsqueeze(-1)
-    above = torch.where(p > px, p, math.inf).topk(above_n, dim=-1, largest=False)
-    below = torch.where(p < px, p, -math.inf).topk(below_n, dim=-1, largest=True)
     xs = x.unsqueeze(-1)
-    inside = torch.cat([above.values.isfinite(), below.values.isfinite(), torch.ones_like(xs, dtype=torch.bool)], -1)
-    cand = torch.where(inside, torch.cat([above.indices, below.indices, xs], dim=-1), xs)
-    keep = (p.gather(-1, cand) - px).abs() < prob_threshold
-    if codebook is not None and math.isfinite(embed_threshold):
-        cb = codebook.to(p.device, torch.float32)
-        dist = (cb[cand] - cb[x].unsqueeze(-2)).pow(2).sum(-1)
-        keep &= dist < embed_threshold
-    keep |= cand == xs
-    return torch.zeros_like(p, dtype=torch.bool).scatter_(-1, cand, keep)
+    px = p.gather(-1, xs)
+    above = p.masked_fill(p <= px, math.inf).topk(above_n, dim=-1, largest=False, sorted=False)
+    below = p.masked_fill(p >= px, -math.inf).topk(below_n, dim=-1, largest=True, sorted=False)
+    values = torch.cat([above.values, below.values], dim=-1)  # p at the candidates; +-inf = no such token
+    real = values.isfinite()
+    cand = torch.where(real, torch.cat([above.indices, below.indices], dim=-1), xs)  # x stands in for the missing
+    keep = (values - px).abs() < prob_threshold
+    if close is not None:
+        keep &= close[xs, cand]
+    elif codebook is not None and math.isfinite(embed_threshold):
+        keep &= codebook_distance(codebook, x, cand) < embed_threshold
+    keep |= ~real  # every stand-in writes True at x, so duplicates of x agree
+    return torch.zeros_like(p, dtype=torch.bool).scatter_(-1, cand, keep).scatter_(-1, xs, True)
 
 
 def gsd_official_group(
@@ -362,6 +395,14 @@ class GroupedRule:
     def __post_init__(self) -> None:
         if self.mode not in GSD_GROUP_MODES:
             raise ValueError(f"group_mode must be one of {GSD_GROUP_MODES}, got {self.mode!r}")
+        self._close: dict[str, torch.Tensor | None] = {}  # codebook_close_table per device, built on first use
+
+    def _close_table(self, device: torch.device) -> torch.Tensor | None:
+        if self.codebook is None or not math.isfinite(self.embed_threshold):
+            return None
+        if str(device) not in self._close:
+            self._close[str(device)] = codebook_close_table(self.codebook, self.embed_threshold, device)
+        return self._close[str(device)]
 
     def target(self, p: torch.Tensor, x: torch.Tensor, q: torch.Tensor | None = None) -> torch.Tensor:
         return self.inner.target(p, x, q)
@@ -372,7 +413,8 @@ class GroupedRule:
             grouped = (target * group).sum(-1) / (q * group).sum(-1)
             ratio = torch.where(empty, gather_token(target, x) / gather_token(q, x), grouped)
         else:
-            group = gsd_group(target, x, self.group_size, self.prob_threshold, self.codebook, self.embed_threshold)
+            group = gsd_group(target, x, self.group_size, self.prob_threshold, self.codebook, self.embed_threshold,
+                              close=self._close_table(target.device))
             ratio = (target * group).sum(-1) / (q * group).sum(-1).clamp_min(TINY)
         if self.respect_truncation:
             ratio = torch.where(gather_token(target, x) > 0, ratio, torch.zeros_like(ratio))

@@ -11,7 +11,15 @@ from hypothesis import strategies as st
 from spec_helpers import tiny_gpt
 
 from genaccel.samplers import build_sampler
-from genaccel.samplers.acceptance import ExactRule, GroupedRule, gsd_group, gsd_official_group
+from genaccel.samplers.acceptance import (
+    GSD_CLOSE_TABLE_MAX_CODES,
+    ExactRule,
+    GroupedRule,
+    codebook_close_table,
+    codebook_distance,
+    gsd_group,
+    gsd_official_group,
+)
 from genaccel.samplers.base import SamplingOptions, target_probs
 
 
@@ -163,3 +171,68 @@ def test_top_k_is_respected_unless_an_official_mode_is_chosen():
         counts[mode] = bad
     assert counts["ours"] == 0
     assert counts["official"] > 0
+
+
+# ----------------------------------------------------------------------------- the cheaper group (issue #14)
+def reference_gsd_group(p, x, group_size, prob_threshold, codebook=None, embed_threshold=math.inf, close=None):
+    """The group code before issue #14's engine work (sorted top-k, where-fills, per-call distances), kept
+    as the reference the cheaper :func:`gsd_group` must reproduce bit for bit (``close`` is ignored)."""
+    above_n = min(group_size // 2, p.shape[-1] - 1)
+    below_n = min(group_size - 1 - group_size // 2, p.shape[-1] - 1)
+    px = p.gather(-1, x.unsqueeze(-1))
+    above = torch.where(p > px, p, math.inf).topk(above_n, dim=-1, largest=False)
+    below = torch.where(p < px, p, -math.inf).topk(below_n, dim=-1, largest=True)
+    xs = x.unsqueeze(-1)
+    inside = torch.cat([above.values.isfinite(), below.values.isfinite(), torch.ones_like(xs, dtype=torch.bool)], -1)
+    cand = torch.where(inside, torch.cat([above.indices, below.indices, xs], dim=-1), xs)
+    keep = (p.gather(-1, cand) - px).abs() < prob_threshold
+    if codebook is not None and math.isfinite(embed_threshold):
+        cb = codebook.to(p.device, torch.float32)
+        keep &= (cb[cand] - cb[x].unsqueeze(-2)).pow(2).sum(-1) < embed_threshold
+    keep |= cand == xs
+    return torch.zeros_like(p, dtype=torch.bool).scatter_(-1, cand, keep)
+
+
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 100_000), V=st.sampled_from([2, 5, 32, 1024]), group=st.sampled_from([1, 2, 3, 25, 100]),
+       thr=st.sampled_from([0.05, 0.3, 1.0]), dthr=st.sampled_from([0.5, 2.0, math.inf]), ties=st.booleans())
+def test_cheaper_group_is_bit_identical_to_the_reference(seed, V, group, thr, dthr, ties):
+    gen = torch.Generator().manual_seed(seed)
+    p = (6.0 * torch.randn(3, 7, V, generator=gen)).softmax(-1)
+    if ties:  # many exact ties, also at the group's edges and with x
+        p = (p * 20).round()
+        p = p / p.sum(-1, keepdim=True)
+    x = torch.randint(V, (3, 7), generator=gen)
+    codebook = torch.nn.functional.normalize(torch.randn(V, 8, generator=gen), dim=-1)
+    want = reference_gsd_group(p, x, group, thr, codebook, dthr)
+    assert torch.equal(gsd_group(p, x, group, thr, codebook, dthr), want)
+    if math.isfinite(dthr):
+        assert torch.equal(gsd_group(p, x, group, thr, codebook, dthr, close=codebook_close_table(codebook, dthr)), want)
+
+
+def test_close_table_is_the_per_call_distance_test():
+    gen = torch.Generator().manual_seed(0)
+    codebook = torch.nn.functional.normalize(torch.randn(300, 8, generator=gen, dtype=torch.float64), dim=-1)
+    table = codebook_close_table(codebook, 1.0, rows=64)  # several row chunks, the last one short
+    codes = torch.arange(300)
+    assert torch.equal(table, codebook_distance(codebook, codes, codes.expand(300, 300)) < 1.0)
+    assert codebook_close_table(torch.zeros(GSD_CLOSE_TABLE_MAX_CODES + 1, 2), 1.0) is None
+
+
+def test_gsd_tokens_are_unchanged_by_the_cheaper_group(monkeypatch):
+    """A sampled fp32 run with a fixed seed emits the same tokens with the reference group code (options where
+    the group decides: the same run with group_size 9, prob_threshold 0.25 or embed_threshold 1.6 differs)."""
+    from genaccel.samplers import acceptance
+
+    model = tiny_gpt(block=16, seed=1, head_std=0.1)
+    labels = torch.tensor([0, 1, 2, 3])
+
+    def run():
+        sampler = build_sampler("gsd", group_size=10, prob_threshold=0.5, embed_threshold=2.0, window=8)
+        sampler.set_codebook(torch.nn.functional.normalize(
+            torch.randn(model.vocab_size, 4, generator=torch.Generator().manual_seed(0)), dim=-1))
+        return sampler.generate(model, labels, torch.Generator().manual_seed(3)).tokens
+
+    new = run()
+    monkeypatch.setattr(acceptance, "gsd_group", reference_gsd_group)
+    assert torch.equal(run(), new)
