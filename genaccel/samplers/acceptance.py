@@ -391,18 +391,11 @@ class GroupedRule:
     name: str = "gsd"
     mode: str = "ours"
     respect_truncation: bool = True
+    close: torch.Tensor | None = None  # codebook_close_table(codebook, embed_threshold): looked up, same result
 
     def __post_init__(self) -> None:
         if self.mode not in GSD_GROUP_MODES:
             raise ValueError(f"group_mode must be one of {GSD_GROUP_MODES}, got {self.mode!r}")
-        self._close: dict[str, torch.Tensor | None] = {}  # codebook_close_table per device, built on first use
-
-    def _close_table(self, device: torch.device) -> torch.Tensor | None:
-        if self.codebook is None or not math.isfinite(self.embed_threshold):
-            return None
-        if str(device) not in self._close:
-            self._close[str(device)] = codebook_close_table(self.codebook, self.embed_threshold, device)
-        return self._close[str(device)]
 
     def target(self, p: torch.Tensor, x: torch.Tensor, q: torch.Tensor | None = None) -> torch.Tensor:
         return self.inner.target(p, x, q)
@@ -414,7 +407,7 @@ class GroupedRule:
             ratio = torch.where(empty, gather_token(target, x) / gather_token(q, x), grouped)
         else:
             group = gsd_group(target, x, self.group_size, self.prob_threshold, self.codebook, self.embed_threshold,
-                              close=self._close_table(target.device))
+                              close=self.close)
             ratio = (target * group).sum(-1) / (q * group).sum(-1).clamp_min(TINY)
         if self.respect_truncation:
             ratio = torch.where(gather_token(target, x) > 0, ratio, torch.zeros_like(ratio))
