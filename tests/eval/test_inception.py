@@ -26,16 +26,26 @@ class _Uint8CHW(torch.utils.data.Dataset):
         return self.images[i]
 
 
-def test_cli_fid_equals_torch_fidelity_and_reports_is_prc(tmp_path, random_inception, capsys):
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, random_inception):
+    """Six generated and five real images saved as ADM .npz files, and the CLI's fid/is/prc of one against the
+    other: run once, shared by the two tests below (FID's 2048-d eigenvalues are the slow part)."""
+    folder = tmp_path_factory.mktemp("inception_cli")
+    gen, real = _images(0, n=6), _images(1, n=5)
+    save_adm_npz(folder / "gen.npz", gen)
+    save_adm_npz(folder / "real.npz", real)
+    ours = main(["metrics", str(folder / "gen.npz"), "--metrics", "fid,is,prc", "--reference",
+                 str(folder / "real.npz"), "--inception-weights", str(random_inception), "--cache-dir", "none"])
+    return {"folder": folder, "gen": gen, "real": real, "ours": ours}
+
+
+def test_cli_fid_equals_torch_fidelity_and_reports_is_prc(cli_run, random_inception):
     from torch_fidelity import calculate_metrics
 
-    gen, real = _images(0), _images(1)
-    save_adm_npz(tmp_path / "gen.npz", gen)
-    save_adm_npz(tmp_path / "real.npz", real)
-    ours = main(["metrics", str(tmp_path / "gen.npz"), "--metrics", "fid,is,prc", "--reference",
-                 str(tmp_path / "real.npz"), "--inception-weights", str(random_inception)])
-    theirs = calculate_metrics(input1=_Uint8CHW(gen), input2=_Uint8CHW(real), fid=True, cuda=False, cache=False,
-                               verbose=False, feature_extractor_weights_path=str(random_inception), batch_size=10,
+    ours = cli_run["ours"]
+    theirs = calculate_metrics(input1=_Uint8CHW(cli_run["gen"]), input2=_Uint8CHW(cli_run["real"]), fid=True,
+                               cuda=False, cache=False, verbose=False,
+                               feature_extractor_weights_path=str(random_inception), batch_size=10,
                                save_cpu_ram=True)
     assert ours["fid"] == pytest.approx(theirs["frechet_inception_distance"], rel=1e-3)
     assert ours["fid"] > 0
@@ -46,18 +56,16 @@ def test_cli_fid_equals_torch_fidelity_and_reports_is_prc(tmp_path, random_incep
     assert "fd_domain" not in ours
 
 
-def test_adm_reference_stats_give_the_same_fid_as_reference_images(tmp_path, random_inception):
+def test_adm_reference_stats_give_the_same_fid_as_reference_images(tmp_path, random_inception, cli_run):
     from genaccel.eval.fd import feature_stats
 
-    gen, real = _images(0), _images(1)
-    save_adm_npz(tmp_path / "gen.npz", gen)
     model = load_inception(random_inception)
-    stats = feature_stats(inception_features(model, real, progress=False).pool)
+    stats = feature_stats(inception_features(model, cli_run["real"], progress=False).pool)
     np.savez(tmp_path / "VIRTUAL_ref.npz", mu=stats.mu, sigma=stats.sigma)  # ADM reference layout, no arr_0
-    save_adm_npz(tmp_path / "real.npz", real)
-    common = ["metrics", str(tmp_path / "gen.npz"), "--metrics", "fid", "--inception-weights", str(random_inception)]
+    common = ["metrics", str(cli_run["folder"] / "gen.npz"), "--metrics", "fid", "--inception-weights",
+              str(random_inception)]
     from_stats = main([*common, "--reference", str(tmp_path / "VIRTUAL_ref.npz")])["fid"]
-    from_images = main([*common, "--reference", str(tmp_path / "real.npz")])["fid"]
+    from_images = cli_run["ours"]["fid"]  # the same generated images against real.npz's images
     assert from_stats == pytest.approx(from_images, rel=1e-9)
     with pytest.raises(SystemExit, match="holds only mu/sigma"):
         main([*common[:3], "prc", *common[4:], "--reference", str(tmp_path / "VIRTUAL_ref.npz")])
