@@ -9,10 +9,12 @@ entries + (k - 1) single-entry calls on its own predictions, with a small static
 Two cached decoding paths compute the same function: :meth:`EagleDrafter.step` runs the shared LlamaGen
 ``TransformerBlock`` (the reference), :meth:`EagleDrafter.decode` is the lean path the samplers use. On a CPU
 a one-entry drafter call is dominated by per-op dispatch, not arithmetic, so ``decode`` does the same maths
-in about half the ops (issue #14 item 4): one complex multiply rotates q and k (v by exactly 1), K and V go
-into one static buffer with one write, attention always spans the whole static cache under a precomputed
-causal table (no ``max()``/``item()`` per call, no re-built mask), no dropout or dtype no-ops, and the LM
-head runs only on the entries whose logits are wanted.
+in about half the ops (issue #14 items 3-4): a (V, D) table holds ``fc``'s token half applied to every
+embedding, the RMSNorm gains are folded into ``wqkv`` and into one stacked ``w1``/``w3`` matmul (derived
+weights; the module's stay untouched), one complex multiply rotates q and k (v by exactly 1), K and V go
+into one static buffer with one write, attention reads a precomputed causal table (no re-built mask) and,
+on a CPU, only the slots up to the batch's highest, no dropout or dtype no-ops, and the LM head runs only
+on the entries whose logits are wanted.
 
 The token embedding and LM head are frozen copies of the target's, stored in the drafter file so the
 sampler needs nothing from the target beyond the sampler contract (hidden states).
@@ -172,6 +174,25 @@ class EagleDrafter(nn.Module):
         rope = torch.view_as_complex(self.freqs_cis[cls : cls + max_len].float().contiguous()).to(p.device)
         ones = torch.ones_like(rope)
         self._rotation = torch.stack([rope, rope, ones], dim=1)[:, :, None]  # (max_len, 3 [q k v], 1, head_dim/2)
+        self._fold_weights()
+
+    @torch.no_grad()
+    def _fold_weights(self) -> None:
+        """Weights of :meth:`decode`, derived from the module's (which stay untouched), so a call runs fewer ops:
+
+        * the token half of ``fc`` applied to every embedding, bias included: a (V, D) table looked up per token,
+          so ``fc`` reduces to one (D, D) matmul on the hidden state;
+        * the RMSNorm gains folded into the matrix that follows (``W (g * n) = (W diag g) n``): into ``wqkv``
+          and into ``w1``/``w3``, which are stacked into one matmul.
+
+        Re-derived by every :meth:`setup_decoding` (each generation), so trained weights are picked up.
+        """
+        layer, D = self.layer, self.args.dim
+        ffn = layer.feed_forward
+        self._token_table = F.linear(self.tok_embeddings.weight, self.fc.weight[:, :D], self.fc.bias)
+        self._fc_hidden = self.fc.weight[:, D:].contiguous()
+        self._wqkv = layer.attention.wqkv.weight * layer.attention_norm.weight
+        self._w13 = torch.cat([ffn.w1.weight, ffn.w3.weight]) * layer.ffn_norm.weight
 
     def decode(self, tokens: torch.Tensor, hidden: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """Predicted hidden states (R, L, D) of entries (tokens, hidden) (R, L) written at per-row cache
@@ -185,20 +206,31 @@ class EagleDrafter(nn.Module):
         layer, attn = self.layer, self.layer.attention
         R, L = tokens.shape
         heads, head_dim = attn.n_head, attn.head_dim
-        x = self.fc(torch.cat([self.tok_embeddings(tokens), hidden.to(self.fc.weight.dtype)], dim=-1))
-        qkv = attn.wqkv(layer.attention_norm(x)).view(R, L, 3, heads, head_dim // 2, 2)  # n_kv_head == n_head in LlamaGen drafters
+        x = self._token_table[tokens] + F.linear(hidden.to(self._fc_hidden.dtype), self._fc_hidden)
+        qkv = F.linear(unit_rms(x, layer.attention_norm.eps), self._wqkv)
+        qkv = qkv.view(R, L, 3, heads, head_dim // 2, 2)  # n_kv_head == n_head in LlamaGen drafters
         qkv = torch.view_as_real(torch.view_as_complex(qkv.float()) * self._rotation[slots]).flatten(-2).type_as(x)
         self._decode_kv.index_put_((self._decode_rows, slots), qkv[:, :, 1:])
-        kv = self._decode_kv.transpose(1, 3)  # (R, heads, 2, max_len, head_dim)
-        mask = self._causal[slots][:, None]  # (R, 1, L, max_len)
+        # On a CPU reading the highest slot is free and attention then spans only the slots in use; on an
+        # accelerator the read would be a host sync per call, so attention spans the whole static cache there.
+        span = int(slots.max()) + 1 if slots.device.type == "cpu" else self._decode_kv.shape[1]
+        kv = self._decode_kv[:, :span].transpose(1, 3)  # (R, heads, 2, span, head_dim)
+        mask = self._causal[slots, :span][:, None]  # (R, 1, L, span)
         y = F.scaled_dot_product_attention(qkv[:, :, 0].transpose(1, 2), kv[:, :, 0], kv[:, :, 1], attn_mask=mask)
         h = x + attn.wo(y.transpose(1, 2).reshape(R, L, -1))
-        ffn, g = layer.feed_forward, layer.ffn_norm(h)
-        return h + ffn.w2(F.silu(ffn.w1(g)) * ffn.w3(g))
+        gate, up = F.linear(unit_rms(h, layer.ffn_norm.eps), self._w13).chunk(2, dim=-1)
+        return h + layer.feed_forward.w2(F.silu(gate) * up)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 draft logits of predicted hidden states (the frozen target LM head)."""
         return self.output(hidden).float()
+
+
+def unit_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm without its gain (folded into the next matrix), normalised in float32 as LlamaGen's RMSNorm."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), None, eps)
+    return F.rms_norm(x.float(), (x.shape[-1],), None, eps).type_as(x)
 
 
 def drafter_metadata(args: DrafterArgs, **extra: str) -> dict[str, str]:

@@ -109,3 +109,22 @@ def test_drafter_decode_needs_its_buffers():
         assert "setup_decoding" in str(e)
     else:
         raise AssertionError("decode without setup_decoding must fail")
+
+
+def test_drafter_decode_folds_weights_without_touching_the_module():
+    """setup_decoding derives decode's folded weights (token table, norm gains in wqkv and w1/w3) from the
+    module's, leaves those unchanged, and re-derives them: after a weight update decode still equals step."""
+    drafter = EagleDrafter.from_target(tiny_gpt(block=16, seed=3)).eval()
+    before = {k: v.clone() for k, v in drafter.state_dict().items()}
+    drafter.setup_cache(2, 16)
+    drafter.setup_decoding(2, 16)
+    assert all(torch.equal(before[k], v) for k, v in drafter.state_dict().items())
+    with torch.no_grad():
+        for norm in (drafter.layer.attention_norm, drafter.layer.ffn_norm):
+            norm.weight.mul_(torch.linspace(0.5, 2.0, norm.weight.numel()))  # gains that matter
+        drafter.fc.bias.add_(0.3)
+        drafter.setup_decoding(2, 16)
+        tokens, hidden = torch.randint(32, (2, 3)), torch.randn(2, 3, drafter.args.dim)
+        slots = torch.tensor([[0, 1, 2], [4, 5, 6]])
+        ref = drafter.step(tokens, hidden, slots)
+        assert torch.allclose(drafter.decode(tokens, hidden, slots), ref.hidden, atol=1e-5, rtol=0)
