@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,12 +29,30 @@ def _arrays(out) -> tuple[np.ndarray, np.ndarray]:
         return z["arr_0"], z["arr_1"]
 
 
+def _scored(ref: Path, weights: Path) -> list[str]:
+    """Inception metrics of a sampling job: 3 extraction batches of 8, so rank 0 of two embeds batches 0 and 2
+    and rank 1 batch 1; torch-fidelity's IS shuffles with a fixed seed, so it changes if rank 0 put the
+    gathered features back in the wrong order."""
+    return ["--metrics", "fid,sfid,is", "--reference", str(ref), "--inception-weights", str(weights),
+            "--cache-dir", "none", "--feature-batch-size", "8", "--is-protocol", "torch-fidelity"]
+
+
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory, tiny_model_args):
-    """The uninterrupted single-process job every other run must reproduce exactly."""
-    out = tmp_path_factory.mktemp("jobs") / "reference"
-    main([*SAMPLE, "--out", str(out), "--num-images", str(NUM), *tiny_model_args])
-    return _arrays(out)
+def reference_job(tmp_path_factory, tiny_model_args, random_inception):
+    """The uninterrupted single-process job every other run must reproduce exactly (images, labels), with its
+    Inception metrics against a small reference (``scored``: the same metric arguments for other runs)."""
+    from genaccel.eval.images import save_adm_npz
+
+    folder = tmp_path_factory.mktemp("jobs")
+    save_adm_npz(folder / "ref.npz", np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8))
+    scored = _scored(folder / "ref.npz", random_inception)
+    run = main([*SAMPLE, "--out", str(folder / "reference"), "--num-images", str(NUM), *tiny_model_args, *scored])
+    return {"arrays": _arrays(folder / "reference"), "metrics": run["metrics"], "scored": scored}
+
+
+@pytest.fixture(scope="module")
+def reference_run(reference_job) -> tuple[np.ndarray, np.ndarray]:
+    return reference_job["arrays"]
 
 
 def test_balanced_labels_cycle_classes_and_random_labels_are_seeded():
@@ -75,18 +94,29 @@ def test_packed_npz_is_written_shard_by_shard_and_streams_back(tmp_path, tiny_mo
     assert not list(out.glob(".samples.npz.*"))
 
 
-def test_two_process_torchrun_matches_single_process(tmp_path, tiny_model_args, reference_run):
+def test_two_process_torchrun_matches_single_process(tmp_path, tiny_model_args, reference_job):
+    """Two ranks sample their shards and share the Inception extraction: same shards, images, labels and metrics
+    as one process (one torchrun checks both)."""
     out = tmp_path / "ddp"
     proc = _run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "genaccel.eval",
-                     *SAMPLE, "--out", str(out), "--num-images", str(NUM), *tiny_model_args])
-    log, _ = proc.communicate(timeout=120)
+                     *SAMPLE, "--out", str(out), "--num-images", str(NUM), *tiny_model_args, *reference_job["scored"]])
+    log, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, log
     shard_files = sorted(p.name for p in (out / "shards").iterdir())
     assert shard_files == [f"shard_{k:06d}.npz" for k in range(NUM // 2)]
     images, labels = _arrays(out)
-    np.testing.assert_array_equal(labels, reference_run[1])
-    np.testing.assert_array_equal(images, reference_run[0])
+    np.testing.assert_array_equal(labels, reference_job["arrays"][1])
+    np.testing.assert_array_equal(images, reference_job["arrays"][0])
     assert '"processes": 2' in log
+    import json
+
+    two, single = json.loads((out / "run.json").read_text())["metrics"], reference_job["metrics"]
+    # A random network's features barely vary, so FID / sFID here are ~1e-13: rounding noise of sqrtm that differs
+    # in its last bits between runs (measured 1.07441013586e-13 vs 1.07441013369e-13); the order-sensitive check
+    # is IS (torch-fidelity's fixed-seed shuffled splits), which stays bit-identical.
+    for key in ("fid", "sfid"):
+        assert two[key] == pytest.approx(single[key], abs=1e-9), key
+    assert two["inception_score_mean"] == single["inception_score_mean"]
 
 
 def test_killed_job_resumes_without_lost_or_duplicated_samples(tmp_path, tiny_model_args, reference_run):
@@ -170,30 +200,3 @@ def test_a_second_job_on_the_folder_is_refused_and_a_dead_lock_taken_over(tmp_pa
         holder.wait()
     main(args)  # the holder is dead: its lock is taken over
     assert (out / "samples.npz").is_file() and not (out / ".lock").exists()
-
-
-def test_two_ranks_share_inception_extraction_and_match_one_process(tmp_path, tiny_model_args, random_inception):
-    from genaccel.eval.images import save_adm_npz
-
-    ref = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
-    save_adm_npz(tmp_path / "ref.npz", ref)
-    # 3 extraction batches of 4: rank 0 embeds batches 0 and 2, rank 1 batch 1; torch-fidelity's IS shuffles
-    # with a fixed seed, so it changes if rank 0 put the gathered features back in the wrong order
-    scored = ["--metrics", "fid,sfid,is", "--reference", str(tmp_path / "ref.npz"), "--inception-weights",
-              str(random_inception), "--cache-dir", "none", "--feature-batch-size", "4", "--is-protocol",
-              "torch-fidelity"]
-    args = [*SAMPLE, "--num-images", "12", *tiny_model_args, *scored]
-    single = main([*args, "--out", str(tmp_path / "one")])["metrics"]
-    proc = _run_cli(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "genaccel.eval",
-                     *args, "--out", str(tmp_path / "two")])
-    log, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, log
-    import json
-
-    two = json.loads((tmp_path / "two" / "run.json").read_text())["metrics"]
-    # A random network's features barely vary, so FID / sFID here are ~1e-13: rounding noise of sqrtm that differs
-    # in its last bits between runs (measured 1.07441013586e-13 vs 1.07441013369e-13); the order-sensitive check
-    # is IS (torch-fidelity's fixed-seed shuffled splits), which stays bit-identical.
-    for key in ("fid", "sfid"):
-        assert two[key] == pytest.approx(single[key], abs=1e-9), key
-    assert two["inception_score_mean"] == single["inception_score_mean"]
