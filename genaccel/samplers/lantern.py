@@ -95,7 +95,8 @@ class LanternSampler(DrafterMixin, CodebookMixin, SpeculativeSampler):
         if drafter is None:
             if not getattr(self, "_notified", False):
                 self._notified = True
-                print("lantern: no drafter checkpoint found; drafting with the Jacobi window instead (train one with "
+                print("lantern: no drafter checkpoint fits this model (the bundled head is the bundled class-conditional "
+                      "GPT's); drafting with the Jacobi window instead (pass --drafter PATH, or train one with "
                       "`python -m genaccel.train drafter`)", file=sys.stderr)
             return jacobi_source(self.options)
         return DrafterHeadSource(drafter, self.options.draft_len)

@@ -38,6 +38,7 @@ class SDSampler(DrafterMixin, SpeculativeSampler):
             return DraftModelSource(draft_model, self.options.draft_len)
         drafter = self.drafter_for(model)
         if drafter is None:
-            raise FileNotFoundError("sd needs a drafter: none is bundled yet; pass --drafter PATH, --draft-model PATH, "
-                                    "or train one with `python -m genaccel.train drafter`")
+            raise FileNotFoundError("sd needs a drafter for this model: the bundled drafter head fits only the bundled "
+                                    "class-conditional GPT; pass --drafter PATH, --draft-model PATH, or train one "
+                                    "with `python -m genaccel.train drafter`")
         return DrafterHeadSource(drafter, self.options.draft_len)

