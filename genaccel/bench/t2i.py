@@ -5,8 +5,7 @@ The prompts are the held-out wordings of the bundled photos' captions (``HELDOUT
 class i and the bundled crop classifier can say whether an image shows what its prompt asked for. Per sampler,
 in one process, as ``bench samplers`` measures them (samplers take turns image by image): batch-1 latency, NFE
 and step compression; images/s at ``--batch-size``; FD-domain against held-out crops and prompt accuracy (the
-classifier's class = the prompt's photo). A control row samples ``ar`` with the null caption for the same
-prompts: its accuracy is what the text is worth (chance is 1/16).
+classifier's class = the prompt's photo; chance is 1/16).
 
 Sampler options are the t2i family's (LlamaGen's ``sample_t2i.py``: cfg 7.5, top-k 1000) unless a flag or
 ``--set`` names them. Writes the section ``t2i-bundled`` of docs/benchmarks.md and a JSON.
@@ -37,7 +36,6 @@ from genaccel.samplers import available_samplers, build_sampler
 from genaccel.utils.dtypes import DTYPES
 
 FAMILY = "llamagen-t2i"
-NULL_RUN = "ar (null caption)"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -93,17 +91,13 @@ def markdown(results: dict, command: str, env: dict, prompts: list[str], batch_s
             "| prompt accuracy | drafter share | engine share |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
-        if name == NULL_RUN:
-            rows.append(f"| {name} | | | | | | | | {r['fd_domain']:.2f} | {r['fd_domain'] / ar['fd_domain']:.2f} "
-                        f"| {r['class_accuracy']:.3f} | | |")
-            continue
         speed = ar["latency_s"] / r["latency_s"]
         rows.append(f"| {name} | {r['nfe']:.1f} | {r['step_compression']:.2f}x | {r['latency_s']:.3f} | {speed:.2f}x "
                     f"| {r['images_per_s']:.2f} | {r['images_per_s'] / ar['images_per_s']:.2f}x "
                     f"| {r['step_compression_batch']:.2f}x | {r['fd_domain']:.2f} | {r['fd_domain'] / ar['fd_domain']:.2f} "
                     f"| {r['class_accuracy']:.3f} | {r['draft_time_s'] / max(r['wall_time_s'], 1e-9):.0%} "
                     f"| {engine_share(r):.0%} |")
-    opts = "; ".join(f"{n}: {json.dumps(r['options'], sort_keys=True)}" for n, r in results.items() if n != NULL_RUN)
+    opts = "; ".join(f"{n}: {json.dumps(r['options'], sort_keys=True)}" for n, r in results.items())
     return "\n".join([
         f"## Samplers on the bundled text-to-image model ({env['dtype']})",
         "",
@@ -118,8 +112,7 @@ def markdown(results: dict, command: str, env: dict, prompts: list[str], batch_s
          "caption slots of all-MiniLM-L6-v2 features. Prompts (held-out wording, one per photo, cycled): "
          + ", ".join(f"`{p}`" for p in prompts[:4]) + f", ... ({len(prompts)} in all). Prompt accuracy: the bundled "
          "crop classifier's class equals the prompt's photo (chance 0.0625). FD-domain: the batch-"
-         f"{b} images vs held-out crops of all photos. `{NULL_RUN}`: ar with every caption replaced by the null "
-         "caption (no text), scored against the same prompts. NFE, step compression, latency, drafter and engine "
+         f"{b} images vs held-out crops of all photos. NFE, step compression, latency, drafter and engine "
          f"share as in the section \"samplers\". Options: {opts}."),
     ])
 
@@ -156,12 +149,6 @@ def main(argv: list[str] | None = None) -> dict:
                          **score(images, labels, reference, extractor)}
         print(f"{name}: " + ", ".join(f"{k}={v:.3f}" for k, v in results[name].items() if isinstance(v, float)),
               flush=True)
-    null = torch.full_like(labels, pipe.gpt.null_class)
-    control = measure_throughput({NULL_RUN: pipe}, {NULL_RUN: samplers["ar"]}, null, a.batch_size, a.seed)
-    results[NULL_RUN] = {"sampler": "ar", **control[NULL_RUN][0],
-                         **score(control[NULL_RUN][1], labels, reference, extractor)}
-    print(f"{NULL_RUN}: accuracy {results[NULL_RUN]['class_accuracy']:.3f}", flush=True)
-
     command = "python -m genaccel.bench t2i " + " ".join(shlex.quote(x) for x in argv)
     env = environment(a.threads, a.dtype)
     if a.json:
