@@ -5,6 +5,7 @@ features. The Inception network is random (conftest), so only agreement is teste
 import numpy as np
 import pytest
 import torch
+from eval_helpers import cli_metrics_run, noisy_images
 from scipy import linalg
 
 from genaccel.eval.__main__ import main
@@ -79,12 +80,6 @@ def common_subspace(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 
 # ---- helpers ----------------------------------------------------------------------------------------------
-def _images(seed: int, n: int = 12, size: int = 32) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 256, (1, size, size, 3))
-    return np.clip(base + rng.integers(-60, 60, (n, size, size, 3)), 0, 255).astype(np.uint8)
-
-
 def _features(seed: int, n: int, d: int = 32) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return (rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) * 0.5 + rng.normal(size=d)).astype(np.float32)
@@ -148,15 +143,9 @@ def adm_run(tmp_path_factory, random_inception):
     """Generated and real image files, the CLI's fid/sfid/is/prc on them against the real images, and the pool,
     logits and spatial features computed here (``adm_features``): computed once, shared by the tests below.
     Six and five images: every equality holds for any set size, P&R's k=3 needs at least 4 per set."""
-    folder = tmp_path_factory.mktemp("adm_parity")
-    gen, real = _images(0, n=6), _images(1, n=5)
-    save_adm_npz(folder / "gen.npz", gen)
-    save_adm_npz(folder / "real.npz", real)
-    ours = main(["metrics", str(folder / "gen.npz"), "--metrics", "fid,sfid,is,prc", "--reference",
-                 str(folder / "real.npz"), "--inception-weights", str(random_inception), "--cache-dir", "none"])
+    run = cli_metrics_run(tmp_path_factory.mktemp("adm_parity"), "fid,sfid,is,prc", random_inception)
     model = load_inception(random_inception)
-    return {"folder": folder, "real": real, "ours": ours, "gen_features": adm_features(model, gen),
-            "real_features": adm_features(model, real)}
+    return {**run, "gen_features": adm_features(model, run["gen"]), "real_features": adm_features(model, run["real"])}
 
 
 def test_fid_is_unchanged_in_the_common_subspace():
@@ -197,7 +186,7 @@ def test_inception_stats_file_is_read_by_adm_and_gives_the_same_fid_sfid(tmp_pat
 
 
 def test_sfid_needs_spatial_statistics_or_images(tmp_path, random_inception):
-    save_adm_npz(tmp_path / "gen.npz", _images(0, n=4))
+    save_adm_npz(tmp_path / "gen.npz", noisy_images(0, n=4))
     s = feature_stats(np.random.default_rng(0).normal(size=(10, 2048)))
     np.savez(tmp_path / "ttur.npz", mu=s.mu, sigma=s.sigma)  # TTUR / clean-fid layout: no mu_s
     args = ["metrics", str(tmp_path / "gen.npz"), "--inception-weights", str(random_inception), "--reference",

@@ -3,16 +3,11 @@
 import numpy as np
 import pytest
 import torch
+from eval_helpers import cli_metrics_run, noisy_images
 
 from genaccel.eval.__main__ import main
 from genaccel.eval.images import save_adm_npz
 from genaccel.eval.inception import inception_features, load_inception
-
-
-def _images(seed: int, n: int = 10, size: int = 32) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 256, (1, size, size, 3))
-    return np.clip(base + rng.integers(-60, 60, (n, size, size, 3)), 0, 255).astype(np.uint8)
 
 
 class _Uint8CHW(torch.utils.data.Dataset):
@@ -30,13 +25,7 @@ class _Uint8CHW(torch.utils.data.Dataset):
 def cli_run(tmp_path_factory, random_inception):
     """Six generated and five real images saved as ADM .npz files, and the CLI's fid/is/prc of one against the
     other: run once, shared by the two tests below (FID's 2048-d eigenvalues are the slow part)."""
-    folder = tmp_path_factory.mktemp("inception_cli")
-    gen, real = _images(0, n=6), _images(1, n=5)
-    save_adm_npz(folder / "gen.npz", gen)
-    save_adm_npz(folder / "real.npz", real)
-    ours = main(["metrics", str(folder / "gen.npz"), "--metrics", "fid,is,prc", "--reference",
-                 str(folder / "real.npz"), "--inception-weights", str(random_inception), "--cache-dir", "none"])
-    return {"folder": folder, "gen": gen, "real": real, "ours": ours}
+    return cli_metrics_run(tmp_path_factory.mktemp("inception_cli"), "fid,is,prc", random_inception)
 
 
 def test_cli_fid_equals_torch_fidelity_and_reports_is_prc(cli_run, random_inception):
@@ -73,7 +62,7 @@ def test_adm_reference_stats_give_the_same_fid_as_reference_images(tmp_path, ran
 
 def test_missing_or_wrong_inception_weights_name_the_file(tmp_path, monkeypatch):
     monkeypatch.delenv("GENACCEL_INCEPTION_WEIGHTS", raising=False)
-    save_adm_npz(tmp_path / "gen.npz", _images(0, n=4))
+    save_adm_npz(tmp_path / "gen.npz", noisy_images(0, n=4))
     missing = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
     with pytest.raises(SystemExit, match=f"Inception weights file not found: {missing}"):
         main(["metrics", str(tmp_path / "gen.npz"), "--metrics", "is", "--inception-weights", str(missing)])
@@ -102,7 +91,7 @@ def test_weights_formats_unwrapped_or_refused_in_one_line(tmp_path, random_incep
     sd_bad.pop("fc.weight")
     sd_bad["head.weight"] = torch.zeros(1)
     torch.save(sd_bad, tmp_path / "bad_keys.pth")
-    save_adm_npz(tmp_path / "gen.npz", _images(0, n=4))
+    save_adm_npz(tmp_path / "gen.npz", noisy_images(0, n=4))
     for name, message in [("classify_image_graph_def.pb", "ADM's TensorFlow GraphDef"),
                           ("inception-2015-12-05.pt", "TorchScript archive"),
                           ("two.pth", r"several state dicts \(state_dict, model\)"),
