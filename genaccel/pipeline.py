@@ -143,7 +143,9 @@ class ImagePipeline:
         self.prepare_sampler(sampler)
         if continuous:
             gen = torch.Generator(device=device).manual_seed(seed)
-            out = sampler.generate_stream(self.gpt, labels.to(device), batch_size, gen)
+            with tqdm(total=labels.numel(), desc=f"sampling ({sampler.name}, continuous)", unit="image",
+                      disable=not progress) as bar:
+                out = sampler.generate_stream(self.gpt, labels.to(device), batch_size, gen, progress=bar.update)
             yield labels, torch.cat([self.decode(t, gen) for t in out.tokens.split(batch_size)]), out.stats
             return
         chunks = labels.split(batch_size)

@@ -179,6 +179,24 @@ def test_sampler_config_end_to_end_flags_over_file(tiny_ckpts, tmp_path):
     assert stats["options"]["top_k"] == 5 and stats["options"]["window"] == 4
 
 
+def test_continuous_batching_flag_streams_and_counts_the_stream(tiny_ckpts, tmp_path):
+    """``--continuous-batching``: greedy images equal the batched run's (greedy speculative = greedy AR), and
+    stats.json records the flag and counts forwards per batch slot of the stream, not the stream's total per
+    image."""
+    base = ["sample", *tiny_args(tiny_ckpts), "--sampler", "sjd", "--window", "4", "--temperature", "0",
+            "--classes", "0", "1", "2", "--num-images", "7", "--batch-size", "3"]
+    assert cli_main([*base, "--out", str(tmp_path / "b")]) == 0
+    assert cli_main([*base, "--continuous-batching", "--out", str(tmp_path / "c")]) == 0
+    for i, c in enumerate([0, 1, 2, 0, 1, 2, 0]):
+        name = f"{i:05d}_class{c:04d}.png"
+        assert (tmp_path / "b" / name).read_bytes() == (tmp_path / "c" / name).read_bytes(), name
+    batched, stream = (json.loads((tmp_path / d / "stats.json").read_text()) for d in "bc")
+    assert stream["continuous_batching"] and not batched["continuous_batching"]
+    assert 1 < stream["batch_nfe_per_image"] < 16  # a stream of ~7 * 16 / compression forwards, spread over 3 rows
+    assert stream["step_compression_batch"] == pytest.approx(16 / stream["batch_nfe_per_image"])
+    assert stream["nfe_per_image"] <= stream["batch_nfe_per_image"] + 1e-9
+
+
 def test_sampler_contradicting_the_config_file_is_one_error(tiny_ckpts, tmp_path, capsys):
     assert cli_main(["sample", *tiny_args(tiny_ckpts), "--sampler", "ar", "--sampler-config",
                      str(ROOT / "configs/samplers/lantern.yaml"), "--out", str(tmp_path / "o")]) == 2
@@ -432,6 +450,26 @@ def test_eval_sample_end_to_end_records_flags_canonical_dtype_and_absolute_paths
     again = [*argv[:argv.index("--ckpt")], "--ckpt", str(tiny_ckpts / "gpt.safetensors"), "--vq-ckpt", "vq.pt",
              "--dtype", "fp32", *argv[argv.index("--sampler"):]]
     assert eval_main(again)["speed"]["resumed_shards"] == 1
+
+
+def test_eval_continuous_batching_is_part_of_the_job(tiny_ckpts, tmp_path, monkeypatch):
+    """``genaccel eval sample --continuous-batching`` streams the shards, records it in job.json, resumes with
+    it, and refuses to resume the job without it (the images would come from other draws)."""
+    from genaccel.eval.__main__ import main as eval_main
+
+    monkeypatch.chdir(tiny_ckpts)
+    out = tmp_path / "job"
+    argv = ["sample", "--out", str(out), "--num-images", "6", "--batch-size", "2", "--metrics", "none",
+            "--no-progress", "--threads", "1", "--ckpt", "gpt.safetensors", "--vq-ckpt", "vq.pt",
+            "--sampler", "sjd", "--window", "4", "--continuous-batching"]
+    run = eval_main(argv)
+    assert run["job"]["continuous_batching"] is True
+    shards = sorted((out / "shards").glob("*.npz"))
+    assert len(shards) == 3
+    shards[-1].unlink()
+    assert eval_main(argv)["speed"]["resumed_shards"] == 2
+    with pytest.raises(SystemExit, match=r"fields differ: \['continuous_batching'\]"):
+        eval_main([a for a in argv if a != "--continuous-batching"])
 
 
 def test_bench_samplers_takes_the_shared_flags_and_keeps_set_per_run():

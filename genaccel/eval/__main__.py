@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="balanced: classes cycled in order; random: uniform draws with the seed")
     s.add_argument("--classes", type=int, nargs="*", default=None, help="restrict to these class ids")
     s.add_argument("--latency-repeats", type=int, default=0, help="also time batch-1 latency (median of N; 0 = skip)")
+    s.add_argument("--continuous-batching", action="store_true",
+                   help="speculative samplers: stream up to 8 shards at a time with --batch-size rows in flight, "
+                        "a complete image's row taking the next label (fewer forwards per image; recorded in "
+                        "the job, so a resumed job keeps it)")
     s.add_argument("--name", default=None, help="run name in reports (default: the sampler name)")
     s.add_argument("--no-progress", action="store_true")
     _add_model_args(s)
@@ -263,7 +267,8 @@ def _sample_and_score(a: argparse.Namespace, argv: list[str], metrics: list[str]
     options = sampler_options_given(a)
     sampler = build_sampler(a.sampler, **options)
     job = SampleJob(out_dir=a.out, num_images=a.num_images, batch_size=a.batch_size, seed=a.seed, labels=a.labels,
-                    classes=a.classes, sampler=a.sampler, sampler_options=options, model=model_spec(a))
+                    classes=a.classes, sampler=a.sampler, sampler_options=options, model=model_spec(a),
+                    continuous_batching=a.continuous_batching)
     pipeline = load_pipeline(a, device)
     metrics = _metrics_for_model(metrics, pipeline.num_classes, explicit=a.metrics != "auto")
     prepare_job_dir(job, info)

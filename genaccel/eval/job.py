@@ -65,6 +65,7 @@ class SampleJob:
     sampler: str = "ar"
     sampler_options: dict = field(default_factory=dict)
     model: dict = field(default_factory=dict)  # how the pipeline was built (checkpoint paths, image size)
+    continuous_batching: bool = False  # shards streamed STREAM_SHARDS at a time (sample_shards)
 
     def __post_init__(self) -> None:
         if self.num_images < 1:
@@ -85,6 +86,8 @@ class SampleJob:
     def fingerprint(self) -> dict:
         d = asdict(self)
         d.pop("out_dir")
+        if not d["continuous_batching"]:  # jobs written before the option existed resume unchanged
+            d.pop("continuous_batching")
         return d
 
     def shard_range(self, k: int) -> tuple[int, int]:
@@ -334,16 +337,17 @@ STREAM_SHARDS = 8  # continuous batching: shards per stream (what an interrupted
 
 
 def sample_shards(pipeline, sampler, job: SampleJob, info: DistInfo, progress: bool = True,
-                  continuous: bool = False) -> dict:
+                  continuous: bool | None = None) -> dict:
     """Sample this rank's share of the missing shards (rebalanced over the current world size); returns counts
     and the wall time spent sampling (+ decoding).
 
-    ``continuous``: up to :data:`STREAM_SHARDS` of the rank's shards at a time run as one continuous-batching
+    ``continuous`` (default: the job's ``continuous_batching``): up to :data:`STREAM_SHARDS` of the rank's shards at a time run as one continuous-batching
     stream of ``batch_size`` rows (``Sampler.generate_stream``), seeded from its first shard, and are written
     when it ends. The images keep their labels and, for exact samplers, their distribution; which draws an
     image gets then depends on the shards streamed with it (reproducible given the seed, the batch size and
     the shards missing per rank). Shard stats: :func:`stream_shard_stats`.
     """
+    continuous = job.continuous_batching if continuous is None else continuous
     labels = label_plan(pipeline.num_classes, job)
     missing = missing_shards(job, info)
     todo = shards_for_rank(job, info, missing)

@@ -33,7 +33,10 @@ Calls.
    :class:`ModelOutput` of those rows' class slots, in ``index`` order. Continuous batching refills the row of
    a complete image with the next request this way; with CFG the sampler passes the cond row and its paired
    uncond row (``index = [b..; b + B..]``, ``labels = [label..; null..]``), so the ``[cond; uncond]`` layout of
-   the batch is kept. A model without it runs a job as consecutive batches (correct, only slower).
+   the batch is kept. A model without it runs a job as consecutive batches (correct, only slower). Class
+   slots that depend on the label alone may be served from a bank of conditions the model computed since
+   its last ``setup_cache`` (LlamaGen c2i: ``condition_bank_size``); ``extra["computed_rows"]`` (a 0-d
+   tensor) says how many rows ran through the network, and a call with 0 ran no forward (not counted in NFE).
 
 Built extensions (additive; every earlier sampler keeps working):
 * NAR (``genaccel/models/nar.py``; two dimension-oriented heads, the vertical one with its own extra block

@@ -277,8 +277,61 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels).unsqueeze(1)
 
 
+@dataclass
+class SlotState:
+    """Class slots of some rows: per-layer K and V (R, H, T, hd), and their outputs (R, T, ...)."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    logits: torch.Tensor
+    hidden: torch.Tensor
+
+
+class ConditionBank(SlotState):
+    """Class slots of distinct labels, one bank row per label, at most ``size`` labels (later ones are not
+    kept). Class slots attend only to each other, so for a fixed model they depend on the label alone."""
+
+    def __init__(self, size: int):
+        super().__init__([], [], torch.empty(0), torch.empty(0))
+        self.size, self.row = size, {}
+
+    def missing(self, labels: torch.Tensor) -> torch.Tensor:
+        """The distinct labels of ``labels`` not in the bank, in first-seen order."""
+        seen, out = set(self.row), []
+        for lab in labels.tolist():
+            if lab not in seen:
+                seen.add(lab)
+                out.append(lab)
+        return torch.tensor(out, dtype=labels.dtype, device=labels.device)
+
+    def rows_of(self, labels: torch.Tensor) -> torch.Tensor:
+        """Bank rows of ``labels`` (all present)."""
+        return torch.tensor([self.row[lab] for lab in labels.tolist()], device=self.logits.device)
+
+    def add(self, labels: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor], logits: torch.Tensor,
+            hidden: torch.Tensor) -> None:
+        """Keep rows whose label is new, while there is room (copies: the batch cache is rewritten later)."""
+        keep = []
+        for i, lab in enumerate(labels.tolist()):
+            if lab not in self.row and len(self.row) < self.size:
+                self.row[lab] = len(self.row)
+                keep.append(i)
+        if not keep:
+            return
+        sel = torch.tensor(keep, device=logits.device)
+        grow = lambda old, new: new[sel].clone() if old is None or old.numel() == 0 else torch.cat([old, new[sel]])
+        self.k = [grow(old, new) for old, new in zip(self.k or [None] * len(k), k)]
+        self.v = [grow(old, new) for old, new in zip(self.v or [None] * len(v), v)]
+        self.logits, self.hidden = grow(self.logits, logits), grow(self.hidden, hidden)
+
+
 class LlamaGenGPT(nn.Module):
     """LlamaGen c2i transformer implementing the genaccel sampler contract."""
+
+    # Class-slot bank (contract call 6): the class slots' K/V and outputs of up to this many conditions, kept
+    # from prefill/prefill_rows until the next setup_cache, so refilling a row with a condition seen before
+    # runs no forward. 0 = off (families whose class slots depend on more than the label turn it off).
+    condition_bank_size: int = 1024
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -387,6 +440,7 @@ class LlamaGenGPT(nn.Module):
                 )
         self.max_batch_size, self.max_seq_len = batch_size, max_seq_len
         self.valid_len = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self._bank: ConditionBank | None = None  # weights may change between caches: start empty
 
     def clear_cache(self) -> None:
         """Zero every K/V buffer and valid length, as a freshly allocated cache (ZipAR's reference reads
@@ -412,7 +466,9 @@ class LlamaGenGPT(nn.Module):
         self.valid_len.zero_()
         cond = self.cls_embedding(labels)[:, : self.cls_token_num]
         positions = torch.arange(self.cls_token_num, device=labels.device)
-        return self._forward_embeddings(cond, positions, None, None)
+        out = self._forward_embeddings(cond, positions, None, None)
+        self._bank_store(labels, torch.arange(labels.shape[0], device=labels.device), out)
+        return out
 
     def forward_tokens(
         self,
@@ -450,10 +506,13 @@ class LlamaGenGPT(nn.Module):
         """Restart cache rows ``index`` (R',) with the conditions ``labels`` (R',) (contract call 6): their
         class slots are written as :meth:`prefill` writes them and their valid lengths become
         ``cls_token_num``; every other row keeps its K/V and length. Continuous batching refills the row of
-        a complete image with it. Returns the class slots' output of those rows, in ``index`` order.
+        a complete image with it. Returns the class slots' output of those rows, in ``index`` order, with
+        ``extra["computed_rows"]``: how many rows ran through the network (0 = no forward ran).
 
-        The class slots attend only to each other, so they are computed on a small cache of just those rows
-        and slots (by :meth:`prefill` itself) and copied into the batch cache: no other row is touched.
+        The class slots attend only to each other, so they are a function of the label alone (in eval mode):
+        labels already in the class-slot bank (:attr:`condition_bank_size`, filled by :meth:`prefill` and by
+        this call since the last :meth:`setup_cache`) are copied from it; the others are computed on a small
+        cache of just those rows and slots (by :meth:`prefill` itself) and copied in. No other row is touched.
         """
         if self.valid_len is None or self.layers[0].attention.kv_cache is None:
             raise RuntimeError("call model.setup_cache(batch_size, ...) and prefill before prefill_rows")
@@ -465,26 +524,69 @@ class LlamaGenGPT(nn.Module):
                               or index.unique().numel() != index.numel()):
             raise ValueError(f"prefill_rows: rows must be distinct and lie in [0, {self.max_batch_size}), got "
                              f"{index.tolist()}")
+        labels = labels.to(index.device)
+        bank = self._bank if self._bank_enabled() else None
+        missing = labels if bank is None else bank.missing(labels)
+        if not missing.numel():  # every label banked: a copy, no forward
+            rows = bank.rows_of(labels)
+            k, v, logits, hidden = [k[rows] for k in bank.k], [v[rows] for v in bank.v], bank.logits[rows], bank.hidden[rows]
+        else:
+            fresh = self._prefill_detached(missing)  # banks what fits
+            if bank is None:  # one fresh row per row, in order
+                k, v, logits, hidden = fresh.k, fresh.v, fresh.logits, fresh.hidden
+            else:  # banked labels from the bank, the others from the fresh rows (a full bank keeps no more)
+                banked, first = dict(bank.row), {lab: i for i, lab in enumerate(missing.tolist())}
+                n_bank = bank.logits.shape[0] if banked else 0
+                rows = torch.tensor([banked[lab] if lab in banked else n_bank + first[lab] for lab in labels.tolist()],
+                                    device=index.device)
+                join = lambda old, new: (torch.cat([old, new]) if n_bank else new)[rows]
+                k = [join(old, new) for old, new in zip(bank.k or fresh.k, fresh.k)]
+                v = [join(old, new) for old, new in zip(bank.v or fresh.v, fresh.v)]
+                logits, hidden = join(bank.logits, fresh.logits), join(bank.hidden, fresh.hidden)
+        self._write_class_slots(index, k, v)
+        self.valid_len[index] = self.cls_token_num
+        return ModelOutput(logits, hidden, {"computed_rows": torch.tensor(int(missing.numel()))})
+
+    def _bank_enabled(self) -> bool:
+        return self.condition_bank_size > 0 and not self.training
+
+    def _bank_store(self, labels: torch.Tensor, rows: torch.Tensor, out: ModelOutput) -> None:
+        """Keep the class slots of cache ``rows`` (just prefilled with ``labels``) in the bank, if enabled."""
+        if not self._bank_enabled():
+            return
+        T = self.cls_token_num
+        if self._bank is None:
+            self._bank = ConditionBank(self.condition_bank_size)
+        caches = [layer.attention.kv_cache for layer in self.layers]
+        self._bank.add(labels, [c.k_cache[rows, :, :T] for c in caches], [c.v_cache[rows, :, :T] for c in caches],
+                       out.logits, out.hidden)
+
+    def _prefill_detached(self, labels: torch.Tensor) -> SlotState:
+        """Class slots of ``labels`` computed by :meth:`prefill` on a small cache of their own (stored in the
+        bank when it is enabled); the batch cache and its lengths are left as they were."""
         T, caches = self.cls_token_num, [layer.attention.kv_cache for layer in self.layers]
         saved = self.valid_len, self.max_batch_size, self.max_seq_len
         k0 = caches[0].k_cache
         try:
             for layer in self.layers:
-                layer.attention.kv_cache = KVCache(index.numel(), self.args.n_kv_head, find_multiple(T, 8),
+                layer.attention.kv_cache = KVCache(labels.numel(), self.args.n_kv_head, find_multiple(T, 8),
                                                    self.args.head_dim, k0.dtype, k0.device)
-            self.max_batch_size, self.max_seq_len = index.numel(), find_multiple(T, 8)
-            self.valid_len = torch.zeros(index.numel(), dtype=torch.long, device=k0.device)
+            self.max_batch_size, self.max_seq_len = labels.numel(), find_multiple(T, 8)
+            self.valid_len = torch.zeros(labels.numel(), dtype=torch.long, device=k0.device)
             out = self.prefill(labels)
-            for layer, cache in zip(self.layers, caches):
-                small = layer.attention.kv_cache
-                cache.k_cache[index, :, :T] = small.k_cache[:, :, :T]
-                cache.v_cache[index, :, :T] = small.v_cache[:, :, :T]
+            small = [layer.attention.kv_cache for layer in self.layers]
+            return SlotState([c.k_cache[:, :, :T] for c in small], [c.v_cache[:, :, :T] for c in small],
+                             out.logits, out.hidden)
         finally:
             for layer, cache in zip(self.layers, caches):
                 layer.attention.kv_cache = cache
             self.valid_len, self.max_batch_size, self.max_seq_len = saved
-        self.valid_len[index] = T
-        return out
+
+    def _write_class_slots(self, index: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor]) -> None:
+        T = self.cls_token_num
+        for layer, k_rows, v_rows in zip(self.layers, k, v):
+            layer.attention.kv_cache.k_cache[index, :, :T] = k_rows
+            layer.attention.kv_cache.v_cache[index, :, :T] = v_rows
 
     def default_mask(self, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         """Causal-by-slot mask that also hides slots beyond the valid length not written in this call."""
@@ -623,6 +725,9 @@ class LlamaGenT2I(LlamaGenGPT):
     CFG layout (row R/2 + i with row i) takes that caption's mask (official: ``torch.cat([emb_masks, emb_masks])``),
     an unpaired null row sees all its slots.
     """
+
+    # a null-caption row's slots follow its paired caption's mask: not a function of the label alone
+    condition_bank_size = 0
 
     def __init__(self, args: ModelArgs):
         if args.model_type != "t2i":

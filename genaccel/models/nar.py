@@ -62,6 +62,8 @@ def proximity_mask(grid_size: int, cls_token_num: int = 1, length: int | None = 
 class NARModel(LlamaGenGPT):
     """LlamaGen trunk + vertical head, implementing the sampler contract (see genaccel.models.contract)."""
 
+    condition_bank_size = 0  # its vertical head keeps caches of its own that a banked refill would not restart
+
     decoding_order = "diagonal"  # only samplers for next-neighbour decoding may run it (Sampler.orders)
 
     def __init__(self, args: ModelArgs):

@@ -172,6 +172,8 @@ class IntraWindowHead(nn.Module):
 class TokenShuffleGPT(LlamaGenGPT):
     """LlamaGen backbone over fused s x s windows, implementing the sampler contract with ``tokens_per_position``."""
 
+    condition_bank_size = 0  # its class-slot outputs are unshuffled windows, not checked against the bank
+
     decoding_order = "shuffle"  # only samplers that emit a whole window per forward may run it (Sampler.orders)
 
     def __init__(self, args: ModelArgs, shuffle: TokenShuffleArgs | None = None):

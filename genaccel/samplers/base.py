@@ -32,13 +32,16 @@ class SamplerStats:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def target_forward(self, forward: Callable[..., Any], *args: Any) -> Any:
-        """Run one target forward, counting it in ``nfe`` and its wall time in ``target_time_s``."""
+        """Run one target forward, counting it in ``nfe`` and its wall time in ``target_time_s``. A call whose
+        output says it ran no row through the network (``extra["computed_rows"] == 0``: a refill served from
+        the model's class-slot bank, contract call 6) is timed but not counted."""
         tic = time.perf_counter()
         out = forward(*args)
         if out.logits.is_cuda:  # kernels run asynchronously: wait so the time is the forward's
             torch.cuda.synchronize(out.logits.device)
         self.target_time_s += time.perf_counter() - tic
-        self.nfe += 1
+        computed = out.extra.get("computed_rows") if isinstance(getattr(out, "extra", None), dict) else None
+        self.nfe += 1 if computed is None or int(computed) > 0 else 0
         return out
 
     @property
@@ -245,9 +248,11 @@ class Sampler:
 
     @torch.no_grad()
     def generate_stream(
-        self, model: ARModel, labels: torch.Tensor, batch_size: int, generator: torch.Generator | None = None
+        self, model: ARModel, labels: torch.Tensor, batch_size: int, generator: torch.Generator | None = None,
+        progress: Callable[[int], Any] | None = None,
     ) -> SampleOutput:
         """Sample one image per label (M,) with at most ``batch_size`` images in flight; tokens in label order.
+        ``progress(n)`` is called as n more images are complete (a progress bar's ``update``).
 
         Here: consecutive batches of ``batch_size`` labels drawing from the one ``generator`` in turn, with
         their stats merged (:func:`merge_stats`). Speculative samplers override it with continuous batching
@@ -255,7 +260,11 @@ class Sampler:
         """
         check_batch_size(batch_size)
         labels = self.checked_labels(model, labels)
-        parts = [self.generate(model, chunk, generator) for chunk in labels.split(batch_size)]
+        parts = []
+        for chunk in labels.split(batch_size):
+            parts.append(self.generate(model, chunk, generator))
+            if progress is not None:
+                progress(chunk.numel())
         return SampleOutput(tokens=torch.cat([p.tokens for p in parts]),
                             stats=merge_stats([p.stats for p in parts], min(batch_size, labels.shape[0])))
 

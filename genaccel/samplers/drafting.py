@@ -296,8 +296,8 @@ class DraftModelSource:
         """Rows ``index`` start a new image: the draft model prefills their conditions (its contract call 6)
         and nothing of the image is fed yet."""
         rows = state.cfg_rows(index)
-        self.draft_model.prefill_rows(rows, state.batch_labels[rows])
-        state.stats.draft_forwards += 1
+        out = self.draft_model.prefill_rows(rows, state.batch_labels[rows])
+        state.stats.draft_forwards += int(out.extra.get("computed_rows", 1) > 0)  # a banked refill runs none
         self.fed[index] = 0
 
     def select_rows(self, state: DecodeState, keep: torch.Tensor) -> bool:

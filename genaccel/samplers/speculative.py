@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -364,7 +365,8 @@ class SpeculativeSampler(Sampler):
 
     @torch.no_grad()
     def generate_stream(
-        self, model: ARModel, labels: torch.Tensor, batch_size: int, generator: torch.Generator | None = None
+        self, model: ARModel, labels: torch.Tensor, batch_size: int, generator: torch.Generator | None = None,
+        progress: Callable[[int], Any] | None = None,
     ) -> SampleOutput:
         """Continuous batching: sample one image per label (M,) with ``batch_size`` rows in flight; as soon as
         a row's image is complete, the next label restarts that row (``model.prefill_rows``, contract call 6,
@@ -380,17 +382,17 @@ class SpeculativeSampler(Sampler):
         labels = self.checked_labels(model, labels)
         source = self.draft_source(model)
         if labels.shape[0] <= batch_size or not (can_prefill_rows(model) and can_start_rows(source)):
-            return super().generate_stream(model, labels, batch_size, generator)
+            return super().generate_stream(model, labels, batch_size, generator, progress)
         stats = SamplerStats(images=labels.shape[0], tokens=model.num_image_tokens)
         start = time.perf_counter()
-        tokens = self._generate(model, labels, generator, stats, width=batch_size, source=source)
+        tokens = self._generate(model, labels, generator, stats, width=batch_size, source=source, progress=progress)
         stats.wall_time_s = time.perf_counter() - start
         return SampleOutput(tokens=tokens, stats=stats)
 
     def _generate(self, model, labels, generator, stats: SamplerStats, width: int | None = None,
-                  source: DraftSource | None = None) -> torch.Tensor:
+                  source: DraftSource | None = None, progress: Callable[[int], Any] | None = None) -> torch.Tensor:
         """The ragged decode loop over ``labels``; ``width`` = rows in flight (continuous batching: a complete
-        row takes the next label), None = all labels as one batch."""
+        row takes the next label), None = all labels as one batch; ``progress(n)``: n more images complete."""
         opts = self.options
         M, N, T = labels.shape[0], model.num_image_tokens, model.cls_token_num
         B = M if width is None else min(width, M)
@@ -415,7 +417,7 @@ class SpeculativeSampler(Sampler):
         source.start(state, out.hidden[:, -1:])
         result = torch.empty(M, N, dtype=torch.long, device=device)
         rows = torch.arange(B, device=device)  # label index of every row still in the batch
-        admitted, prefills = B, 1
+        admitted, prefills, refills = B, 1, 0
 
         while True:
             step_tic, target_before = time.perf_counter(), stats.target_time_s
@@ -456,13 +458,16 @@ class SpeculativeSampler(Sampler):
                 policy.observe(verification.accepted[live] - 1, limit[live], engine_s, draft_s, L - 1)
 
             done = state.n >= N
+            if progress is not None and bool((done & live).any()):
+                progress(int((done & live).sum()))
             if admitted < M and bool(done.any()):  # continuous batching: complete rows take the next labels
                 free = done.nonzero().squeeze(1)[: M - admitted]
                 result[rows[free]] = buf[free, :N]
                 new = torch.arange(admitted, admitted + free.numel(), device=device)
+                forwards = stats.nfe
                 self._refill(model, source, state, buf, free, labels[new])
                 rows[free] = new
-                admitted, prefills = admitted + free.numel(), prefills + 1
+                admitted, refills, prefills = admitted + free.numel(), refills + 1, prefills + stats.nfe - forwards
                 done = state.n >= N
             if bool(done.all()):
                 result[rows] = buf[:, :N]
@@ -487,7 +492,8 @@ class SpeculativeSampler(Sampler):
             row_step_compression=M * N / (M + row_steps),
             rows_in_flight=B,
             continuous=width is not None,
-            prefill_forwards=prefills,
+            prefill_forwards=prefills,  # the first prefill and the refills that ran a forward
+            refills=refills,  # refill events (a bank-served refill runs no forward)
             window=W,
             window_hist=dict(sorted(windows.items())),
             rule=rule.name,
@@ -500,8 +506,9 @@ class SpeculativeSampler(Sampler):
     def _refill(self, model: ARModel, source: DraftSource, state: DecodeState, buf: torch.Tensor,
                 free: torch.Tensor, labels: torch.Tensor) -> None:
         """Restart batch rows ``free`` (complete images, already stored) with new requests ``labels``: one
-        target forward over their class slots (both CFG halves at their paired rows), the first token drawn
-        from it as in a fresh batch, and the draft source's state for those rows started afresh."""
+        target forward over their class slots (both CFG halves at their paired rows; none when the model
+        serves them all from its class-slot bank), the first token drawn from it as in a fresh batch, and the
+        draft source's state for those rows started afresh."""
         index = state.cfg_rows(free)
         new_labels = self.batch_labels(model, labels)
         out = state.stats.target_forward(model.prefill_rows, index, new_labels)

@@ -16,21 +16,24 @@ from genaccel.models.llamagen import build_gpt
 from genaccel.samplers import build_sampler
 
 STREAM_CASES = [
-    ("sjd", {"window": 4, "init": "repeat_horizon", "cfg_interval": 1}),
-    ("sjd", {"window": 3, "draft_coupling": "gumbel", "top_k": 3}),
-    ("sd-model", {"draft_len": 2, "top_p": 0.8}),
+    ("sjd", {"window": 4, "init": "repeat_horizon", "cfg_interval": 1}, 1024),
+    ("sjd", {"window": 3, "draft_coupling": "gumbel", "top_k": 3}, 1024),
+    ("sd-model", {"draft_len": 2, "top_p": 0.8}, 0),  # refills computed (no class-slot bank)
 ]
 
 
-@pytest.mark.parametrize("kind,options", STREAM_CASES)
-def test_refilled_rows_each_follow_their_own_target_distribution(kind, options):
+@pytest.mark.parametrize("kind,options,bank", STREAM_CASES)
+def test_refilled_rows_each_follow_their_own_target_distribution(kind, options, bank, monkeypatch):
     """6000 images of mixed classes through 200 rows: about 30 images pass through every row, each
     starting at whatever step the previous one ended; every image must follow its class's AR joint."""
     model = tiny_gpt(vocab=4, block=4, seed=11, head_std=0.3)
+    monkeypatch.setattr(model, "condition_bank_size", bank)
     sampler = make_sampler(kind, model, cfg_scale=1.5, **options)
     labels = torch.arange(6000) % 4
     out = sampler.generate_stream(model, labels, 200, torch.Generator().manual_seed(5))
-    assert out.stats.extra["continuous"] and out.stats.extra["prefill_forwards"] > 20  # rows were refilled
+    assert out.stats.extra["continuous"] and out.stats.extra["refills"] > 20  # rows were refilled
+    # with the bank every label's class slots were computed once, by the first prefill (all 4 labels + null)
+    assert out.stats.extra["prefill_forwards"] == (1 if bank else 1 + out.stats.extra["refills"])
     seqs = sequence_index(out.tokens, model.vocab_size)
     for label in range(4):
         probs = exact_joint(model, label, sampler.options)
@@ -72,7 +75,7 @@ def test_fp32_greedy_stream_equals_single_image_ar(kind, options):
     singles = torch.cat([ar.generate(model, labels[i : i + 1]).tokens for i in range(len(labels))])
     sampler = make_sampler(kind, model, temperature=0.0, **options)
     out = sampler.generate_stream(model, labels, 3)
-    assert out.stats.extra["continuous"] and out.stats.extra["prefill_forwards"] > 1
+    assert out.stats.extra["continuous"] and out.stats.extra["refills"] > 1
     assert torch.equal(out.tokens, singles)
     if kind != "sjd":  # Jacobi drafts start random: their accepted lengths depend on the draws
         hist = Counter()
@@ -104,6 +107,46 @@ def test_prefill_rows_restarts_only_the_named_rows():
     torch.testing.assert_close(got[[1, 3]], kept[[1, 3]], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bank", [0, 2, 1024])
+def test_banked_refills_equal_computed_ones(bank):
+    """Refills served from the class-slot bank (all of it, part of it when the bank is full, none when off)
+    write the K/V and return the outputs a computed refill does, and say how many rows they ran."""
+    model, ref = tiny_gpt(block=16, seed=3), tiny_gpt(block=16, seed=3)
+    model.condition_bank_size, ref.condition_bank_size = bank, 0
+    x = torch.randint(32, (4, 1), generator=torch.Generator().manual_seed(1))
+    computed = []
+    for m in (model, ref):
+        m.setup_cache(4, 17)
+        m.prefill(torch.tensor([0, 1, 0, 4]))  # 4 = null class
+    for index, labels in [([2, 0], [1, 0]), ([1, 3], [3, 2]), ([0, 1, 2, 3], [2, 3, 0, 4])]:
+        index, labels = torch.tensor(index), torch.tensor(labels)
+        got, want = model.prefill_rows(index, labels), ref.prefill_rows(index, labels)
+        torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.hidden, want.hidden, rtol=1e-5, atol=1e-5)
+        computed.append(int(got.extra["computed_rows"]))
+        assert int(want.extra["computed_rows"]) == len(labels)
+        out = [m.forward_tokens(x, torch.tensor([1])).logits for m in (model, ref)]
+        for m in (model, ref):
+            m.rollback(1)
+        torch.testing.assert_close(out[0], out[1], rtol=1e-5, atol=1e-5)
+    # bank 1024: labels 0, 1, 4 from the prefill, 3 and 2 computed once; bank 2 keeps only 0 and 1
+    assert computed == {0: [2, 2, 4], 2: [0, 2, 3], 1024: [0, 2, 0]}[bank]
+
+
+def test_the_bank_is_emptied_by_setup_cache_and_off_in_training():
+    """Weights may change between caches, and label dropout makes training-mode class slots random."""
+    model = tiny_gpt(block=16, seed=3)
+    model.setup_cache(2, 17)
+    model.prefill(torch.tensor([0, 1]))
+    assert int(model.prefill_rows(torch.tensor([0]), torch.tensor([1])).extra["computed_rows"]) == 0
+    model.setup_cache(2, 17)
+    model.train()
+    model.prefill(torch.tensor([0, 1]))
+    assert int(model.prefill_rows(torch.tensor([0]), torch.tensor([1])).extra["computed_rows"]) == 1
+    model.eval()
+    assert int(model.prefill_rows(torch.tensor([0]), torch.tensor([1])).extra["computed_rows"]) == 1
+
+
 def test_prefill_rows_rejects_bad_rows():
     model = tiny_gpt(block=16, seed=3)
     model.setup_cache(2, 17)
@@ -119,16 +162,22 @@ def test_stream_stats_count_per_image_and_per_batch():
     over batches of its width (``batch_forwards_per_image``); consecutive batches are merged alike."""
     model = tiny_gpt(block=16, seed=2)
     labels = torch.arange(10) % 4
-    out = build_sampler("sjd", window=4).generate_stream(model, labels, 4, torch.Generator().manual_seed(0))
+    done = []
+    out = build_sampler("sjd", window=4).generate_stream(model, labels, 4, torch.Generator().manual_seed(0),
+                                                         progress=done.append)
+    assert sum(done) == 10 and len(done) > 1  # a progress bar advances as images complete
     st = out.stats
     assert st.images == 10 and st.rows_in_flight == 4
     assert sum(st.extra["image_forwards"]) == 10 + st.extra["row_verify_steps"]
     assert st.forwards_per_image == pytest.approx(sum(st.extra["image_forwards"]) / 10)
     assert st.nfe == st.extra["verify_steps"] + st.extra["prefill_forwards"]
+    assert st.extra["prefill_forwards"] == 1 and st.extra["refills"] >= 2  # labels 0-3 banked by the prefill
     assert st.batch_forwards_per_image == pytest.approx(st.nfe * 4 / 10)
     assert st.step_compression == pytest.approx(16 / (st.nfe * 4 / 10))
 
-    ar = build_sampler("ar").generate_stream(model, labels, 4, torch.Generator().manual_seed(0))
+    done.clear()
+    ar = build_sampler("ar").generate_stream(model, labels, 4, torch.Generator().manual_seed(0), done.append)
+    assert done == [4, 4, 2]
     assert ar.stats.nfe == 3 * 16 and not ar.stats.extra["continuous"]  # batches of 4, 4, 2
     assert ar.stats.forwards_per_image == pytest.approx(16)
     assert ar.stats.step_compression == pytest.approx(16 / (48 * 4 / 10))
