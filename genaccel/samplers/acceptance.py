@@ -392,6 +392,7 @@ class GroupedRule:
     mode: str = "ours"
     respect_truncation: bool = True
     close: torch.Tensor | None = None  # codebook_close_table(codebook, embed_threshold): looked up, same result
+    verify_chunk: int = 4  # the verify core evaluates the group 4 positions at a time, while drafts survive
 
     def __post_init__(self) -> None:
         if self.mode not in GSD_GROUP_MODES:

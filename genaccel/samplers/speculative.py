@@ -291,18 +291,43 @@ def verify_window(
     if K == 0:
         return Verification(accepted=torch.ones(B, dtype=torch.long, device=p.device), tokens=draw(p, generator))
     x = draft.tokens
-    target = rule.target(p[:, :K], x, draft.q)
-    ratio = rule.ratio(target, draft.q, x)
     u = torch.rand(B, K, generator=generator, device=p.device)
-    run = (u < ratio).long().cumprod(-1).sum(-1)  # leading accepted drafts, 0..K
-    cap = torch.full_like(run, K) if limit is None else limit.clamp(0, K)
+    cap = torch.full((B,), K, dtype=torch.long, device=p.device) if limit is None else limit.clamp(0, K)
+    target, run = leading_accepted(p, draft, rule, u, cap)
     run = torch.minimum(run, cap)
-    stop = run.clamp(max=K - 1)
+    stop = run.clamp(max=target.shape[1] - 1)  # a row with run < cap stopped inside the examined positions
     residual = rule.residual(p[rows, stop], target[rows, stop], draft.q[rows, stop], x[rows, stop])
     last_dist = torch.where((run < cap)[:, None], residual, p[rows, run])
     tokens = torch.cat([x, x.new_zeros(B, 1)], dim=1)
     tokens[rows, run] = draw(last_dist, generator)
     return Verification(accepted=run + 1, tokens=tokens)
+
+
+def leading_accepted(p: torch.Tensor, draft: Draft, rule: AcceptanceRule, u: torch.Tensor,
+                     cap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rule targets of the positions examined, leading accepted drafts per row (B,)) for coins ``u`` (B, K).
+
+    A rule with ``verify_chunk = c > 0`` (an expensive ratio, e.g. GSD's group) is evaluated c positions at
+    a time, and only while some row has accepted every position so far and not reached its ``cap``: the
+    accepted run is the same as evaluating every position (ratios are per position and the coins are drawn
+    before), at a fraction of the work when drafts are rejected early. Targets beyond the last examined
+    chunk are not computed; the residual only needs the one at a row's first rejection.
+    """
+    x, q = draft.tokens, draft.q
+    K = x.shape[1]
+    chunk = int(getattr(rule, "verify_chunk", 0) or 0) or K
+    targets, run, alive, start = [], torch.zeros_like(cap), torch.ones_like(cap, dtype=torch.bool), 0
+    while start < K:
+        end = min(K, start + chunk)
+        target = rule.target(p[:, start:end], x[:, start:end], q[:, start:end])
+        accepted = (u[:, start:end] < rule.ratio(target, q[:, start:end], x[:, start:end])).long().cumprod(-1).sum(-1)
+        targets.append(target)
+        run = torch.where(alive, run + accepted, run)
+        alive &= accepted == end - start
+        start = end
+        if start < K and not bool((alive & (run < cap)).any()):
+            break
+    return (targets[0] if len(targets) == 1 else torch.cat(targets, dim=1)), run
 
 
 def one_hot_q(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:

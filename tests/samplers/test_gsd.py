@@ -236,3 +236,43 @@ def test_gsd_tokens_are_unchanged_by_the_cheaper_group(monkeypatch):
     new = run()
     monkeypatch.setattr(acceptance, "gsd_group", reference_gsd_group)
     assert torch.equal(run(), new)
+
+
+@pytest.mark.parametrize("mode", ["ours", "official"])
+@pytest.mark.parametrize("chunk", [1, 3, 4])
+def test_lazy_chunks_accept_exactly_what_the_whole_window_accepts(mode, chunk):
+    """The verify core evaluates GSD's group ``verify_chunk`` positions at a time and stops once every row
+    has rejected or reached its cap: accepted lengths and emitted tokens equal evaluating all positions
+    (same coins), over random windows with per-row caps, and fewer positions are evaluated."""
+    from genaccel.samplers import speculative
+    from genaccel.samplers.speculative import Draft, verify_window
+
+    gen = torch.Generator().manual_seed(0)
+    B, L, V = 64, 9, 40
+    p = torch.softmax(torch.randn(B, L, V, generator=gen) * 2, -1)
+    q = torch.softmax(p[:, :-1].log() + torch.randn(B, L - 1, V, generator=gen), -1)  # close to p: long runs
+    x = torch.multinomial(q.reshape(-1, V), 1, generator=gen).view(B, L - 1)
+    codebook = torch.nn.functional.normalize(torch.randn(V, 4, generator=gen), dim=-1)
+    limit = torch.randint(0, L, (B,), generator=gen)
+    rule = GroupedRule(ExactRule(), group_size=10, prob_threshold=0.2, codebook=codebook, embed_threshold=2.0,
+                       mode=mode, verify_chunk=chunk)
+    whole = GroupedRule(ExactRule(), group_size=10, prob_threshold=0.2, codebook=codebook, embed_threshold=2.0,
+                        mode=mode, verify_chunk=0)
+    seen = []
+    real = speculative.leading_accepted
+
+    def counting(p, draft, rule, u, cap):
+        target, run = real(p, draft, rule, u, cap)
+        seen.append(target.shape[1])
+        return target, run
+
+    speculative.leading_accepted = counting
+    try:
+        for lim in (None, limit):
+            a = verify_window(p, Draft(x, q), rule, torch.Generator().manual_seed(1), lim)
+            b = verify_window(p, Draft(x, q), whole, torch.Generator().manual_seed(1), lim)
+            assert torch.equal(a.accepted, b.accepted) and torch.equal(a.tokens, b.tokens)
+    finally:
+        speculative.leading_accepted = real
+    assert seen[1] == seen[3] == L - 1 and max(seen[0], seen[2]) <= L - 1
+    assert int((a.accepted > 1).sum()) > B // 4  # runs long enough that later chunks were needed

@@ -13,7 +13,7 @@ from spec_helpers import exact_joint, sequence_index, tiny_gpt
 from genaccel.models.drafter import EagleDrafter
 from genaccel.samplers import build_sampler
 from genaccel.samplers.acceptance import ExactRule
-from genaccel.samplers.base import SamplingOptions
+from genaccel.samplers.base import SamplingOptions, draw
 from genaccel.samplers.sd import SDSampler
 from genaccel.samplers.sjd import SJDSampler
 from genaccel.samplers.speculative import Draft, load_sampler_config, one_hot_q, sampler_cli_options, verify_window
@@ -115,6 +115,27 @@ class AcceptAll(ExactRule):
 
     def ratio(self, target, q, x):
         return torch.ones_like(x, dtype=torch.float32)
+
+
+def test_draw_is_exact_never_draws_a_filtered_token_and_takes_unnormalised_rows():
+    """``draw`` (inverse CDF, one uniform per row): chi-square against each row's distribution over 40000
+    rows, with probability-0 tokens (as top-k leaves them) never drawn, tiny but positive ones still drawn at
+    their rate, and rows that do not sum to 1 sampled as normalised."""
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.25, 0.25, 0.0],
+                          [1e-3, 0.0, 0.0, 0.0, 0.0, 0.999],
+                          [2.0, 1.0, 1.0, 0.0, 0.0, 0.0]])  # unnormalised
+    n = 40000
+    tokens = draw(probs[:, None].expand(3, n, 6), gen)
+    assert tokens.shape == (3, n)
+    for row in range(3):
+        target = probs[row] / probs[row].sum()
+        assert not bool((target[tokens[row]] == 0).any()), row
+        assert chi_square_pvalue(tokens[row], target.double()) > 1e-3, row
+    assert int((tokens[1] == 0).sum()) > 10  # p = 1e-3 of 40000: ~40 expected
+    one_hot = torch.zeros(5, 1024)
+    one_hot[torch.arange(5), torch.tensor([0, 1, 511, 1022, 1023])] = 1.0
+    assert draw(one_hot, gen).tolist() == [0, 1, 511, 1022, 1023]
 
 
 def test_distribution_test_detects_a_broken_rule():
