@@ -145,7 +145,8 @@ class ImagePipeline:
             gen = torch.Generator(device=device).manual_seed(seed)
             with tqdm(total=labels.numel(), desc=f"sampling ({sampler.name}, continuous)", unit="image",
                       disable=not progress) as bar:
-                out = sampler.generate_stream(self.gpt, labels.to(device), batch_size, gen, progress=bar.update)
+                out = sampler.generate_stream(self.gpt, labels.to(device), batch_size, gen,
+                                              on_complete=lambda done: bar.update(done.index.numel()))
             yield labels, torch.cat([self.decode(t, gen) for t in out.tokens.split(batch_size)]), out.stats
             return
         chunks = labels.split(batch_size)

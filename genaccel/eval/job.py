@@ -333,19 +333,18 @@ def prepare_job_dir(job: SampleJob, info: DistInfo) -> None:
         )
 
 
-STREAM_SHARDS = 8  # continuous batching: shards per stream (what an interrupted stream loses at most)
-
-
 def sample_shards(pipeline, sampler, job: SampleJob, info: DistInfo, progress: bool = True,
                   continuous: bool | None = None) -> dict:
     """Sample this rank's share of the missing shards (rebalanced over the current world size); returns counts
     and the wall time spent sampling (+ decoding).
 
-    ``continuous`` (default: the job's ``continuous_batching``): up to :data:`STREAM_SHARDS` of the rank's shards at a time run as one continuous-batching
-    stream of ``batch_size`` rows (``Sampler.generate_stream``), seeded from its first shard, and are written
-    when it ends. The images keep their labels and, for exact samplers, their distribution; which draws an
-    image gets then depends on the shards streamed with it (reproducible given the seed, the batch size and
-    the shards missing per rank). Shard stats: :func:`stream_shard_stats`.
+    ``continuous`` (default: the job's ``continuous_batching``): the rank's shards run as one
+    continuous-batching stream of ``batch_size`` rows (``Sampler.generate_stream``), seeded from its first
+    shard, and each shard is decoded and written as soon as its last image completes, so an interrupted
+    stream loses only the images in flight and the end-of-stream tail (rows emptying as no label waits) is
+    paid once per rank, not per group of shards. The images keep their labels and, for exact samplers, their
+    distribution; which draws an image gets depends on the shards streamed with it (reproducible given the
+    seed, the batch size and the shards missing per rank). Shard stats: :func:`shard_stats_of_images`.
     """
     continuous = job.continuous_batching if continuous is None else continuous
     labels = label_plan(pipeline.num_classes, job)
@@ -353,46 +352,89 @@ def sample_shards(pipeline, sampler, job: SampleJob, info: DistInfo, progress: b
     todo = shards_for_rank(job, info, missing)
     resumed = job.num_shards - len(missing) if info.is_main else 0  # counted once, summed over ranks later
     device = next(pipeline.gpt.parameters()).device
-    start, images = time.perf_counter(), 0
-    group = STREAM_SHARDS if continuous else 1
-    streams = [todo[i : i + group] for i in range(0, len(todo), group)]
-    for shards in tqdm(streams, desc=f"sampling rank {info.rank}/{info.world}", disable=not progress,
-                       position=info.rank):
-        ranges = [job.shard_range(k) for k in shards]
-        gen = torch.Generator(device=device).manual_seed(shard_seed(job.seed, shards[0]))
-        chunk = torch.cat([labels[s:e] for s, e in ranges]).to(device)
-        if continuous:
-            out = sampler.generate_stream(pipeline.gpt, chunk, job.batch_size, gen)
-        else:
-            out = sampler.generate(pipeline.gpt, chunk, gen)
-        sizes = [e - s for s, e in ranges]
-        for k, (s, e), tokens, first in zip(shards, ranges, out.tokens.split(sizes), np.cumsum([0] + sizes)):
-            stats = stream_shard_stats(out.stats, int(first), e - s) if continuous else out.stats
+    start = time.perf_counter()
+    if continuous and todo:
+        images = _stream_shards(pipeline, sampler, job, info, todo, labels, device, progress)
+    else:
+        images = 0
+        for k in tqdm(todo, desc=f"sampling rank {info.rank}/{info.world}", disable=not progress,
+                      position=info.rank):
+            s, e = job.shard_range(k)
+            gen = torch.Generator(device=device).manual_seed(shard_seed(job.seed, k))
+            out = sampler.generate(pipeline.gpt, labels[s:e].to(device), gen)
             # a flow decoder's noise continues the shard's generator, so a resumed shard decodes the same
-            write_shard(job, k, pipeline.decode(tokens, gen), labels[s:e], stats)
+            write_shard(job, k, pipeline.decode(out.tokens, gen), labels[s:e], out.stats)
             images += e - s
     return {"shards_assigned": len(todo), "shards_sampled": len(todo), "shards_resumed": resumed,
             "images_sampled": images, "wall_time_s": time.perf_counter() - start}
 
 
-def stream_shard_stats(stats, first: int, count: int):
-    """Stats of images ``first .. first + count - 1`` of a stream, for their shard file: ``nfe`` = the stream's
-    forwards per batch of its width (``batch_forwards_per_image``, what :func:`summarize_stats` averages as
-    the batch view), ``row_verify_steps`` = the verify steps these images took part in (so
-    ``forwards_per_image`` stays theirs; a share in proportion where the stream ran as consecutive batches
-    and recorded no per-image counts), times in proportion to the images; ``extra`` names the stream."""
+def _stream_shards(pipeline, sampler, job: SampleJob, info: DistInfo, todo: list[int], labels: torch.Tensor,
+                   device, progress: bool) -> int:
+    """One stream over shards ``todo``; each shard written when complete (see :func:`sample_shards`)."""
+    ranges = [job.shard_range(k) for k in todo]
+    chunk = torch.cat([labels[s:e] for s, e in ranges])
+    owner = torch.cat([torch.full((e - s,), i) for i, (s, e) in enumerate(ranges)])  # stream image -> todo entry
+    first = np.cumsum([0] + [e - s for s, e in ranges])
+    left = [e - s for s, e in ranges]
+    tokens = [None] * chunk.numel()
+    forwards = torch.zeros(chunk.numel(), dtype=torch.float64)
+    charge = torch.zeros(chunk.numel(), dtype=torch.float64)
+    last = {"time": time.perf_counter(), "stats": None}
+    bar = tqdm(total=chunk.numel(), desc=f"sampling rank {info.rank}/{info.world} (continuous)", unit="image",
+               disable=not progress, position=info.rank)
+
+    def write_complete(done) -> None:
+        bar.update(done.index.numel())
+        for j, i in enumerate(done.index.tolist()):
+            tokens[i], forwards[i], charge[i] = done.tokens[j], done.forwards[j], done.charge[j]
+            left[int(owner[i])] -= 1
+        for t in sorted({int(owner[i]) for i in done.index.tolist()}):
+            if left[t] == 0:
+                k, (s, e), a = todo[t], ranges[t], int(first[t])
+                now = time.perf_counter()
+                stats = shard_stats_of_images(done.stats, last["stats"], forwards[a : a + e - s],
+                                              charge[a : a + e - s], job.batch_size, chunk.numel(),
+                                              now - last["time"])
+                last.update(time=now, stats=dict(target=done.stats.target_time_s, draft=done.stats.draft_time_s,
+                                                 draft_forwards=done.stats.draft_forwards))
+                # decode noise (a flow decoder) from the shard's own generator: a resumed shard decodes alike
+                gen = torch.Generator(device=device).manual_seed(shard_seed(job.seed, k) ^ DECODE_SEED_SALT)
+                write_shard(job, k, pipeline.decode(torch.stack(tokens[a : a + e - s]), gen), labels[s:e], stats)
+
+    gen = torch.Generator(device=device).manual_seed(shard_seed(job.seed, todo[0]))
+    try:
+        sampler.generate_stream(pipeline.gpt, chunk.to(device), job.batch_size, gen, on_complete=write_complete)
+    finally:
+        bar.close()
+    unwritten = [todo[t] for t, n in enumerate(left) if n]
+    if unwritten:  # a sampler must report every image; refuse to pretend the shards exist
+        raise RuntimeError(f"the stream ended with shards {unwritten} incomplete: sampler {sampler.name!r} did not "
+                           "report every image to on_complete")
+    return chunk.numel()
+
+
+DECODE_SEED_SALT = 0x5DEECE66D  # continuous streams: decode generators apart from the sampling seeds
+
+
+def shard_stats_of_images(stream, before: dict | None, forwards: torch.Tensor, charge: torch.Tensor, rows: int,
+                          stream_images: int, wall_s: float):
+    """Stats of one shard of a stream, from its images (``CompletedImages``): ``nfe`` = ``rows`` x their mean
+    share of the stream's forwards (the forwards per batch of ``rows`` images, what :func:`summarize_stats`
+    averages; over all shards it is the stream's ``batch_forwards_per_image``), ``row_verify_steps`` = the
+    verify steps they took part in (so ``forwards_per_image`` stays theirs); times and drafter forwards are
+    the stream's since the previous shard was written (``before``: the running totals then), so they add up
+    to the stream's."""
     from genaccel.samplers import SamplerStats
 
-    share = count / max(stats.images, 1)
-    per_image = stats.extra.get("image_forwards")
-    rows = (sum(per_image[first : first + count]) - count if per_image is not None
-            else stats.extra.get("row_verify_steps", 0) * share)
+    before = before or {"target": 0.0, "draft": 0.0, "draft_forwards": 0}
+    count = forwards.numel()
     return SamplerStats(
-        nfe=stats.batch_forwards_per_image, tokens=stats.tokens, images=count, wall_time_s=stats.wall_time_s * share,
-        draft_forwards=round(stats.draft_forwards * share), draft_time_s=stats.draft_time_s * share,
-        target_time_s=stats.target_time_s * share,
-        extra={"continuous": bool(stats.extra.get("continuous")), "stream_images": stats.images,
-               "stream_forwards": stats.nfe, "stream_rows": stats.rows_in_flight, "row_verify_steps": rows},
+        nfe=rows * float(charge.mean()), tokens=stream.tokens, images=count, wall_time_s=wall_s,
+        draft_forwards=stream.draft_forwards - before["draft_forwards"],
+        draft_time_s=stream.draft_time_s - before["draft"], target_time_s=stream.target_time_s - before["target"],
+        extra={"continuous": True, "stream_images": stream_images, "stream_rows": rows,
+               "row_verify_steps": float(forwards.sum()) - count},
     )
 
 
@@ -473,7 +515,7 @@ __all__ = [
     "shard_done",
     "sample_shards",
     "shard_seed",
-    "stream_shard_stats",
+    "shard_stats_of_images",
     "shards_for_rank",
     "shutdown_distributed",
     "summarize_stats",

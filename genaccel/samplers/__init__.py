@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from genaccel.samplers.base import SampleOutput, Sampler, SamplerStats, SamplingOptions
+from genaccel.samplers.base import CompletedImages, SampleOutput, Sampler, SamplerStats, SamplingOptions
 
 SAMPLERS: dict[str, str] = {
     "ar": "genaccel.samplers.ar:ARSampler",
@@ -40,5 +40,5 @@ def build_sampler(name: str, **options: Any) -> Sampler:
     return sampler_class(name)(**options)
 
 
-__all__ = ["SAMPLERS", "Sampler", "SampleOutput", "SamplerStats", "SamplingOptions", "available_samplers",
+__all__ = ["SAMPLERS", "CompletedImages", "Sampler", "SampleOutput", "SamplerStats", "SamplingOptions", "available_samplers",
            "build_sampler", "sampler_class"]

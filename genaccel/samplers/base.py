@@ -89,6 +89,22 @@ class SampleOutput:
 
 
 @dataclass
+class CompletedImages:
+    """Images of a stream that just completed (``generate_stream``'s ``on_complete``), so a caller can store
+    them before the stream ends. ``index``: their positions in the stream's labels; ``tokens`` (n, N);
+    ``forwards``: target forwards each took part in (its prefill + verify steps); ``charge``: its share of
+    the stream's forwards (every forward split equally over the images in flight, a refill's over the images
+    it started), so ``rows x mean(charge)`` over any set of images is their forwards per batch of ``rows``
+    images, and the charges of all images add up to the stream's NFE. ``stats``: the stream's running stats."""
+
+    index: torch.Tensor
+    tokens: torch.Tensor
+    forwards: torch.Tensor
+    charge: torch.Tensor
+    stats: SamplerStats
+
+
+@dataclass
 class SamplingOptions:
     """Options common to all samplers (LlamaGen names and defaults of ``sample_c2i.py``)."""
 
@@ -252,10 +268,10 @@ class Sampler:
     @torch.no_grad()
     def generate_stream(
         self, model: ARModel, labels: torch.Tensor, batch_size: int, generator: torch.Generator | None = None,
-        progress: Callable[[int], Any] | None = None,
+        on_complete: Callable[[CompletedImages], Any] | None = None,
     ) -> SampleOutput:
         """Sample one image per label (M,) with at most ``batch_size`` images in flight; tokens in label order.
-        ``progress(n)`` is called as n more images are complete (a progress bar's ``update``).
+        ``on_complete(CompletedImages)`` is called as images complete (progress bars, shard writers).
 
         Here: consecutive batches of ``batch_size`` labels drawing from the one ``generator`` in turn, with
         their stats merged (:func:`merge_stats`). Speculative samplers override it with continuous batching
@@ -263,11 +279,17 @@ class Sampler:
         """
         check_batch_size(batch_size)
         labels = self.checked_labels(model, labels)
-        parts = []
+        parts, first = [], 0
         for chunk in labels.split(batch_size):
             parts.append(self.generate(model, chunk, generator))
-            if progress is not None:
-                progress(chunk.numel())
+            if on_complete is not None:
+                st, n = parts[-1].stats, chunk.numel()
+                on_complete(CompletedImages(
+                    index=torch.arange(first, first + n), tokens=parts[-1].tokens,
+                    forwards=torch.full((n,), st.forwards_per_image, dtype=torch.float64),
+                    charge=torch.full((n,), st.nfe / n, dtype=torch.float64),
+                    stats=merge_stats([p.stats for p in parts], min(batch_size, labels.shape[0]))))
+            first += chunk.numel()
         return SampleOutput(tokens=torch.cat([p.tokens for p in parts]),
                             stats=merge_stats([p.stats for p in parts], min(batch_size, labels.shape[0])))
 

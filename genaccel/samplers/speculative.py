@@ -36,6 +36,7 @@ import torch
 from genaccel.models.contract import ARModel
 from genaccel.samplers.acceptance import AcceptanceRule, ExactRule
 from genaccel.samplers.base import (
+    CompletedImages,
     SampleOutput,
     Sampler,
     SamplerStats,
@@ -391,7 +392,7 @@ class SpeculativeSampler(Sampler):
     @torch.no_grad()
     def generate_stream(
         self, model: ARModel, labels: torch.Tensor, batch_size: int, generator: torch.Generator | None = None,
-        progress: Callable[[int], Any] | None = None,
+        on_complete: Callable[[CompletedImages], Any] | None = None,
     ) -> SampleOutput:
         """Continuous batching: sample one image per label (M,) with ``batch_size`` rows in flight; as soon as
         a row's image is complete, the next label restarts that row (``model.prefill_rows``, contract call 6,
@@ -407,17 +408,20 @@ class SpeculativeSampler(Sampler):
         labels = self.checked_labels(model, labels)
         source = self.draft_source(model)
         if labels.shape[0] <= batch_size or not (can_prefill_rows(model) and can_start_rows(source)):
-            return super().generate_stream(model, labels, batch_size, generator, progress)
+            return super().generate_stream(model, labels, batch_size, generator, on_complete)
         stats = SamplerStats(images=labels.shape[0], tokens=model.num_image_tokens)
         start = time.perf_counter()
-        tokens = self._generate(model, labels, generator, stats, width=batch_size, source=source, progress=progress)
+        tokens = self._generate(model, labels, generator, stats, width=batch_size, source=source,
+                                on_complete=on_complete)
         stats.wall_time_s = time.perf_counter() - start
         return SampleOutput(tokens=tokens, stats=stats)
 
     def _generate(self, model, labels, generator, stats: SamplerStats, width: int | None = None,
-                  source: DraftSource | None = None, progress: Callable[[int], Any] | None = None) -> torch.Tensor:
+                  source: DraftSource | None = None,
+                  on_complete: Callable[[CompletedImages], Any] | None = None) -> torch.Tensor:
         """The ragged decode loop over ``labels``; ``width`` = rows in flight (continuous batching: a complete
-        row takes the next label), None = all labels as one batch; ``progress(n)``: n more images complete."""
+        row takes the next label, ``on_complete`` hears of every image as it completes), None = all labels as
+        one batch."""
         opts = self.options
         M, N, T = labels.shape[0], model.num_image_tokens, model.cls_token_num
         B = M if width is None else min(width, M)
@@ -432,6 +436,8 @@ class SpeculativeSampler(Sampler):
         hist = torch.zeros(W + 1, dtype=torch.long, device=device)
         row_steps = 0
         image_steps = torch.zeros(M, dtype=torch.long, device=device)  # verify steps each image took part in
+        charge = torch.zeros(M, dtype=torch.float64)  # each image's share of the forwards (CompletedImages)
+        charge[:B] = 1.0 / B
 
         out = stats.target_forward(model.prefill, batch_labels)
         # committed tokens, plus W scratch columns so a window's scatter never runs off the end
@@ -477,14 +483,18 @@ class SpeculativeSampler(Sampler):
             row_steps += int(live.sum())
             if width is not None:
                 image_steps[rows[live]] += 1
+                charge[rows[live].cpu()] += 1.0 / int(live.sum())
             if policy is not None:
                 target_s = stats.target_time_s - target_before
                 engine_s = time.perf_counter() - step_tic - target_s - draft_s
                 policy.observe(verification.accepted[live] - 1, limit[live], engine_s, draft_s, L - 1)
 
             done = state.n >= N
-            if progress is not None and bool((done & live).any()):
-                progress(int((done & live).sum()))
+            if on_complete is not None and bool((done & live).any()):
+                finished = rows[done & live]
+                on_complete(CompletedImages(index=finished, tokens=buf[done & live, :N].clone(),
+                                            forwards=(image_steps[finished] + 1).double().cpu(),
+                                            charge=charge[finished.cpu()].clone(), stats=stats))
             if admitted < M and bool(done.any()):  # continuous batching: complete rows take the next labels
                 free = done.nonzero().squeeze(1)[: M - admitted]
                 result[rows[free]] = buf[free, :N]
@@ -492,6 +502,8 @@ class SpeculativeSampler(Sampler):
                 forwards = stats.nfe
                 self._refill(model, source, state, buf, free, labels[new])
                 rows[free] = new
+                if stats.nfe > forwards:  # the refill ran a forward: the images it started share it
+                    charge[new.cpu()] += 1.0 / free.numel()
                 admitted, refills, prefills = admitted + free.numel(), refills + 1, prefills + stats.nfe - forwards
                 done = state.n >= N
             if bool(done.all()):
@@ -524,8 +536,9 @@ class SpeculativeSampler(Sampler):
             rule=rule.name,
             draft_source=type(source).__name__,
         )
-        if width is not None:  # per image: its prefill and the verify steps it took part in
+        if width is not None:  # per image: its prefill and the verify steps it took part in; its share of NFE
             stats.extra["image_forwards"] = (image_steps + 1).tolist()
+            stats.extra["image_charge"] = charge.tolist()
         return result
 
     def _refill(self, model: ARModel, source: DraftSource, state: DecodeState, buf: torch.Tensor,

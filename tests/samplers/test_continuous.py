@@ -164,8 +164,15 @@ def test_stream_stats_count_per_image_and_per_batch():
     labels = torch.arange(10) % 4
     done = []
     out = build_sampler("sjd", window=4).generate_stream(model, labels, 4, torch.Generator().manual_seed(0),
-                                                         progress=done.append)
-    assert sum(done) == 10 and len(done) > 1  # a progress bar advances as images complete
+                                                         on_complete=done.append)
+    # images are reported once each as they complete, with their tokens, forwards and share of the NFE
+    index = torch.cat([d.index for d in done])
+    assert sorted(index.tolist()) == list(range(10)) and len(done) > 1
+    assert torch.equal(torch.cat([d.tokens for d in done]), out.tokens[index])
+    assert torch.cat([d.forwards for d in done]).tolist() == [out.stats.extra["image_forwards"][i] for i in index]
+    charge = torch.cat([d.charge for d in done])
+    assert float(charge.sum()) == pytest.approx(out.stats.nfe)
+    assert charge.tolist() == pytest.approx([out.stats.extra["image_charge"][i] for i in index])
     st = out.stats
     assert st.images == 10 and st.rows_in_flight == 4
     assert sum(st.extra["image_forwards"]) == 10 + st.extra["row_verify_steps"]
@@ -177,7 +184,8 @@ def test_stream_stats_count_per_image_and_per_batch():
 
     done.clear()
     ar = build_sampler("ar").generate_stream(model, labels, 4, torch.Generator().manual_seed(0), done.append)
-    assert done == [4, 4, 2]
+    assert [d.index.tolist() for d in done] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert float(torch.cat([d.charge for d in done]).sum()) == pytest.approx(ar.stats.nfe)
     assert ar.stats.nfe == 3 * 16 and not ar.stats.extra["continuous"]  # batches of 4, 4, 2
     assert ar.stats.forwards_per_image == pytest.approx(16)
     assert ar.stats.step_compression == pytest.approx(16 / (48 * 4 / 10))
@@ -299,3 +307,35 @@ def test_consecutive_batches_merge_their_histograms(monkeypatch):
     parts = [b["accepted_length_hist"] for b in out.stats.extra["batches"]]
     assert len(parts) == 3 and sum(out.stats.extra["accepted_length_hist"].values()) == sum(
         sum(h.values()) for h in parts)
+
+
+def test_eval_stream_writes_shards_as_they_complete_and_an_interrupted_job_resumes(tmp_path):
+    """Shards are written mid-stream: a job killed while the stream runs keeps the shards that completed
+    before, and the re-run streams only the missing ones, each with its own labels."""
+    from genaccel.eval.job import DistInfo, SampleJob, missing_shards, prepare_job_dir, read_shard, sample_shards
+    from genaccel.pipeline import ImagePipeline
+
+    class Killed(Exception):
+        pass
+
+    class TokenPipeline(ImagePipeline):
+        calls = 0
+
+        def decode(self, tokens, generator=None):
+            TokenPipeline.calls += 1
+            if TokenPipeline.calls == 3:  # the third shard to complete: the job dies mid-stream
+                raise Killed
+            return tokens.view(-1, 4, 4, 1).to(torch.uint8)
+
+    model, info = tiny_gpt(block=16, seed=2), DistInfo()
+    job = SampleJob(out_dir=str(tmp_path / "job"), num_images=12, batch_size=3, sampler="sjd",
+                    continuous_batching=True)
+    prepare_job_dir(job, info)
+    pipe, sampler = TokenPipeline(gpt=model, vq=None), build_sampler("sjd", window=4)
+    with pytest.raises(Killed):
+        sample_shards(pipe, sampler, job, info, progress=False)
+    assert len(missing_shards(job, info)) == 2  # two shards were on disk before the stream ended
+    counts = sample_shards(pipe, sampler, job, info, progress=False)
+    assert counts["images_sampled"] == 6 and not missing_shards(job, info)
+    labels = np.concatenate([read_shard(job, k)["labels"] for k in range(job.num_shards)])
+    assert labels.tolist() == [i % 4 for i in range(12)]
