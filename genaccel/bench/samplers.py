@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "own to the runs whose sampler has that option")
     add_sampler_flags(g)
     p.add_argument("--doc", default="docs/benchmarks.md", help="markdown file to update ('' = none)")
+    p.add_argument("--continuous", action="store_true",
+                   help="batch-B throughput from one continuous-batching stream per sampler (generate_stream) "
+                        "instead of separate batches")
     p.add_argument("--png", default=None, help="default docs/samplers_speed_quality[_bf16].png ('' = none)")
     p.add_argument("--json", default=None, help="default runs/bench_samplers[_bf16].json ('' = none)")
     return p.parse_args(argv)
@@ -155,11 +158,23 @@ def sum_hists(hists: list[dict]) -> dict[int, int]:
     return dict(sorted(total.items()))
 
 
-def measure_throughput(pipes: dict, samplers: dict, labels: torch.Tensor, batch_size: int, seed: int) -> dict[str, tuple]:
+def measure_throughput(pipes: dict, samplers: dict, labels: torch.Tensor, batch_size: int, seed: int,
+                       continuous: bool = False) -> dict[str, tuple]:
     """Images/s over all labels at ``batch_size`` (sampling only, decode excluded) and the decoded images.
 
-    Samplers take turns batch by batch (see :func:`measure_latency`).
+    Samplers take turns batch by batch (see :func:`measure_latency`). ``continuous``: one stream of
+    ``batch_size`` rows per sampler over all labels instead (``generate_stream``; samplers take turns stream
+    by stream), its forwards per batch of ``batch_size`` images as the batch NFE.
     """
+    if continuous:
+        out = {}
+        for name, sampler in samplers.items():
+            run = sampler.generate_stream(pipes[name].gpt, labels, batch_size, torch.Generator().manual_seed(seed + 1000))
+            st = run.stats
+            out[name] = ({"images_per_s": labels.numel() / st.wall_time_s, "nfe_per_batch": st.batch_forwards_per_image,
+                          "step_compression_batch": st.step_compression},
+                         torch.cat([pipes[name].decode(t) for t in run.tokens.split(batch_size)]))
+        return out
     walls = dict.fromkeys(samplers, 0.0)
     nfes: dict[str, list] = {name: [] for name in samplers}
     images: dict[str, list] = {name: [] for name in samplers}
@@ -364,7 +379,7 @@ def main(argv: list[str] | None = None) -> dict:
     labels = labels_for(num_classes, None, a.num_images)
     latency_labels = labels_for(num_classes, None, a.latency_images)
     latency = measure_latency(pipes, samplers, latency_labels, a.seed)
-    throughput = measure_throughput(pipes, samplers, labels, a.batch_size, a.seed)
+    throughput = measure_throughput(pipes, samplers, labels, a.batch_size, a.seed, a.continuous)
     results = {}
     for name, sampler in samplers.items():
         thr, images = throughput[name]
@@ -388,6 +403,8 @@ def main(argv: list[str] | None = None) -> dict:
     if a.doc:
         section = a.section or f"samplers{suffix.replace('_', '-')}"
         title = "Samplers: speed vs quality (bundled models)"
+        if a.continuous:
+            title += f", batch {a.batch_size} as one continuous-batching stream"
         write_section(section, markdown(results, command, env, png, a.batch_size, title), Path(a.doc))
     return results
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from genaccel.bench.samplers import engine_share, forward_cost_bound, goal_lines, parse_runs, sampler_options
 from genaccel.bench.sections import write_section
@@ -64,3 +65,22 @@ def test_token_shuffle_128_goal_checks_time_per_image_and_class_accuracy():
     assert line.startswith("- met: ts128: 128x128 images at 1.10x") and "75.0%" in line
     results["ts128"]["class_accuracy"] = 0.6
     assert [g for g in goal_lines(results) if "ts128" in g][0].startswith("- NOT met")
+
+
+def test_throughput_from_a_continuous_stream_counts_its_batch_forwards():
+    """``bench samplers --continuous``: each sampler's batch-B figures come from one stream over all labels."""
+    from types import SimpleNamespace
+
+    from spec_helpers import tiny_gpt
+
+    from genaccel.bench.samplers import measure_throughput
+    from genaccel.samplers import build_sampler
+
+    model, labels = tiny_gpt(block=16, seed=2), torch.arange(10) % 4
+    pipe = SimpleNamespace(gpt=model, decode=lambda t: t.view(-1, 4, 4, 1).to(torch.uint8))
+    samplers = {"ar": build_sampler("ar"), "sjd": build_sampler("sjd", window=4)}
+    out = measure_throughput({n: pipe for n in samplers}, samplers, labels, 4, 0, continuous=True)
+    assert out["ar"][0]["nfe_per_batch"] == pytest.approx(16 * 3 * 4 / 10)  # batches of 4, 4, 2: 3 x 16 forwards
+    sjd, images = out["sjd"]
+    assert images.shape == (10, 4, 4, 1) and sjd["nfe_per_batch"] < out["ar"][0]["nfe_per_batch"]
+    assert sjd["step_compression_batch"] == pytest.approx(16 / sjd["nfe_per_batch"])
