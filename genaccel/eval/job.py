@@ -401,6 +401,7 @@ def _stream_shards(pipeline, sampler, job: SampleJob, info: DistInfo, todo: list
                 # decode noise (a flow decoder) from the shard's own generator: a resumed shard decodes alike
                 gen = torch.Generator(device=device).manual_seed(shard_seed(job.seed, k) ^ DECODE_SEED_SALT)
                 write_shard(job, k, pipeline.decode(torch.stack(tokens[a : a + e - s]), gen), labels[s:e], stats)
+                tokens[a : a + e - s] = [None] * (e - s)  # written: a rank's whole stream is never held at once
 
     gen = torch.Generator(device=device).manual_seed(shard_seed(job.seed, todo[0]))
     try:
