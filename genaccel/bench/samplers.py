@@ -406,6 +406,10 @@ def main(argv: list[str] | None = None) -> dict:
         if a.continuous:
             title += f", batch {a.batch_size} as one continuous-batching stream"
         write_section(section, markdown(results, command, env, png, a.batch_size, title), Path(a.doc))
+    written = [f"section {section!r} of {a.doc}"] if a.doc else []
+    written += [f for f in (png, json_path) if f]
+    if written:  # say so: a quick check run with the defaults rewrites the recorded section
+        print("wrote " + ", ".join(written) + " ('' for --doc/--png/--json writes none)", flush=True)
     return results
 
 
