@@ -86,6 +86,8 @@ class JacobiDrafter:
     both with a one-hot q (SJD ``get_multi_token_for_preparation``).
     """
 
+    history_dependent = True  # a draft improves over the steps it stays in the window (window.py)
+
     def __init__(self, window: int | str = 16, init: str = "random", coupling: str = "independent"):
         if coupling not in COUPLINGS:
             raise ValueError(f"coupling must be one of {COUPLINGS}, got {coupling!r}")

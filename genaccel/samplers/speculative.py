@@ -45,7 +45,14 @@ from genaccel.samplers.base import (
     draw,
     target_probs,
 )
-from genaccel.samplers.window import WindowPolicy, check_window_option, forward_cost, measured_lengths, window_arg
+from genaccel.samplers.window import (
+    MeasuredWindowPolicy,
+    WindowPolicy,
+    check_window_option,
+    forward_cost,
+    measured_lengths,
+    window_arg,
+)
 
 INIT_SCHEMES = ("random", "repeat_horizon")
 # How a Jacobi draft is re-drawn when the target distribution at its position changes (docs/speculative.md):
@@ -374,14 +381,21 @@ class SpeculativeSampler(Sampler):
 
     _window_policy: tuple | None = None
 
-    def window_policy(self, model: ARModel, batch_labels: torch.Tensor, longest: int) -> WindowPolicy:
+    def window_policy(self, model: ARModel, batch_labels: torch.Tensor, longest: int,
+                      source: DraftSource | None = None) -> WindowPolicy | MeasuredWindowPolicy:
         """The cost-aware window chooser of this sampler for ``model`` at this batch. It persists across
         ``generate`` calls (statistics of earlier images are history too, so exactness is unaffected) and
-        starts afresh for another model, batch size or longest window."""
+        starts afresh for another model, batch size or longest window. Jacobi drafts (a source whose drafts
+        improve across steps, ``history_dependent``) get :class:`MeasuredWindowPolicy`, others the cost-model
+        :class:`WindowPolicy`."""
         key = (id(model), batch_labels.shape[0], longest)
         if self._window_policy is None or self._window_policy[0] != key:
-            cost = getattr(self, "_forward_cost", None) or forward_cost(model, batch_labels, measured_lengths(longest))
-            self._window_policy = (key, WindowPolicy(cost, longest))
+            if getattr(source, "history_dependent", False):  # Jacobi drafts: measured rates
+                policy = MeasuredWindowPolicy(longest)
+            else:
+                cost = getattr(self, "_forward_cost", None) or forward_cost(model, batch_labels, measured_lengths(longest))
+                policy = WindowPolicy(cost, longest)
+            self._window_policy = (key, policy)
         return self._window_policy[1]
 
     def set_forward_cost(self, cost: dict[int, float]) -> None:
@@ -430,7 +444,7 @@ class SpeculativeSampler(Sampler):
         W = source.window
         span = torch.arange(W, device=device)
         batch_labels = self.batch_labels(model, labels[:B]).clone()  # refills write into it
-        policy = self.window_policy(model, batch_labels, W) if getattr(source, "auto", False) else None
+        policy = self.window_policy(model, batch_labels, W, source) if getattr(source, "auto", False) else None
         windows: dict[int, int] = {}
         model.setup_cache(batch_labels.shape[0], T + N)
         hist = torch.zeros(W + 1, dtype=torch.long, device=device)
@@ -487,7 +501,8 @@ class SpeculativeSampler(Sampler):
             if policy is not None:
                 target_s = stats.target_time_s - target_before
                 engine_s = time.perf_counter() - step_tic - target_s - draft_s
-                policy.observe(verification.accepted[live] - 1, limit[live], engine_s, draft_s, L - 1)
+                policy.observe(verification.accepted[live] - 1, limit[live], engine_s, draft_s, L - 1,
+                               committed=int(committed[live].sum()), step_s=time.perf_counter() - step_tic)
 
             done = state.n >= N
             if on_complete is not None and bool((done & live).any()):

@@ -1,6 +1,7 @@
 """Cost-aware windows (``--window auto``, ``--draft-len auto``; issue #14 item 3).
 
-A window of L tokens per target forward commits ``E(L) = 1 + sum_{j < L-1} P(drafts 0..j accepted)`` tokens
+Jacobi windows use :class:`MeasuredWindowPolicy` (measured committed tokens per second per length, in blocks
+of steps); drafter chains use :class:`WindowPolicy`, the cost model below. For a drafter chain, a window of L tokens per target forward commits ``E(L) = 1 + sum_{j < L-1} P(drafts 0..j accepted)`` tokens
 on average and costs ``cost(L)`` (the target forward at that length) plus the drafting and engine time of a
 step. ``auto`` picks, before every step, the L that maximises expected committed tokens per second,
 ``E(L) / (cost(L) + a + b (L - 1))``:
@@ -213,9 +214,9 @@ class WindowPolicy:
         return min(cap, 2 * best) if self.steps % PROBE_EVERY == PROBE_EVERY - 1 else best
 
     def observe(self, accepted_drafts: torch.Tensor, usable: torch.Tensor, engine_s: float, draft_s: float,
-                drafted: int) -> None:
+                drafted: int, committed: int = 0, step_s: float = 0.0) -> None:
         """One step: per live row, drafts accepted (B,) out of the ``usable`` (B,) it could accept, and the
-        step's engine and drafting seconds."""
+        step's engine and drafting seconds (``committed`` / ``step_s``: for :class:`MeasuredWindowPolicy`)."""
         accepted_drafts, usable = accepted_drafts.cpu(), usable.cpu()
         tested = torch.minimum(accepted_drafts + 1, usable)  # drafts that met a coin
         j = torch.arange(self.longest)
@@ -227,5 +228,76 @@ class WindowPolicy:
         self.steps += 1
 
 
-__all__ = ["AUTO", "WindowPolicy", "check_window_option", "cost_cache_path", "cost_key", "forward_cost",
+class MeasuredWindowPolicy:
+    """Jacobi windows (``--window auto``): picks L by *measured* committed tokens per second.
+
+    A Jacobi draft improves over the steps it stays in the window, so how often draft j is accepted depends on
+    the windows of earlier steps; the one-step model of :class:`WindowPolicy` then sees only the fresh far
+    drafts of an occasional long probe and settles on short windows. This policy runs each candidate length
+    (2, 4, 8, ... up to the longest) for a block of :attr:`BLOCK` steps, scores a block by the tokens its rows
+    committed per second of step wall time (after :attr:`WARM` steps for the drafts to settle), and then keeps
+    the best, re-trying the less-tried of its two neighbouring lengths every :attr:`EXPLORE_EVERY`-th block (rates
+    drift as images change; far lengths rarely win). Blocks persist across images with the policy, so the first
+    round of exploration is paid once per sampler and batch size.
+
+    Exactness as for :class:`WindowPolicy`: a step's window depends only on earlier steps' counts and times.
+    """
+
+    BLOCK = 16
+    WARM = 4
+    EXPLORE_EVERY = 8
+
+    def __init__(self, longest: int):
+        lengths, L = [], MIN_AUTO_WINDOW
+        while L < longest:
+            lengths.append(L)
+            L *= 2
+        self.candidates = [*lengths, longest] if longest >= MIN_AUTO_WINDOW else [longest]
+        self.longest = longest
+        self.tokens = dict.fromkeys(self.candidates, 0.0)
+        self.seconds = dict.fromkeys(self.candidates, 0.0)
+        self.blocks = dict.fromkeys(self.candidates, 0)
+        self.current, self.left, self.warm, self.block_index, self.steps = self.candidates[-1], 0, 0, 0, 0
+
+    def rate(self) -> dict[int, float]:
+        """Measured committed tokens per second of every candidate tried so far."""
+        return {L: self.tokens[L] / self.seconds[L] for L in self.candidates if self.seconds[L] > 0}
+
+    def _next_block(self) -> None:
+        untried = [L for L in reversed(self.candidates) if not self.blocks[L]]  # the longest (the default) first
+        rates = self.rate()
+        if untried:
+            pick = untried[0]
+        else:
+            best = max(rates, key=rates.get)
+            pick = best
+            if self.block_index % self.EXPLORE_EVERY == self.EXPLORE_EVERY - 1:  # re-try a neighbour of the best
+                i = self.candidates.index(best)
+                near = self.candidates[max(0, i - 1) : i] + self.candidates[i + 1 : i + 2]
+                pick = min(near, key=lambda L: (self.blocks[L], -L)) if near else best
+        self.current, self.left, self.warm = pick, self.BLOCK, self.WARM
+        self.blocks[pick] += 1
+        self.block_index += 1
+
+    def choose(self, cap: int) -> int:
+        """This step's window: the current block's length, within ``cap`` (what the rows still need)."""
+        if self.left == 0:
+            self._next_block()
+        self.left -= 1
+        self._chosen = min(self.current, cap)
+        return self._chosen
+
+    def observe(self, accepted_drafts: torch.Tensor, usable: torch.Tensor, engine_s: float, draft_s: float,
+                drafted: int, committed: int = 0, step_s: float = 0.0) -> None:
+        """One step: ``committed`` tokens over all live rows in ``step_s`` seconds (the rest is unused here)."""
+        self.steps += 1
+        if self.warm > 0:
+            self.warm -= 1
+            return
+        if getattr(self, "_chosen", None) == self.current:  # a capped step near the end says little about L
+            self.tokens[self.current] += committed
+            self.seconds[self.current] += step_s
+
+
+__all__ = ["AUTO", "MeasuredWindowPolicy", "WindowPolicy", "check_window_option", "cost_cache_path", "cost_key", "forward_cost",
            "measure_forward_cost", "measured_lengths", "resolve_window", "window_arg"]

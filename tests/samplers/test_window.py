@@ -13,6 +13,7 @@ from test_speculative import chi_square_pvalue, make_sampler
 from genaccel.samplers import build_sampler
 from genaccel.samplers.window import (
     PROBE_EVERY,
+    MeasuredWindowPolicy,
     WindowPolicy,
     cost_cache_path,
     forward_cost,
@@ -136,3 +137,45 @@ def test_auto_greedy_equals_ar():
         sampler = make_sampler(kind, model, temperature=0.0, **options)
         sampler.set_forward_cost({1: 1.0, 64: 3.0} if kind == "sjd" else {1: 1.0, 9: 1.5})
         assert torch.equal(sampler.generate(model, labels).tokens, ar), kind
+
+
+def test_measured_policy_tries_every_length_then_keeps_the_fastest_and_re_explores():
+    """Jacobi windows: each candidate (longest first) runs a block; a block's first WARM steps and steps capped
+    below the block's length are not scored; then the best measured tokens/second wins, and every
+    EXPLORE_EVERY-th block re-tries the less-tried neighbour of the best."""
+    policy = MeasuredWindowPolicy(longest=16)
+    assert policy.candidates == [2, 4, 8, 16]
+    speed = {2: 1.0, 4: 1.6, 8: 2.0, 16: 1.7}  # tokens per second of each length
+    chosen = []
+    for _ in range(policy.BLOCK * 20):
+        L = policy.choose(cap=16)
+        chosen.append(L)
+        policy.observe(torch.zeros(1), torch.ones(1), 0.0, 0.0, L - 1, committed=int(speed[L] * 10), step_s=10.0)
+    blocks = [chosen[i] for i in range(0, len(chosen), policy.BLOCK)]
+    B = policy.BLOCK
+    assert blocks[:4] == [16, 8, 4, 2] and all(len(set(chosen[i : i + B])) == 1 for i in range(0, 20 * B, B))
+    exploit = [b for i, b in enumerate(blocks[4:], start=4) if i % policy.EXPLORE_EVERY != policy.EXPLORE_EVERY - 1]
+    assert set(exploit) == {8}
+    # re-exploration: the neighbours of 8 (4 and 16) in turn, the less tried first, longest first among ties
+    assert [blocks[7], blocks[15]] == [16, 4] and 2 not in blocks[4:]
+    rates = policy.rate()
+    assert rates[8] == pytest.approx(2.0) and rates[2] == pytest.approx(1.0)
+    # warm-up and capped steps are not scored
+    fresh = MeasuredWindowPolicy(longest=8)
+    capped_from = fresh.WARM + 3
+    for step in range(fresh.BLOCK):
+        L = fresh.choose(cap=8 if step < capped_from else 3)
+        fresh.observe(torch.zeros(1), torch.ones(1), 0.0, 0.0, L - 1, committed=step + 1, step_s=1.0)
+    scored = range(fresh.WARM, capped_from)
+    assert fresh.tokens[8] == sum(step + 1 for step in scored) and fresh.seconds[8] == len(scored)
+
+
+def test_jacobi_auto_uses_measured_rates_and_the_drafter_the_cost_model():
+    model = tiny_gpt(block=16, seed=2)
+    jacobi = build_sampler("sjd", window="auto")
+    jacobi.generate(model, torch.tensor([0]))
+    assert isinstance(jacobi._window_policy[1], MeasuredWindowPolicy)
+    head = make_sampler("sd-head", model, draft_len="auto")
+    head.set_forward_cost({1: 1.0, 9: 1.5})
+    head.generate(model, torch.tensor([0]))
+    assert isinstance(head._window_policy[1], WindowPolicy)
