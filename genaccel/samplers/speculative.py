@@ -399,7 +399,8 @@ class SpeculativeSampler(Sampler):
         return self._window_policy[1]
 
     def set_forward_cost(self, cost: dict[int, float]) -> None:
-        """Use this cost curve {window length: seconds} instead of measuring one (tests, known hardware)."""
+        """Use this cost curve {window length: seconds} instead of measuring one (tests, known hardware); only
+        drafter chains use one (Jacobi windows measure their rates, :class:`MeasuredWindowPolicy`)."""
         self._forward_cost = dict(cost)
         self._window_policy = None
 

@@ -112,7 +112,8 @@ AUTO_CASES = [
 @pytest.mark.parametrize("kind,options", AUTO_CASES)
 def test_auto_windows_keep_exact_samplers_exact(kind, options):
     """Per-row chi-square of the full joint (vocabulary 4, 4 tokens, mixed classes, ragged batches) with the
-    window chosen per step; the cost curve is fixed so that the choice really varies with the acceptance."""
+    window chosen per step (Jacobi: measured rates, blocks capped by the image's end; drafter: a fixed cost
+    curve under which the choice varies with the acceptance)."""
     model = tiny_gpt(vocab=4, block=4, seed=11, head_std=0.3)
     sampler = make_sampler(kind, model, cfg_scale=1.5, **options)
     sampler.set_forward_cost({1: 1.0, 2: 1.2, 3: 1.5, 4: 2.0})
