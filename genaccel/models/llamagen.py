@@ -287,42 +287,45 @@ class SlotState:
     hidden: torch.Tensor
 
 
-class ConditionBank(SlotState):
-    """Class slots of distinct labels, one bank row per label, at most ``size`` labels (later ones are not
-    kept). Class slots attend only to each other, so for a fixed model they depend on the label alone."""
+class ConditionBank:
+    """Class slots of distinct labels (per label: per-layer K and V (H, T, hd) and outputs (T, ...)), at most
+    ``size`` labels and ``max_bytes`` bytes (later ones are not kept). Class slots attend only to each other,
+    so for a fixed model they depend on the label alone."""
 
-    def __init__(self, size: int):
-        super().__init__([], [], torch.empty(0), torch.empty(0))
-        self.size, self.row = size, {}
+    def __init__(self, size: int, max_bytes: int):
+        self.size, self.max_bytes, self.nbytes = size, max_bytes, 0
+        self.entries: dict[int, tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]] = {}
 
     def missing(self, labels: torch.Tensor) -> torch.Tensor:
         """The distinct labels of ``labels`` not in the bank, in first-seen order."""
-        seen, out = set(self.row), []
+        seen, out = set(self.entries), []
         for lab in labels.tolist():
             if lab not in seen:
                 seen.add(lab)
                 out.append(lab)
         return torch.tensor(out, dtype=labels.dtype, device=labels.device)
 
-    def rows_of(self, labels: torch.Tensor) -> torch.Tensor:
-        """Bank rows of ``labels`` (all present)."""
-        return torch.tensor([self.row[lab] for lab in labels.tolist()], device=self.logits.device)
-
-    def add(self, labels: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor], logits: torch.Tensor,
-            hidden: torch.Tensor) -> None:
-        """Keep rows whose label is new, while there is room (copies: the batch cache is rewritten later)."""
-        keep = []
+    def add(self, labels: torch.Tensor, rows: SlotState) -> None:
+        """Keep the rows of ``rows`` whose label is new, while there is room (copies: the batch cache is
+        rewritten later)."""
         for i, lab in enumerate(labels.tolist()):
-            if lab not in self.row and len(self.row) < self.size:
-                self.row[lab] = len(self.row)
-                keep.append(i)
-        if not keep:
-            return
-        sel = torch.tensor(keep, device=logits.device)
-        grow = lambda old, new: new[sel].clone() if old is None or old.numel() == 0 else torch.cat([old, new[sel]])
-        self.k = [grow(old, new) for old, new in zip(self.k or [None] * len(k), k)]
-        self.v = [grow(old, new) for old, new in zip(self.v or [None] * len(v), v)]
-        self.logits, self.hidden = grow(self.logits, logits), grow(self.hidden, hidden)
+            if lab in self.entries or len(self.entries) >= self.size:
+                continue
+            entry = ([t[i].clone() for t in rows.k], [t[i].clone() for t in rows.v], rows.logits[i].clone(),
+                     rows.hidden[i].clone())
+            size = sum(t.numel() * t.element_size() for t in (*entry[0], *entry[1], entry[2], entry[3]))
+            if self.nbytes + size > self.max_bytes:
+                return
+            self.entries[lab] = entry
+            self.nbytes += size
+
+
+def stack_slot_rows(rows: list[tuple]) -> SlotState:
+    """One :class:`SlotState` from per-row entries (as :class:`ConditionBank` keeps them), in order."""
+    layers = len(rows[0][0])
+    return SlotState([torch.stack([r[0][j] for r in rows]) for j in range(layers)],
+                     [torch.stack([r[1][j] for r in rows]) for j in range(layers)],
+                     torch.stack([r[2] for r in rows]), torch.stack([r[3] for r in rows]))
 
 
 class LlamaGenGPT(nn.Module):
@@ -332,6 +335,7 @@ class LlamaGenGPT(nn.Module):
     # from prefill/prefill_rows until the next setup_cache, so refilling a row with a condition seen before
     # runs no forward. 0 = off (families whose class slots depend on more than the label turn it off).
     condition_bank_size: int = 1024
+    condition_bank_bytes: int = 512 * 2**20  # LlamaGen-XXL keeps ~0.36 MB per label (bf16 K/V, float32 logits)
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -527,25 +531,19 @@ class LlamaGenGPT(nn.Module):
         labels = labels.to(index.device)
         bank = self._bank if self._bank_enabled() else None
         missing = labels if bank is None else bank.missing(labels)
-        if not missing.numel():  # every label banked: a copy, no forward
-            rows = bank.rows_of(labels)
-            k, v, logits, hidden = [k[rows] for k in bank.k], [v[rows] for v in bank.v], bank.logits[rows], bank.hidden[rows]
-        else:
-            fresh = self._prefill_detached(missing)  # banks what fits
-            if bank is None:  # one fresh row per row, in order
-                k, v, logits, hidden = fresh.k, fresh.v, fresh.logits, fresh.hidden
-            else:  # banked labels from the bank, the others from the fresh rows (a full bank keeps no more)
-                banked, first = dict(bank.row), {lab: i for i, lab in enumerate(missing.tolist())}
-                n_bank = bank.logits.shape[0] if banked else 0
-                rows = torch.tensor([banked[lab] if lab in banked else n_bank + first[lab] for lab in labels.tolist()],
-                                    device=index.device)
-                join = lambda old, new: (torch.cat([old, new]) if n_bank else new)[rows]
-                k = [join(old, new) for old, new in zip(bank.k or fresh.k, fresh.k)]
-                v = [join(old, new) for old, new in zip(bank.v or fresh.v, fresh.v)]
-                logits, hidden = join(bank.logits, fresh.logits), join(bank.hidden, fresh.hidden)
-        self._write_class_slots(index, k, v)
+        fresh = self._prefill_detached(missing) if missing.numel() else None  # banks what fits
+        if bank is None:  # one fresh row per row, in order
+            slots = fresh
+        else:  # banked labels from the bank, the others from the fresh rows (a full bank keeps no more)
+            first = {lab: i for i, lab in enumerate(missing.tolist())}
+            slots = stack_slot_rows([
+                bank.entries[lab] if lab in bank.entries else
+                ([t[first[lab]] for t in fresh.k], [t[first[lab]] for t in fresh.v], fresh.logits[first[lab]],
+                 fresh.hidden[first[lab]])
+                for lab in labels.tolist()])
+        self._write_class_slots(index, slots.k, slots.v)
         self.valid_len[index] = self.cls_token_num
-        return ModelOutput(logits, hidden, {"computed_rows": torch.tensor(int(missing.numel()))})
+        return ModelOutput(slots.logits, slots.hidden, {"computed_rows": torch.tensor(int(missing.numel()))})
 
     def _bank_enabled(self) -> bool:
         return self.condition_bank_size > 0 and not self.training
@@ -556,10 +554,10 @@ class LlamaGenGPT(nn.Module):
             return
         T = self.cls_token_num
         if self._bank is None:
-            self._bank = ConditionBank(self.condition_bank_size)
+            self._bank = ConditionBank(self.condition_bank_size, self.condition_bank_bytes)
         caches = [layer.attention.kv_cache for layer in self.layers]
-        self._bank.add(labels, [c.k_cache[rows, :, :T] for c in caches], [c.v_cache[rows, :, :T] for c in caches],
-                       out.logits, out.hidden)
+        self._bank.add(labels, SlotState([c.k_cache[rows, :, :T] for c in caches],
+                                         [c.v_cache[rows, :, :T] for c in caches], out.logits, out.hidden))
 
     def _prefill_detached(self, labels: torch.Tensor) -> SlotState:
         """Class slots of ``labels`` computed by :meth:`prefill` on a small cache of their own (stored in the

@@ -133,6 +133,19 @@ def test_banked_refills_equal_computed_ones(bank):
     assert computed == {0: [2, 2, 4], 2: [0, 2, 3], 1024: [0, 2, 0]}[bank]
 
 
+def test_the_bank_keeps_no_more_than_its_byte_budget():
+    """A label's entry is its per-layer K/V plus its outputs; a budget of one and a half entries keeps one."""
+    model = tiny_gpt(block=16, seed=3)
+    model.setup_cache(2, 17)
+    model.prefill(torch.tensor([0, 4]))
+    entry = model._bank.nbytes // 2  # two labels banked: 0 and the null class
+    model.condition_bank_bytes = entry * 3 // 2
+    model.setup_cache(2, 17)
+    model.prefill(torch.tensor([0, 4]))
+    assert list(model._bank.entries) == [0] and model._bank.nbytes == entry
+    assert int(model.prefill_rows(torch.tensor([0, 1]), torch.tensor([0, 4])).extra["computed_rows"]) == 1
+
+
 def test_the_bank_is_emptied_by_setup_cache_and_off_in_training():
     """Weights may change between caches, and label dropout makes training-mode class slots random."""
     model = tiny_gpt(block=16, seed=3)
