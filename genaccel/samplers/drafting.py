@@ -35,21 +35,40 @@ def empty_draft(state: DecodeState) -> Draft:
 
 
 def sample_chain(
-    state: DecodeState, logits: torch.Tensor, num: int, extend: Callable[[torch.Tensor, int], torch.Tensor]
+    state: DecodeState, logits: torch.Tensor, num: int, extend: Callable[[torch.Tensor, int], torch.Tensor],
+    stop: float = 0.0,
 ) -> Draft:
     """Draw ``num`` tokens autoregressively from a draft model: token k ~ q_k = processed ``logits``,
-    then ``extend(token_k, k)`` feeds it and returns the logits (R, 1, V) for token k + 1."""
+    then ``extend(token_k, k)`` feeds it and returns the logits (R, 1, V) for token k + 1.
+
+    ``stop`` > 0 (``--draft-stop``, EAGLE-2's observation that the drafter's confidence tracks acceptance): a
+    row stops once the product of its drafts' q falls below ``stop``, and the chain ends when every row has
+    (``Draft.lengths`` marks each row's drafts). Whether token k + 1 is drafted depends only on tokens
+    0..k, never on the target, so each drafted token is still tested against the q it was drawn from and
+    exact acceptance stays exact."""
     drafts, qs = [], []
     n = state.committed[:, None]
+    B = n.shape[0]
+    confidence = torch.ones(B, dtype=torch.float64, device=n.device)
+    lengths = torch.zeros(B, dtype=torch.long, device=n.device)
+    alive = torch.ones(B, dtype=torch.bool, device=n.device)
+    calls = 0
     for k in range(num):
         q = target_probs(logits, state.options, n + k)
         d = draw(q, state.generator)
         drafts.append(d)
         qs.append(q)
+        calls += 1
+        if stop > 0:
+            lengths += alive.long()
+            confidence *= q.gather(-1, d[..., None]).view(B).double()
+            alive &= confidence >= stop
+            if not bool(alive.any()):
+                break
         if k + 1 < num:
             logits = extend(d, k)
-    state.stats.draft_forwards += num
-    return Draft(tokens=torch.cat(drafts, dim=1), q=torch.cat(qs, dim=1))
+    state.stats.draft_forwards += calls
+    return Draft(tokens=torch.cat(drafts, dim=1), q=torch.cat(qs, dim=1), lengths=lengths if stop > 0 else None)
 
 
 def new_entries(state: DecodeState, fed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -195,10 +214,10 @@ class DrafterHeadSource:
     drafter logits.
     """
 
-    def __init__(self, drafter, draft_len: int | str = 4):
+    def __init__(self, drafter, draft_len: int | str = 4, draft_stop: float = 0.0):
         self.drafter = drafter
         draft_len, self.auto = resolve_window(draft_len, AUTO_DRAFT_LEN)
-        self.window = draft_len + 1
+        self.window, self.draft_stop = draft_len + 1, draft_stop
 
     def start(self, state: DecodeState, hidden: torch.Tensor) -> None:
         self.drafter.check_target(state.model)
@@ -223,7 +242,7 @@ class DrafterHeadSource:
             last_hidden = self.drafter.decode(state.duplicate(d), last_hidden, (n + k).clamp(max=last_slot)[:, None])
             return self.drafter.logits(last_hidden)
 
-        return sample_chain(state, self.drafter.logits(last_hidden), num, extend)
+        return sample_chain(state, self.drafter.logits(last_hidden), num, extend, self.draft_stop)
 
     def observe(self, state: DecodeState, outcome: StepOutcome) -> None:
         self.pending_hidden = outcome.hidden[:, : max(1, int(outcome.committed.max()))]
@@ -254,10 +273,10 @@ class DraftModelSource:
     samples ``num`` tokens.
     """
 
-    def __init__(self, draft_model, draft_len: int | str = 4):
+    def __init__(self, draft_model, draft_len: int | str = 4, draft_stop: float = 0.0):
         self.draft_model = draft_model
         draft_len, self.auto = resolve_window(draft_len, AUTO_DRAFT_LEN)
-        self.window = draft_len + 1
+        self.window, self.draft_stop = draft_len + 1, draft_stop
 
     def start(self, state: DecodeState, hidden: torch.Tensor) -> None:
         dm, target = self.draft_model, state.model
@@ -286,7 +305,7 @@ class DraftModelSource:
         def extend(d: torch.Tensor, k: int) -> torch.Tensor:
             return dm.forward_tokens(state.duplicate(d), (T + n + k).clamp(max=last_slot)[:, None]).logits
 
-        return sample_chain(state, logits, num, extend)
+        return sample_chain(state, logits, num, extend, self.draft_stop)
 
     def observe(self, state: DecodeState, outcome: StepOutcome) -> None:
         """Nothing to learn: the next proposal re-feeds the committed tokens."""

@@ -86,11 +86,14 @@ class DrafterOptions(SamplingOptions):
 
     drafter: str = ""
     draft_len: int | str = 4  # or 'auto': chosen per step from the cost curve and the acceptance (window.py)
+    draft_stop: float = 0.0  # stop a row's chain once the product of its drafts' q falls below this (0 = never)
 
     def validate(self) -> None:
         super().validate()
         check_window_option("draft_len", self.draft_len, 1, 64, "drafted tokens per target forward (default 4)")
         check_path_option("drafter", self.drafter)
+        if not 0.0 <= self.draft_stop < 1.0:
+            raise ValueError(f"draft_stop must lie in [0, 1) (0 = always draft draft_len tokens), got {self.draft_stop}")
 
 
 def check_path_option(name: str, value: str) -> None:
@@ -142,6 +145,8 @@ def sampler_cli_options() -> list[tuple[str, dict]]:
         opt("--drafter", str, "lantern/sd: EAGLE-style drafter checkpoint (default: bundled drafter)"),
         opt("--draft-len", window_arg, "lantern/sd: tokens drafted per target forward (4; 'auto' = cost-aware, chosen per step)"),
         opt("--draft-model", str, "sd: smaller GPT checkpoint used as the draft model instead of the drafter head"),
+        opt("--draft-stop", float, "lantern/sd: a row stops drafting once the product of its drafts' probabilities "
+            "under the drafter falls below this (0 = never, the default; lossless for sd)"),
     ]
 
 
@@ -218,10 +223,13 @@ class DecodeState:
 
 @dataclass
 class Draft:
-    """Draft tokens (B, K) for positions n..n+K-1 and the distributions (B, K, V) they were drawn from."""
+    """Draft tokens (B, K) for positions n..n+K-1 and the distributions (B, K, V) they were drawn from;
+    ``lengths`` (B,), if given: row b's drafts beyond ``lengths[b]`` are not to be tested (a chain that stopped
+    early, decided from that row's earlier drafts only)."""
 
     tokens: torch.Tensor
     q: torch.Tensor
+    lengths: torch.Tensor | None = None
 
 
 @dataclass
@@ -472,12 +480,15 @@ class SpeculativeSampler(Sampler):
             L = min(W, int(remaining.max()))
             if policy is not None:  # a function of earlier steps only: exact rules stay exact (window.py)
                 L = policy.choose(L)
-            windows[L] = windows.get(L, 0) + 1
-            limit = (remaining.clamp(max=L) - 1).clamp(min=0)  # drafts a row can use before its image ends
             tic = time.perf_counter()
             draft = source.propose(state, L - 1)
             draft_s = time.perf_counter() - tic
             stats.draft_time_s += draft_s
+            L = min(L, draft.tokens.shape[1] + 1)  # a chain that stopped early (--draft-stop) drafted fewer
+            windows[L] = windows.get(L, 0) + 1
+            limit = (remaining.clamp(max=L) - 1).clamp(min=0)  # drafts a row can use before its image ends
+            if draft.lengths is not None:  # fixed by the row's earlier drafts, before any coin: exactness holds
+                limit = torch.minimum(limit, draft.lengths)
 
             fed = torch.cat([buf.gather(1, (n - 1)[:, None]), draft.tokens], dim=1)
             # slots past a row's image end hold padding (ignored outputs): clamp them onto the unused last slot

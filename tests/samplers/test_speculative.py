@@ -71,6 +71,8 @@ EXACT_CASES = [
     ("sd-head", {"draft_len": 3, "cfg_interval": 1}),
     ("sjd", {"window": 4, "draft_coupling": "maximal"}),
     ("sjd", {"window": 3, "draft_coupling": "gumbel", "top_k": 3}),
+    ("sd-head", {"draft_len": 3, "draft_stop": 0.4}),  # chains stop at 1, 2 or 3 drafts by the drafts' q
+    ("sd-model", {"draft_len": 3, "draft_stop": 0.3, "top_k": 3}),
 ]
 
 
@@ -90,6 +92,7 @@ RAGGED_CASES = [
     ("sd-head", {"draft_len": 3, "top_k": 3}),
     ("sjd", {"window": 4, "draft_coupling": "maximal", "top_p": 0.9}),
     ("sjd", {"window": 3, "draft_coupling": "gumbel", "init": "repeat_horizon"}),
+    ("sd-head", {"draft_len": 3, "draft_stop": 0.4}),  # rows of a batch stop their chains at different drafts
 ]
 
 
@@ -136,6 +139,23 @@ def test_draw_is_exact_never_draws_a_filtered_token_and_takes_unnormalised_rows(
     one_hot = torch.zeros(5, 1024)
     one_hot[torch.arange(5), torch.tensor([0, 1, 511, 1022, 1023])] = 1.0
     assert draw(one_hot, gen).tolist() == [0, 1, 511, 1022, 1023]
+
+
+def test_draft_stop_drafts_fewer_tokens_and_greedy_still_equals_ar():
+    """``--draft-stop``: chains end once the drafts' running q product falls below the threshold, so fewer
+    drafter calls run and fewer drafts are tested; greedy output is still AR's token for token."""
+    model = tiny_gpt(block=25, seed=2)
+    labels = torch.tensor([0, 1, 2, 3])
+    full = make_sampler("sd-head", model, draft_len=4).generate(model, labels, torch.Generator().manual_seed(0))
+    short = make_sampler("sd-head", model, draft_len=4, draft_stop=0.5).generate(model, labels,
+                                                                               torch.Generator().manual_seed(0))
+    assert short.stats.draft_forwards < full.stats.draft_forwards
+    assert min(short.stats.extra["window_hist"]) < 5  # some steps verified fewer than 4 drafts
+    ar = build_sampler("ar", temperature=0.0).generate(model, labels).tokens
+    greedy = make_sampler("sd-head", model, draft_len=4, draft_stop=0.5, temperature=0.0).generate(model, labels)
+    assert torch.equal(greedy.tokens, ar)
+    with pytest.raises(ValueError, match="draft_stop must lie in"):
+        build_sampler("sd", draft_stop=1.0)
 
 
 def test_distribution_test_detects_a_broken_rule():
