@@ -110,9 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--classes", type=int, nargs="*", default=None, help="restrict to these class ids")
     s.add_argument("--latency-repeats", type=int, default=0, help="also time batch-1 latency (median of N; 0 = skip)")
     s.add_argument("--continuous-batching", action="store_true",
-                   help="speculative samplers: stream up to 8 shards at a time with --batch-size rows in flight, "
-                        "a complete image's row taking the next label (fewer forwards per image; recorded in "
-                        "the job, so a resumed job keeps it)")
+                   help="speculative samplers: stream all of a process's shards with --batch-size rows in "
+                        "flight, a complete image's row taking the next label, each shard written when complete "
+                        "(fewer forwards per image; recorded in the job, so a resumed job keeps it)")
     s.add_argument("--name", default=None, help="run name in reports (default: the sampler name)")
     s.add_argument("--no-progress", action="store_true")
     _add_model_args(s)

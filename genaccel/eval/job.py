@@ -65,7 +65,7 @@ class SampleJob:
     sampler: str = "ar"
     sampler_options: dict = field(default_factory=dict)
     model: dict = field(default_factory=dict)  # how the pipeline was built (checkpoint paths, image size)
-    continuous_batching: bool = False  # shards streamed STREAM_SHARDS at a time (sample_shards)
+    continuous_batching: bool = False  # a rank's shards as one continuous-batching stream (sample_shards)
 
     def __post_init__(self) -> None:
         if self.num_images < 1:

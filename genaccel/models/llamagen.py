@@ -306,18 +306,26 @@ class ConditionBank:
         return torch.tensor(out, dtype=labels.dtype, device=labels.device)
 
     def add(self, labels: torch.Tensor, rows: SlotState) -> None:
-        """Keep the rows of ``rows`` whose label is new, while there is room (copies: the batch cache is
-        rewritten later)."""
-        for i, lab in enumerate(labels.tolist()):
-            if lab in self.entries or len(self.entries) >= self.size:
+        """Keep the rows of ``rows`` whose label is new, while there is room. One gather per tensor copies all
+        kept rows at once (the batch cache is rewritten later), so a prefill adds 2 x layers + 2 ops however
+        many labels it brings."""
+        per_row = sum(t[0].numel() * t.element_size() for t in (*rows.k, *rows.v, rows.logits, rows.hidden))
+        keep, new, names = [], set(), labels.tolist()
+        for i, lab in enumerate(names):
+            if lab in self.entries or lab in new:
                 continue
-            entry = ([t[i].clone() for t in rows.k], [t[i].clone() for t in rows.v], rows.logits[i].clone(),
-                     rows.hidden[i].clone())
-            size = sum(t.numel() * t.element_size() for t in (*entry[0], *entry[1], entry[2], entry[3]))
-            if self.nbytes + size > self.max_bytes:
-                return
-            self.entries[lab] = entry
-            self.nbytes += size
+            if len(self.entries) + len(keep) >= self.size or self.nbytes + (len(keep) + 1) * per_row > self.max_bytes:
+                break
+            keep.append(i)
+            new.add(lab)
+        if not keep:
+            return
+        sel = torch.tensor(keep, device=rows.logits.device)
+        k, v = [t[sel] for t in rows.k], [t[sel] for t in rows.v]  # advanced indexing: copies
+        logits, hidden = rows.logits[sel], rows.hidden[sel]
+        for j, i in enumerate(keep):
+            self.entries[names[i]] = ([t[j] for t in k], [t[j] for t in v], logits[j], hidden[j])
+        self.nbytes += len(keep) * per_row
 
 
 def stack_slot_rows(rows: list[tuple]) -> SlotState:

@@ -280,16 +280,18 @@ class Sampler:
         check_batch_size(batch_size)
         labels = self.checked_labels(model, labels)
         parts, first = [], 0
+        running = SamplerStats(tokens=model.num_image_tokens)  # counts and times so far, for on_complete
         for chunk in labels.split(batch_size):
             parts.append(self.generate(model, chunk, generator))
+            st, n = parts[-1].stats, chunk.numel()
+            for name in ("nfe", "images", "wall_time_s", "draft_forwards", "draft_time_s", "target_time_s"):
+                setattr(running, name, getattr(running, name) + getattr(st, name))
             if on_complete is not None:
-                st, n = parts[-1].stats, chunk.numel()
                 on_complete(CompletedImages(
                     index=torch.arange(first, first + n), tokens=parts[-1].tokens,
                     forwards=torch.full((n,), st.forwards_per_image, dtype=torch.float64),
-                    charge=torch.full((n,), st.nfe / n, dtype=torch.float64),
-                    stats=merge_stats([p.stats for p in parts], min(batch_size, labels.shape[0]))))
-            first += chunk.numel()
+                    charge=torch.full((n,), st.nfe / n, dtype=torch.float64), stats=running))
+            first += n
         return SampleOutput(tokens=torch.cat([p.tokens for p in parts]),
                             stats=merge_stats([p.stats for p in parts], min(batch_size, labels.shape[0])))
 

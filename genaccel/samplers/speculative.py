@@ -511,10 +511,10 @@ class SpeculativeSampler(Sampler):
                 image_steps[rows[live]] += 1
                 charge[rows[live].cpu()] += 1.0 / int(live.sum())
             if policy is not None:
-                target_s = stats.target_time_s - target_before
-                engine_s = time.perf_counter() - step_tic - target_s - draft_s
+                step_s = time.perf_counter() - step_tic
+                engine_s = step_s - (stats.target_time_s - target_before) - draft_s
                 policy.observe(verification.accepted[live] - 1, limit[live], engine_s, draft_s, L - 1,
-                               committed=int(committed[live].sum()), step_s=time.perf_counter() - step_tic)
+                               committed=int(committed[live].sum()), step_s=step_s)
 
             done = state.n >= N
             if on_complete is not None and bool((done & live).any()):

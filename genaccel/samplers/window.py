@@ -258,6 +258,7 @@ class MeasuredWindowPolicy:
         self.seconds = dict.fromkeys(self.candidates, 0.0)
         self.blocks = dict.fromkeys(self.candidates, 0)
         self.current, self.left, self.warm, self.block_index, self.steps = self.candidates[-1], 0, 0, 0, 0
+        self.chosen = 0  # the window of the step being run (below the block's length when capped)
 
     def rate(self) -> dict[int, float]:
         """Measured committed tokens per second of every candidate tried so far."""
@@ -284,8 +285,8 @@ class MeasuredWindowPolicy:
         if self.left == 0:
             self._next_block()
         self.left -= 1
-        self._chosen = min(self.current, cap)
-        return self._chosen
+        self.chosen = min(self.current, cap)
+        return self.chosen
 
     def observe(self, accepted_drafts: torch.Tensor, usable: torch.Tensor, engine_s: float, draft_s: float,
                 drafted: int, committed: int = 0, step_s: float = 0.0) -> None:
@@ -294,7 +295,7 @@ class MeasuredWindowPolicy:
         if self.warm > 0:
             self.warm -= 1
             return
-        if getattr(self, "_chosen", None) == self.current:  # a capped step near the end says little about L
+        if self.chosen == self.current:  # a capped step near the end says little about L
             self.tokens[self.current] += committed
             self.seconds[self.current] += step_s
 
