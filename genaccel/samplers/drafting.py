@@ -3,7 +3,8 @@ head, a smaller model.
 
 Each source implements :class:`genaccel.samplers.speculative.DraftSource`. Drafted tokens must really
 be drawn from the q they report (that is what makes the exact rule lossless); q is computed with the
-same CFG / temperature / top-k / top-p processing as the target (:func:`target_probs`). Rows of a batch
+same CFG / temperature / top-k / top-p processing as the target (:func:`target_probs`), or for trained
+sources with ``--draft-guidance cond`` from the conditional half alone (no CFG; half the drafter rows). Rows of a batch
 stand at different tokens (ragged batches), so every source keeps per-row state and per-row cache slots.
 """
 
@@ -14,7 +15,7 @@ from collections.abc import Callable
 import torch
 
 from genaccel.samplers.acceptance import gather_token, residual_distribution
-from genaccel.samplers.base import draw, target_probs
+from genaccel.samplers.base import draw, logits_to_probs, target_probs
 from genaccel.samplers.speculative import (
     COUPLINGS,
     DecodeState,
@@ -36,7 +37,7 @@ def empty_draft(state: DecodeState) -> Draft:
 
 def sample_chain(
     state: DecodeState, logits: torch.Tensor, num: int, extend: Callable[[torch.Tensor, int], torch.Tensor],
-    stop: float = 0.0,
+    stop: float = 0.0, guided: bool = True,
 ) -> Draft:
     """Draw ``num`` tokens autoregressively from a draft model: token k ~ q_k = processed ``logits``,
     then ``extend(token_k, k)`` feeds it and returns the logits (R, 1, V) for token k + 1.
@@ -45,7 +46,11 @@ def sample_chain(
     row stops once the product of its drafts' q falls below ``stop``, and the chain ends when every row has
     (``Draft.lengths`` marks each row's drafts). Whether token k + 1 is drafted depends only on tokens
     0..k, never on the target, so each drafted token is still tested against the q it was drawn from and
-    exact acceptance stays exact."""
+    exact acceptance stays exact.
+
+    ``guided`` False (``--draft-guidance cond``): ``logits`` are the conditional half only (R = B) and q is
+    their processed distribution without CFG; any q keeps exact acceptance exact, since each draft is tested
+    against the q it was drawn from."""
     drafts, qs = [], []
     n = state.committed[:, None]
     B = n.shape[0]
@@ -54,7 +59,7 @@ def sample_chain(
     alive = torch.ones(B, dtype=torch.bool, device=n.device)
     calls = 0
     for k in range(num):
-        q = target_probs(logits, state.options, n + k)
+        q = target_probs(logits, state.options, n + k) if guided else logits_to_probs(logits, state.options)
         d = draw(q, state.generator)
         drafts.append(d)
         qs.append(q)
@@ -205,25 +210,55 @@ class JacobiDrafter:
         return True
 
 
-class DrafterHeadSource:
+DRAFT_GUIDANCE = ("cfg", "cond")
+
+
+class GuidedRows:
+    """Which CFG halves a trained draft source runs: both (``cfg``, LANTERN's drafter: q is CFG-combined like
+    the target's) or the conditional half only (``cond``: half the rows per drafter call, q = processed
+    conditional logits). Chosen by ``--draft-guidance``; without CFG both are the same."""
+
+    guidance: str = "cfg"
+
+    def choose_rows(self, state: DecodeState) -> int:
+        """Decide for this generation; the number of rows the drafter runs."""
+        if self.guidance not in DRAFT_GUIDANCE:
+            raise ValueError(f"draft_guidance must be one of {DRAFT_GUIDANCE}, got {self.guidance!r}")
+        self.cond_only = self.guidance == "cond" and state.use_cfg
+        return state.tokens.shape[0] if self.cond_only else state.batch_labels.shape[0]
+
+    def rows(self, state: DecodeState, x: torch.Tensor) -> torch.Tensor:
+        """Per-image tensor (B, ...) -> one entry per drafter row."""
+        return x if self.cond_only else state.duplicate(x)
+
+    def own(self, state: DecodeState, x: torch.Tensor) -> torch.Tensor:
+        """Target rows [cond; uncond] (2B, ...) -> the drafter's rows."""
+        return x[: x.shape[0] // 2] if self.cond_only else x
+
+    def rows_of(self, state: DecodeState, index: torch.Tensor) -> torch.Tensor:
+        """Drafter rows of image rows ``index``."""
+        return index if self.cond_only else state.cfg_rows(index)
+
+
+class DrafterHeadSource(GuidedRows):
     """EAGLE-style drafting with :class:`genaccel.models.drafter.EagleDrafter` (LANTERN's drafter, chain mode).
 
     The drafter keeps its own KV cache of committed entries (H_i, t_i); every proposal appends each row's
     newly committed entries at that row's slots (overwriting its discarded draft entries), then drafts
-    ``num`` tokens on its own predicted hidden states. Runs on both CFG halves; q = CFG-combined, processed
-    drafter logits.
+    ``num`` tokens on its own predicted hidden states. Runs on both CFG halves with q = CFG-combined,
+    processed drafter logits (LANTERN), or on the conditional half alone (``guidance`` "cond").
     """
 
-    def __init__(self, drafter, draft_len: int | str = 4, draft_stop: float = 0.0):
+    def __init__(self, drafter, draft_len: int | str = 4, draft_stop: float = 0.0, guidance: str = "cfg"):
         self.drafter = drafter
         draft_len, self.auto = resolve_window(draft_len, AUTO_DRAFT_LEN)
-        self.window, self.draft_stop = draft_len + 1, draft_stop
+        self.window, self.draft_stop, self.guidance = draft_len + 1, draft_stop, guidance
 
     def start(self, state: DecodeState, hidden: torch.Tensor) -> None:
         self.drafter.check_target(state.model)
-        self.drafter.setup_decoding(state.batch_labels.shape[0], state.num_tokens)
+        self.drafter.setup_decoding(self.choose_rows(state), state.num_tokens)
         self.fed = torch.zeros_like(state.committed)
-        self.pending_hidden = hidden  # H_0 from the class slot
+        self.pending_hidden = self.own(state, hidden)  # H_0 from the class slot
 
     def propose(self, state: DecodeState, num: int) -> Draft:
         if num == 0:
@@ -231,21 +266,21 @@ class DrafterHeadSource:
         last_slot = state.num_tokens - 1
         tokens, index, count = new_entries(state, self.fed)
         hidden = self.pending_hidden[:, : tokens.shape[1]]
-        out = self.drafter.decode(state.duplicate(tokens), hidden, state.duplicate(index))
+        out = self.drafter.decode(self.rows(state, tokens), hidden, self.rows(state, index))
         self.fed = state.committed.clone()
-        pick = state.duplicate((count - 1).clamp(min=0))[:, None, None]  # each row's last real entry
+        pick = self.rows(state, (count - 1).clamp(min=0))[:, None, None]  # each row's last real entry
         last_hidden = out.gather(1, pick.expand(-1, 1, out.shape[-1]))  # the LM head runs on it alone
-        n = state.duplicate(state.committed)
+        n = self.rows(state, state.committed)
 
         def extend(d: torch.Tensor, k: int) -> torch.Tensor:
             nonlocal last_hidden
-            last_hidden = self.drafter.decode(state.duplicate(d), last_hidden, (n + k).clamp(max=last_slot)[:, None])
+            last_hidden = self.drafter.decode(self.rows(state, d), last_hidden, (n + k).clamp(max=last_slot)[:, None])
             return self.drafter.logits(last_hidden)
 
-        return sample_chain(state, self.drafter.logits(last_hidden), num, extend, self.draft_stop)
+        return sample_chain(state, self.drafter.logits(last_hidden), num, extend, self.draft_stop, not self.cond_only)
 
     def observe(self, state: DecodeState, outcome: StepOutcome) -> None:
-        self.pending_hidden = outcome.hidden[:, : max(1, int(outcome.committed.max()))]
+        self.pending_hidden = self.own(state, outcome.hidden)[:, : max(1, int(outcome.committed.max()))]
 
     def can_start_rows(self) -> bool:
         return True
@@ -256,27 +291,27 @@ class DrafterHeadSource:
         entries rewrite them in order before any is read."""
         self.fed[index] = 0
         self.pending_hidden = self.pending_hidden.clone()
-        self.pending_hidden[state.cfg_rows(index), :1] = hidden[:, :1].to(self.pending_hidden.dtype)
+        self.pending_hidden[self.rows_of(state, index), :1] = self.own(state, hidden)[:, :1].to(self.pending_hidden.dtype)
 
     def select_rows(self, state: DecodeState, keep: torch.Tensor) -> bool:
-        rows = state.cfg_rows(keep)
+        rows = self.rows_of(state, keep)
         self.drafter.select_rows(rows)
         self.fed, self.pending_hidden = self.fed[keep], self.pending_hidden[rows]
         return True
 
 
-class DraftModelSource:
+class DraftModelSource(GuidedRows):
     """Classic two-model speculative decoding: any model on the sampler contract drafts autoregressively.
 
-    The draft model keeps its own cache (both CFG halves); each proposal rolls every row back to the
-    committed tokens it has seen, feeds the newly committed ones in one forward (per-row slots), then
-    samples ``num`` tokens.
+    The draft model keeps its own cache (both CFG halves, or the conditional half with ``guidance`` "cond");
+    each proposal rolls every row back to the committed tokens it has seen, feeds the newly committed ones
+    in one forward (per-row slots), then samples ``num`` tokens.
     """
 
-    def __init__(self, draft_model, draft_len: int | str = 4, draft_stop: float = 0.0):
+    def __init__(self, draft_model, draft_len: int | str = 4, draft_stop: float = 0.0, guidance: str = "cfg"):
         self.draft_model = draft_model
         draft_len, self.auto = resolve_window(draft_len, AUTO_DRAFT_LEN)
-        self.window, self.draft_stop = draft_len + 1, draft_stop
+        self.window, self.draft_stop, self.guidance = draft_len + 1, draft_stop, guidance
 
     def start(self, state: DecodeState, hidden: torch.Tensor) -> None:
         dm, target = self.draft_model, state.model
@@ -284,8 +319,9 @@ class DraftModelSource:
             if getattr(dm, attr) != getattr(target, attr):
                 raise ValueError(f"draft model {attr}={getattr(dm, attr)} differs from the target's "
                                  f"{getattr(target, attr)}; the draft model must share the tokenizer and classes")
-        dm.setup_cache(state.batch_labels.shape[0], target.cls_token_num + target.num_image_tokens)
-        dm.prefill(state.batch_labels)
+        rows = self.choose_rows(state)
+        dm.setup_cache(rows, target.cls_token_num + target.num_image_tokens)
+        dm.prefill(state.batch_labels[:rows])
         state.stats.draft_forwards += 1
         self.fed = torch.zeros_like(state.committed)
 
@@ -294,18 +330,18 @@ class DraftModelSource:
             return empty_draft(state)
         dm, T = self.draft_model, state.model.cls_token_num
         last_slot = T + state.num_tokens - 1
-        dm.rollback(state.duplicate(T + self.fed))
+        dm.rollback(self.rows(state, T + self.fed))
         tokens, index, count = new_entries(state, self.fed)
-        out = dm.forward_tokens(state.duplicate(tokens), state.duplicate(T + index))
+        out = dm.forward_tokens(self.rows(state, tokens), self.rows(state, T + index))
         self.fed = state.committed.clone()
-        pick = state.duplicate((count - 1).clamp(min=0))[:, None, None]
+        pick = self.rows(state, (count - 1).clamp(min=0))[:, None, None]
         logits = out.logits.gather(1, pick.expand(-1, 1, out.logits.shape[-1]))
-        n = state.duplicate(state.committed)
+        n = self.rows(state, state.committed)
 
         def extend(d: torch.Tensor, k: int) -> torch.Tensor:
-            return dm.forward_tokens(state.duplicate(d), (T + n + k).clamp(max=last_slot)[:, None]).logits
+            return dm.forward_tokens(self.rows(state, d), (T + n + k).clamp(max=last_slot)[:, None]).logits
 
-        return sample_chain(state, logits, num, extend, self.draft_stop)
+        return sample_chain(state, logits, num, extend, self.draft_stop, not self.cond_only)
 
     def observe(self, state: DecodeState, outcome: StepOutcome) -> None:
         """Nothing to learn: the next proposal re-feeds the committed tokens."""
@@ -316,7 +352,7 @@ class DraftModelSource:
     def start_rows(self, state: DecodeState, index: torch.Tensor, hidden: torch.Tensor) -> None:
         """Rows ``index`` start a new image: the draft model prefills their conditions (its contract call 6)
         and nothing of the image is fed yet."""
-        rows = state.cfg_rows(index)
+        rows = self.rows_of(state, index)
         out = self.draft_model.prefill_rows(rows, state.batch_labels[rows])
         state.stats.draft_forwards += int(out.extra.get("computed_rows", 1) > 0)  # a banked refill runs none
         self.fed[index] = 0
@@ -324,7 +360,7 @@ class DraftModelSource:
     def select_rows(self, state: DecodeState, keep: torch.Tensor) -> bool:
         if not can_select_rows(self.draft_model):
             return False
-        self.draft_model.select_rows(state.cfg_rows(keep))
+        self.draft_model.select_rows(self.rows_of(state, keep))
         self.fed = self.fed[keep]
         return True
 
@@ -357,5 +393,5 @@ def jacobi_source(options) -> JacobiDrafter:
     return JacobiDrafter(options.window, options.init, getattr(options, "draft_coupling", "independent"))
 
 
-__all__ = ["DraftModelSource", "DrafterHeadSource", "DrafterMixin", "JacobiDrafter", "empty_draft", "jacobi_source",
+__all__ = ["DRAFT_GUIDANCE", "DraftModelSource", "DrafterHeadSource", "GuidedRows", "DrafterMixin", "JacobiDrafter", "empty_draft", "jacobi_source",
            "new_entries", "sample_chain"]

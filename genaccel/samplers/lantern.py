@@ -99,7 +99,8 @@ class LanternSampler(DrafterMixin, CodebookMixin, SpeculativeSampler):
                       "GPT's); drafting with the Jacobi window instead (pass --drafter PATH, or train one with "
                       "`python -m genaccel.train drafter`)", file=sys.stderr)
             return jacobi_source(self.options)
-        return DrafterHeadSource(drafter, self.options.draft_len, self.options.draft_stop)
+        return DrafterHeadSource(drafter, self.options.draft_len, self.options.draft_stop,
+                                    self.options.draft_guidance)
 
     def acceptance_rule(self, model) -> ExactRule:
         o = self.options

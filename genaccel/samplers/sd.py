@@ -35,10 +35,12 @@ class SDSampler(DrafterMixin, SpeculativeSampler):
 
             draft_model = self._draft_model = load_gpt(self.options.draft_model, device=next(model.parameters()).device)
         if draft_model is not None:
-            return DraftModelSource(draft_model, self.options.draft_len, self.options.draft_stop)
+            return DraftModelSource(draft_model, self.options.draft_len, self.options.draft_stop,
+                                    self.options.draft_guidance)
         drafter = self.drafter_for(model)
         if drafter is None:
             raise FileNotFoundError("sd needs a drafter for this model: the bundled drafter head fits only the bundled "
                                     "class-conditional GPT; pass --drafter PATH, --draft-model PATH, or train one "
                                     "with `python -m genaccel.train drafter`")
-        return DrafterHeadSource(drafter, self.options.draft_len, self.options.draft_stop)
+        return DrafterHeadSource(drafter, self.options.draft_len, self.options.draft_stop,
+                                    self.options.draft_guidance)

@@ -87,6 +87,7 @@ class DrafterOptions(SamplingOptions):
     drafter: str = ""
     draft_len: int | str = 4  # or 'auto': chosen per step from the cost curve and the acceptance (window.py)
     draft_stop: float = 0.0  # stop a row's chain once the product of its drafts' q falls below this (0 = never)
+    draft_guidance: str = "cfg"  # 'cfg': the drafter runs both CFG halves (LANTERN); 'cond': the conditional half only
 
     def validate(self) -> None:
         super().validate()
@@ -94,6 +95,9 @@ class DrafterOptions(SamplingOptions):
         check_path_option("drafter", self.drafter)
         if not 0.0 <= self.draft_stop < 1.0:
             raise ValueError(f"draft_stop must lie in [0, 1) (0 = always draft draft_len tokens), got {self.draft_stop}")
+        if self.draft_guidance not in ("cfg", "cond"):
+            raise ValueError(f"draft_guidance must be one of ('cfg', 'cond') (cfg = drafter on both CFG halves, cond = "
+                             f"conditional half only), got {self.draft_guidance!r}")
 
 
 def check_path_option(name: str, value: str) -> None:
@@ -147,6 +151,9 @@ def sampler_cli_options() -> list[tuple[str, dict]]:
         opt("--draft-model", str, "sd: smaller GPT checkpoint used as the draft model instead of the drafter head"),
         opt("--draft-stop", float, "lantern/sd: a row stops drafting once the product of its drafts' probabilities "
             "under the drafter falls below this (0 = never, the default; lossless for sd)"),
+        opt("--draft-guidance", str, "lantern/sd: the drafter runs both CFG halves with q CFG-combined (cfg, LANTERN's) or "
+            "the conditional half only with q its unguided distribution (cond: half the drafter rows; lossless for sd)",
+            choices=("cfg", "cond")),
     ]
 
 

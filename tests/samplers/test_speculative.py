@@ -73,6 +73,8 @@ EXACT_CASES = [
     ("sjd", {"window": 3, "draft_coupling": "gumbel", "top_k": 3}),
     ("sd-head", {"draft_len": 3, "draft_stop": 0.4}),  # chains stop at 1, 2 or 3 drafts by the drafts' q
     ("sd-model", {"draft_len": 3, "draft_stop": 0.3, "top_k": 3}),
+    ("sd-head", {"draft_len": 3, "draft_guidance": "cond", "top_p": 0.9}),  # q from the conditional half only
+    ("sd-model", {"draft_len": 2, "draft_guidance": "cond", "cfg_interval": 1}),
 ]
 
 
@@ -93,6 +95,8 @@ RAGGED_CASES = [
     ("sjd", {"window": 4, "draft_coupling": "maximal", "top_p": 0.9}),
     ("sjd", {"window": 3, "draft_coupling": "gumbel", "init": "repeat_horizon"}),
     ("sd-head", {"draft_len": 3, "draft_stop": 0.4}),  # rows of a batch stop their chains at different drafts
+    ("sd-head", {"draft_len": 3, "draft_guidance": "cond", "draft_stop": 0.4}),
+    ("sd-model", {"draft_len": 2, "draft_guidance": "cond"}),
 ]
 
 
@@ -156,6 +160,39 @@ def test_draft_stop_drafts_fewer_tokens_and_greedy_still_equals_ar():
     assert torch.equal(greedy.tokens, ar)
     with pytest.raises(ValueError, match="draft_stop must lie in"):
         build_sampler("sd", draft_stop=1.0)
+
+
+@pytest.mark.parametrize("kind", ["sd-head", "sd-model"])
+def test_draft_guidance_cond_runs_the_drafter_on_the_conditional_half_and_greedy_still_equals_ar(kind):
+    """``--draft-guidance cond``: drafter calls carry B rows instead of the 2B of both CFG halves, the
+    drafts differ from CFG-combined drafting (q is the unguided distribution), and greedy output, in one
+    batch and as a continuous-batching stream, is still AR's token for token."""
+    model = tiny_gpt(block=25, seed=2)
+    labels = torch.tensor([0, 1, 2, 3])
+    rows = {}
+    for guidance in ("cfg", "cond"):
+        sampler = make_sampler(kind, model, draft_len=3, draft_guidance=guidance)
+        drafter = sampler._drafter if kind == "sd-head" else sampler._draft_model
+        seen = []
+        call = drafter.decode if kind == "sd-head" else drafter.forward_tokens
+        def spy(tokens, *args, _call=call, _seen=seen):
+            _seen.append(tokens.shape[0])
+            return _call(tokens, *args)
+        if kind == "sd-head":
+            drafter.decode = spy
+        else:
+            drafter.forward_tokens = spy
+        out = sampler.generate(model, labels, torch.Generator().manual_seed(0))
+        rows[guidance] = (set(seen), out.tokens)
+    # both halves (2B rows, fewer as complete images leave the batch) against the conditional half (B rows)
+    assert max(rows["cfg"][0]) == 8 and all(r % 2 == 0 for r in rows["cfg"][0]) and max(rows["cond"][0]) == 4
+    assert not torch.equal(rows["cfg"][1], rows["cond"][1])
+    ar = build_sampler("ar", temperature=0.0).generate(model, torch.arange(10) % 4).tokens
+    greedy = make_sampler(kind, model, draft_len=3, draft_guidance="cond", temperature=0.0)
+    assert torch.equal(greedy.generate(model, torch.arange(10) % 4).tokens, ar)
+    assert torch.equal(greedy.generate_stream(model, torch.arange(10) % 4, 4).tokens, ar)
+    with pytest.raises(ValueError, match="draft_guidance must be one of"):
+        build_sampler("sd", draft_guidance="uncond")
 
 
 def test_distribution_test_detects_a_broken_rule():
