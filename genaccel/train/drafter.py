@@ -8,6 +8,12 @@ Target hidden states are computed once per sequence (fp16) and reused across epo
 ``null_label_prob`` of the sequences conditioned on the null class. Loss: SmoothL1(drafter(t_i, H_i + noise), H_{i+1}) + ``ce_weight`` * CE(softmax(target logits), drafter
 logits). AdamW (0.9, 0.95), warmup + cosine, grad clip by value. Resumable from ``out_dir/last.pt``;
 stops at ``max_minutes`` (data preparation included) and exports the safetensors asset.
+
+``cfg_loss`` (LANTERN's ``--coupled --cfg_loss``): every sequence is taken with its class and with the null
+class (a coupled pair, instead of ``null_label_prob``), the regression covers both halves, and the CE term
+compares the CFG-combined distributions ``u + s (c - u)`` (s = ``cfg_loss_scale``, the samplers' convention)
+of the target and of the drafter: what the samplers draw drafts from and test them against. LANTERN combines
+as ``c + s (c - u)`` (Lumina-mGPT's convention); ours is the one our samplers use.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ DEFAULTS = {
     "real_per_class": 256, "real_sequences": 1536, "self_distill_images": 256, "self_distill_cfg": 4.0,
     "seed": 0, "steps": 3000, "batch_size": 16, "lr": 1e-3, "warmup": 100, "weight_decay": 0.0,
     "null_label_prob": 0.3, "noise": 0.2, "ce_weight": 0.1, "grad_clip": 0.5, "threads": 2, "eval_sequences": 64,
+    "cfg_loss": False, "cfg_loss_scale": 4.0,
     "ckpt_every": 200, "log_every": 50, "max_minutes": 30.0,
     "export_path": "genaccel/assets/llamagen_tiny_drafter.safetensors",
 }
@@ -80,9 +87,23 @@ def teacher_hidden(target, tokens: torch.Tensor, labels: torch.Tensor, log, chun
     return torch.cat(out)
 
 
+def guide(logits: torch.Tensor, cfg_scale: float | None) -> torch.Tensor:
+    """[cond; uncond] logits (2b, ...) -> ``u + s (c - u)`` (b, ...); None = no pairing, logits unchanged."""
+    if cfg_scale is None:
+        return logits
+    cond, uncond = logits.chunk(2)
+    return uncond + cfg_scale * (cond - uncond)
+
+
 def drafter_loss(drafter: EagleDrafter, target, tokens: torch.Tensor, hidden: torch.Tensor, noise: float,
-                 ce_weight: float, gen: torch.Generator | None) -> tuple[torch.Tensor, dict]:
-    """Teacher-forced EAGLE loss on one batch; also returns the drafter's expected acceptance (sum min(p, q))."""
+                 ce_weight: float, gen: torch.Generator | None, cfg_scale: float | None = None,
+                 ) -> tuple[torch.Tensor, dict]:
+    """Teacher-forced EAGLE loss on one batch; also returns the drafter's expected acceptance (sum min(p, q)).
+
+    ``cfg_scale`` given: ``hidden`` (2b, N, D) holds [cond; uncond] hidden states of the same ``tokens`` (b, N),
+    and the CE term, the acceptance and top-1 compare CFG-combined distributions (``cfg_loss``)."""
+    if cfg_scale is not None:
+        tokens = torch.cat([tokens, tokens])
     hidden = hidden.float()
     inputs, next_hidden = hidden[:, :-1], hidden[:, 1:]
     if noise > 0:
@@ -90,14 +111,23 @@ def drafter_loss(drafter: EagleDrafter, target, tokens: torch.Tensor, hidden: to
         inputs = inputs + noise * rms * (2 * torch.rand(inputs.shape, generator=gen) - 1)
     out = drafter(tokens[:, :-1], inputs)
     with torch.no_grad():
-        target_logits = target.output(next_hidden).float()
+        target_logits = guide(target.output(next_hidden).float(), cfg_scale)
     p = target_logits.softmax(-1)
     reg = F.smooth_l1_loss(out.hidden, next_hidden)
-    ce = -(p * out.logits.log_softmax(-1)).sum(-1).mean()
+    logits = guide(out.logits, cfg_scale)
+    ce = -(p * logits.log_softmax(-1)).sum(-1).mean()
     with torch.no_grad():
-        accept = torch.minimum(p, out.logits.softmax(-1)).sum(-1).mean()
-        top1 = (out.logits.argmax(-1) == target_logits.argmax(-1)).float().mean()
+        accept = torch.minimum(p, logits.softmax(-1)).sum(-1).mean()
+        top1 = (logits.argmax(-1) == target_logits.argmax(-1)).float().mean()
     return reg + ce_weight * ce, {"smooth_l1": reg.item(), "ce": ce.item(), "accept": accept.item(), "top1": top1.item()}
+
+
+def batch_hidden(hidden: torch.Tensor, idx: torch.Tensor, cfg_scale: float | None) -> torch.Tensor:
+    """Hidden states of sequences ``idx``: (b, N, D), or [cond; uncond] (2b, N, D) for coupled pairs."""
+    if cfg_scale is None:
+        return hidden[idx]
+    pairs = hidden[idx]
+    return torch.cat([pairs[:, 0], pairs[:, 1]])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -113,10 +143,15 @@ def main(argv: list[str] | None = None) -> dict:
     pick = pick[: cfg["real_sequences"]]
     tokens = torch.cat([real_tokens[pick], distilled_tokens])
     labels = torch.cat([real_labels[pick], distilled_labels])
-    # The drafter also drafts the unconditional CFG half: some sequences are conditioned on the null class.
-    drop = torch.rand(labels.shape, generator=torch.Generator().manual_seed(cfg["seed"] + 1)) < cfg["null_label_prob"]
-    labels = torch.where(drop, torch.full_like(labels, target.null_class), labels)
-    hidden = teacher_hidden(target, tokens, labels, log)
+    if cfg["cfg_loss"]:  # coupled pairs: hidden (S, 2, N, D) of every sequence under its class and the null class
+        scale = float(cfg["cfg_loss_scale"])
+        null = torch.full_like(labels, target.null_class)
+        hidden = torch.stack([teacher_hidden(target, tokens, labels, log), teacher_hidden(target, tokens, null, log)], 1)
+    else:  # the drafter also drafts the unconditional CFG half: some sequences are conditioned on the null class
+        scale = None
+        drop = torch.rand(labels.shape, generator=torch.Generator().manual_seed(cfg["seed"] + 1)) < cfg["null_label_prob"]
+        labels = torch.where(drop, torch.full_like(labels, target.null_class), labels)
+        hidden = teacher_hidden(target, tokens, labels, log)
     held = torch.randperm(tokens.shape[0], generator=torch.Generator().manual_seed(cfg["seed"]))
     eval_idx, train_idx = held[: cfg["eval_sequences"]], held[cfg["eval_sequences"] :]
     log.info(f"data: {pick.numel()} real + {distilled_tokens.shape[0]} self-distilled sequences "
@@ -133,7 +168,8 @@ def main(argv: list[str] | None = None) -> dict:
         lr = cosine_lr(step, cfg["steps"], cfg["lr"], cfg["warmup"])
         set_lr(opt, lr)
         idx = train_idx[torch.randint(train_idx.numel(), (cfg["batch_size"],), generator=gen)]
-        loss, parts = drafter_loss(drafter, target, tokens[idx], hidden[idx], cfg["noise"], cfg["ce_weight"], gen)
+        loss, parts = drafter_loss(drafter, target, tokens[idx], batch_hidden(hidden, idx, scale), cfg["noise"],
+                                   cfg["ce_weight"], gen, scale)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_value_(trainable, cfg["grad_clip"])
@@ -147,7 +183,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     drafter.eval()
     with torch.no_grad():
-        _, metrics = drafter_loss(drafter, target, tokens[eval_idx], hidden[eval_idx], 0.0, cfg["ce_weight"], None)
+        _, metrics = drafter_loss(drafter, target, tokens[eval_idx], batch_hidden(hidden, eval_idx, scale), 0.0,
+                                  cfg["ce_weight"], None, scale)
     metrics.update(steps=step, minutes=(time.time() - start) / 60)
     log.info(f"final held-out {json.dumps(metrics)}")
     meta = drafter_metadata(drafter.args, target=Path(cfg["gpt_path"]).name)
