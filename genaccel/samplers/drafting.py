@@ -23,6 +23,7 @@ from genaccel.samplers.speculative import (
     StepOutcome,
     can_prefill_rows,
     can_select_rows,
+    check_draft_guidance,
     shift_rows,
 )
 from genaccel.samplers.window import AUTO_DRAFT_LEN, AUTO_JACOBI_WINDOW, resolve_window
@@ -210,9 +211,6 @@ class JacobiDrafter:
         return True
 
 
-DRAFT_GUIDANCE = ("cfg", "cond")
-
-
 class GuidedRows:
     """Which CFG halves a trained draft source runs: both (``cfg``, LANTERN's drafter: q is CFG-combined like
     the target's) or the conditional half only (``cond``: half the rows per drafter call, q = processed
@@ -220,10 +218,12 @@ class GuidedRows:
 
     guidance: str = "cfg"
 
+    def set_guidance(self, guidance: str) -> None:
+        check_draft_guidance(guidance)
+        self.guidance = guidance
+
     def choose_rows(self, state: DecodeState) -> int:
         """Decide for this generation; the number of rows the drafter runs."""
-        if self.guidance not in DRAFT_GUIDANCE:
-            raise ValueError(f"draft_guidance must be one of {DRAFT_GUIDANCE}, got {self.guidance!r}")
         self.cond_only = self.guidance == "cond" and state.use_cfg
         return state.tokens.shape[0] if self.cond_only else state.batch_labels.shape[0]
 
@@ -231,7 +231,7 @@ class GuidedRows:
         """Per-image tensor (B, ...) -> one entry per drafter row."""
         return x if self.cond_only else state.duplicate(x)
 
-    def own(self, state: DecodeState, x: torch.Tensor) -> torch.Tensor:
+    def own(self, x: torch.Tensor) -> torch.Tensor:
         """Target rows [cond; uncond] (2B, ...) -> the drafter's rows."""
         return x[: x.shape[0] // 2] if self.cond_only else x
 
@@ -252,13 +252,14 @@ class DrafterHeadSource(GuidedRows):
     def __init__(self, drafter, draft_len: int | str = 4, draft_stop: float = 0.0, guidance: str = "cfg"):
         self.drafter = drafter
         draft_len, self.auto = resolve_window(draft_len, AUTO_DRAFT_LEN)
-        self.window, self.draft_stop, self.guidance = draft_len + 1, draft_stop, guidance
+        self.window, self.draft_stop = draft_len + 1, draft_stop
+        self.set_guidance(guidance)
 
     def start(self, state: DecodeState, hidden: torch.Tensor) -> None:
         self.drafter.check_target(state.model)
         self.drafter.setup_decoding(self.choose_rows(state), state.num_tokens)
         self.fed = torch.zeros_like(state.committed)
-        self.pending_hidden = self.own(state, hidden)  # H_0 from the class slot
+        self.pending_hidden = self.own(hidden)  # H_0 from the class slot
 
     def propose(self, state: DecodeState, num: int) -> Draft:
         if num == 0:
@@ -280,7 +281,7 @@ class DrafterHeadSource(GuidedRows):
         return sample_chain(state, self.drafter.logits(last_hidden), num, extend, self.draft_stop, not self.cond_only)
 
     def observe(self, state: DecodeState, outcome: StepOutcome) -> None:
-        self.pending_hidden = self.own(state, outcome.hidden)[:, : max(1, int(outcome.committed.max()))]
+        self.pending_hidden = self.own(outcome.hidden)[:, : max(1, int(outcome.committed.max()))]
 
     def can_start_rows(self) -> bool:
         return True
@@ -291,7 +292,7 @@ class DrafterHeadSource(GuidedRows):
         entries rewrite them in order before any is read."""
         self.fed[index] = 0
         self.pending_hidden = self.pending_hidden.clone()
-        self.pending_hidden[self.rows_of(state, index), :1] = self.own(state, hidden)[:, :1].to(self.pending_hidden.dtype)
+        self.pending_hidden[self.rows_of(state, index), :1] = self.own(hidden)[:, :1].to(self.pending_hidden.dtype)
 
     def select_rows(self, state: DecodeState, keep: torch.Tensor) -> bool:
         rows = self.rows_of(state, keep)
@@ -311,7 +312,8 @@ class DraftModelSource(GuidedRows):
     def __init__(self, draft_model, draft_len: int | str = 4, draft_stop: float = 0.0, guidance: str = "cfg"):
         self.draft_model = draft_model
         draft_len, self.auto = resolve_window(draft_len, AUTO_DRAFT_LEN)
-        self.window, self.draft_stop, self.guidance = draft_len + 1, draft_stop, guidance
+        self.window, self.draft_stop = draft_len + 1, draft_stop
+        self.set_guidance(guidance)
 
     def start(self, state: DecodeState, hidden: torch.Tensor) -> None:
         dm, target = self.draft_model, state.model
@@ -393,5 +395,5 @@ def jacobi_source(options) -> JacobiDrafter:
     return JacobiDrafter(options.window, options.init, getattr(options, "draft_coupling", "independent"))
 
 
-__all__ = ["DRAFT_GUIDANCE", "DraftModelSource", "DrafterHeadSource", "GuidedRows", "DrafterMixin", "JacobiDrafter", "empty_draft", "jacobi_source",
+__all__ = ["DraftModelSource", "DrafterHeadSource", "GuidedRows", "DrafterMixin", "JacobiDrafter", "empty_draft", "jacobi_source",
            "new_entries", "sample_chain"]

@@ -59,6 +59,8 @@ INIT_SCHEMES = ("random", "repeat_horizon")
 # 'independent' = a fresh sample (SJD), 'maximal' = maximal coupling of the old draft with the new p,
 # 'gumbel' = a fixed Gumbel (exponential-race) noise per absolute position (MC-SJD, junhyukso/SCD).
 COUPLINGS = ("independent", "maximal", "gumbel")
+# Which CFG halves a trained draft source runs: 'cfg' both (LANTERN's drafter), 'cond' the conditional half only.
+DRAFT_GUIDANCE = ("cfg", "cond")
 
 
 # ----------------------------------------------------------------------------- options
@@ -95,9 +97,13 @@ class DrafterOptions(SamplingOptions):
         check_path_option("drafter", self.drafter)
         if not 0.0 <= self.draft_stop < 1.0:
             raise ValueError(f"draft_stop must lie in [0, 1) (0 = always draft draft_len tokens), got {self.draft_stop}")
-        if self.draft_guidance not in ("cfg", "cond"):
-            raise ValueError(f"draft_guidance must be one of ('cfg', 'cond') (cfg = drafter on both CFG halves, cond = "
-                             f"conditional half only), got {self.draft_guidance!r}")
+        check_draft_guidance(self.draft_guidance)
+
+
+def check_draft_guidance(guidance: str) -> None:
+    if guidance not in DRAFT_GUIDANCE:
+        raise ValueError(f"draft_guidance must be one of {DRAFT_GUIDANCE} (cfg = drafter on both CFG halves, cond = "
+                         f"conditional half only), got {guidance!r}")
 
 
 def check_path_option(name: str, value: str) -> None:
@@ -153,7 +159,7 @@ def sampler_cli_options() -> list[tuple[str, dict]]:
             "under the drafter falls below this (0 = never, the default; lossless for sd)"),
         opt("--draft-guidance", str, "lantern/sd: the drafter runs both CFG halves with q CFG-combined (cfg, LANTERN's) or "
             "the conditional half only with q its unguided distribution (cond: half the drafter rows; lossless for sd)",
-            choices=("cfg", "cond")),
+            choices=DRAFT_GUIDANCE),
     ]
 
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from genaccel.models import load_gpt
+from genaccel.models.contract import combine_cfg
 from genaccel.models.drafter import EagleDrafter, drafter_metadata
 from genaccel.samplers import build_sampler
 from genaccel.train.common import checkpoint_or_stop, cosine_lr, export_weights, resume, set_lr, start_run
@@ -88,11 +89,9 @@ def teacher_hidden(target, tokens: torch.Tensor, labels: torch.Tensor, log, chun
 
 
 def guide(logits: torch.Tensor, cfg_scale: float | None) -> torch.Tensor:
-    """[cond; uncond] logits (2b, ...) -> ``u + s (c - u)`` (b, ...); None = no pairing, logits unchanged."""
-    if cfg_scale is None:
-        return logits
-    cond, uncond = logits.chunk(2)
-    return uncond + cfg_scale * (cond - uncond)
+    """[cond; uncond] logits (2b, ...) -> ``u + s (c - u)`` (b, ...), the samplers' combination; None = no
+    pairing, logits unchanged."""
+    return combine_cfg(logits, cfg_scale or 0.0, cfg_scale is not None)
 
 
 def drafter_loss(drafter: EagleDrafter, target, tokens: torch.Tensor, hidden: torch.Tensor, noise: float,
