@@ -139,3 +139,8 @@ def check_labels(labels: torch.Tensor, num_classes: int) -> None:
         raise ValueError(
             f"class id {int(bad[0])} out of range: this model has {num_classes} classes (valid ids 0..{num_classes - 1})"
         )
+
+
+def reusable_outside_inference(buffer: torch.Tensor) -> bool:
+    """Whether a cache buffer may be written in place now: not an inference tensor used outside inference mode."""
+    return torch.is_inference_mode_enabled() or not buffer.is_inference()

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genaccel.models.contract import reusable_outside_inference
 from genaccel.models.llamagen import KVCache, ModelArgs, TransformerBlock, precompute_freqs_cis_2d
 from genaccel.models.loading import config_from_metadata, load_strict, read_state_dict
 
@@ -120,7 +121,8 @@ class EagleDrafter(nn.Module):
         p = self.fc.weight
         la = self.layer.attention
         cache = la.kv_cache
-        if cache is None or cache.k_cache.shape[0] != rows or cache.k_cache.shape[2] < max_len:
+        if (cache is None or cache.k_cache.shape[0] != rows or cache.k_cache.shape[2] < max_len
+                or not reusable_outside_inference(cache.k_cache)):
             la.kv_cache = KVCache(rows, la.n_kv_head, max_len, la.head_dim, p.dtype, p.device)
 
     def step(self, tokens: torch.Tensor, hidden: torch.Tensor, start: int | torch.Tensor) -> DrafterOutput:

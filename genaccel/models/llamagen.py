@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from genaccel.models.contract import ModelOutput
+from genaccel.models.contract import ModelOutput, reusable_outside_inference
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -443,7 +443,7 @@ class LlamaGenGPT(nn.Module):
         shape = (batch_size, self.args.n_kv_head, max_seq_len, self.args.head_dim)
         reusable = (
             cache is not None and tuple(cache.k_cache.shape) == shape and cache.k_cache.dtype == dtype
-            and cache.k_cache.device == device
+            and cache.k_cache.device == device and reusable_outside_inference(cache.k_cache)
         )
         if not reusable:  # allocate once per shape; a new image only resets the valid lengths
             for layer in self.layers:

@@ -299,6 +299,41 @@ def codebook_close_table(codebook: torch.Tensor, embed_threshold: float, device:
     return torch.cat(chunks)
 
 
+def gsd_candidates(
+    p: torch.Tensor,
+    x: torch.Tensor,
+    group_size: int,
+    prob_threshold: float,
+    codebook: torch.Tensor | None = None,
+    embed_threshold: float = math.inf,
+    close: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x's group under ``--group-mode ours`` as (candidates (..., C), their p (..., C), member (..., C)).
+
+    Candidates are distinct tokens other than x (a missing one, past an end of the vocabulary, stands in as
+    x with ``member`` False), so x's group is {x} plus the members: :func:`gsd_group` as a mask over V, and
+    :func:`gsd_group_mass` as sums over the C candidates instead of over V.
+    """
+    # The h = group_size // 2 tokens just above x in the ranking are the h least probable of those more probable
+    # than x; the rest are the most probable of those less probable. Two unsorted top-k calls instead of a full
+    # sort (the set does not depend on ``sorted``: sorting only permutes the selected k).
+    above_n = min(group_size // 2, p.shape[-1] - 1)
+    below_n = min(group_size - 1 - group_size // 2, p.shape[-1] - 1)
+    xs = x.unsqueeze(-1)
+    px = p.gather(-1, xs)
+    above = p.masked_fill(p <= px, math.inf).topk(above_n, dim=-1, largest=False, sorted=False)
+    below = p.masked_fill(p >= px, -math.inf).topk(below_n, dim=-1, largest=True, sorted=False)
+    values = torch.cat([above.values, below.values], dim=-1)  # p at the candidates; +-inf = no such token
+    real = values.isfinite()
+    cand = torch.where(real, torch.cat([above.indices, below.indices], dim=-1), xs)  # x stands in for the missing
+    member = real & ((values - px).abs() < prob_threshold)
+    if close is not None:
+        member &= close[xs, cand]
+    elif codebook is not None and math.isfinite(embed_threshold):
+        member &= codebook_distance(codebook, x, cand) < embed_threshold
+    return cand, values, member
+
+
 def gsd_group(
     p: torch.Tensor,
     x: torch.Tensor,
@@ -318,25 +353,30 @@ def gsd_group(
     ``close`` is :func:`codebook_close_table` of (codebook, embed_threshold), looked up instead of computing
     the distances (same result).
     """
-    # The h = group_size // 2 tokens just above x in the ranking are the h least probable of those more probable
-    # than x; the rest are the most probable of those less probable. Two unsorted top-k calls instead of a full
-    # sort (the set does not depend on ``sorted``: sorting only permutes the selected k).
-    above_n = min(group_size // 2, p.shape[-1] - 1)
-    below_n = min(group_size - 1 - group_size // 2, p.shape[-1] - 1)
+    cand, _, member = gsd_candidates(p, x, group_size, prob_threshold, codebook, embed_threshold, close)
+    keep = member | (cand == x.unsqueeze(-1))  # every stand-in writes True at x, so duplicates of x agree
+    return torch.zeros_like(p, dtype=torch.bool).scatter_(-1, cand, keep).scatter_(-1, x.unsqueeze(-1), True)
+
+
+def gsd_group_mass(
+    p: torch.Tensor,
+    q: torch.Tensor,
+    x: torch.Tensor,
+    group_size: int,
+    prob_threshold: float,
+    codebook: torch.Tensor | None = None,
+    embed_threshold: float = math.inf,
+    close: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(p(C), q(C))`` over x's group C = :func:`gsd_group` (p ranks the candidates), summed over x and the
+    group_size candidates instead of masking two (..., V) tensors: what GSD's ratio needs, in fewer and
+    smaller ops (issue #14: GSD's engine share). Equal to the masked sums up to float summation order."""
+    cand, values, member = gsd_candidates(p, x, group_size, prob_threshold, codebook, embed_threshold, close)
     xs = x.unsqueeze(-1)
-    px = p.gather(-1, xs)
-    above = p.masked_fill(p <= px, math.inf).topk(above_n, dim=-1, largest=False, sorted=False)
-    below = p.masked_fill(p >= px, -math.inf).topk(below_n, dim=-1, largest=True, sorted=False)
-    values = torch.cat([above.values, below.values], dim=-1)  # p at the candidates; +-inf = no such token
-    real = values.isfinite()
-    cand = torch.where(real, torch.cat([above.indices, below.indices], dim=-1), xs)  # x stands in for the missing
-    keep = (values - px).abs() < prob_threshold
-    if close is not None:
-        keep &= close[xs, cand]
-    elif codebook is not None and math.isfinite(embed_threshold):
-        keep &= codebook_distance(codebook, x, cand) < embed_threshold
-    keep |= ~real  # every stand-in writes True at x, so duplicates of x agree
-    return torch.zeros_like(p, dtype=torch.bool).scatter_(-1, cand, keep).scatter_(-1, xs, True)
+    zero = values.new_zeros(())
+    p_mass = p.gather(-1, xs).squeeze(-1) + torch.where(member, values, zero).sum(-1)
+    q_mass = q.gather(-1, xs).squeeze(-1) + torch.where(member, q.gather(-1, cand), zero).sum(-1)
+    return p_mass, q_mass
 
 
 def gsd_official_group(
@@ -407,9 +447,9 @@ class GroupedRule:
             grouped = (target * group).sum(-1) / (q * group).sum(-1)
             ratio = torch.where(empty, gather_token(target, x) / gather_token(q, x), grouped)
         else:
-            group = gsd_group(target, x, self.group_size, self.prob_threshold, self.codebook, self.embed_threshold,
-                              close=self.close)
-            ratio = (target * group).sum(-1) / (q * group).sum(-1).clamp_min(TINY)
+            p_mass, q_mass = gsd_group_mass(target, q, x, self.group_size, self.prob_threshold, self.codebook,
+                                            self.embed_threshold, close=self.close)
+            ratio = p_mass / q_mass.clamp_min(TINY)
         if self.respect_truncation:
             ratio = torch.where(gather_token(target, x) > 0, ratio, torch.zeros_like(ratio))
         return ratio

@@ -7,6 +7,7 @@ sampler contract (:mod:`genaccel.models.contract`). ``generate(model, labels, ge
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -102,6 +103,37 @@ class CompletedImages:
     forwards: torch.Tensor
     charge: torch.Tensor
     stats: SamplerStats
+
+
+def ordinary(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as an ordinary tensor: a copy when it was made under ``torch.inference_mode`` (which cannot be
+    edited in place outside it), else itself."""
+    if not tensor.is_inference():
+        return tensor
+    with torch.inference_mode(False):
+        return tensor.clone()
+
+
+def sampling_mode(entry: Callable) -> Callable:
+    """Run a sampler entry point under ``torch.inference_mode`` and return ordinary tensors.
+
+    Sampling never needs autograd, and inference mode skips its per-op bookkeeping (version counters, view
+    tracking) that ``no_grad`` still pays: ~10% of each small op's dispatch on a CPU, where a speculative
+    step's engine is a few hundred such ops (issue #14 item 3, engine share). The tokens handed back (and to
+    ``on_complete``) are copied out of inference mode so callers can edit them; caches made inside it are
+    replaced, not reused, by a later ``setup_cache`` outside it (``contract.reusable_outside_inference``).
+    """
+
+    @functools.wraps(entry)
+    def run(self, *args, **kwargs):
+        if torch.is_inference_mode_enabled():
+            return entry(self, *args, **kwargs)
+        with torch.inference_mode():
+            out = entry(self, *args, **kwargs)
+        out.tokens = ordinary(out.tokens)
+        return out
+
+    return run
 
 
 @dataclass
@@ -239,7 +271,7 @@ class Sampler:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.options})"
 
-    @torch.no_grad()
+    @sampling_mode
     def generate(
         self, model: ARModel, labels: torch.Tensor, generator: torch.Generator | None = None
     ) -> SampleOutput:
@@ -265,7 +297,7 @@ class Sampler:
         check_labels(labels, model.num_classes)
         return labels
 
-    @torch.no_grad()
+    @sampling_mode
     def generate_stream(
         self, model: ARModel, labels: torch.Tensor, batch_size: int, generator: torch.Generator | None = None,
         on_complete: Callable[[CompletedImages], Any] | None = None,
@@ -288,7 +320,7 @@ class Sampler:
                 setattr(running, name, getattr(running, name) + getattr(st, name))
             if on_complete is not None:
                 on_complete(CompletedImages(
-                    index=torch.arange(first, first + n), tokens=parts[-1].tokens,
+                    index=torch.arange(first, first + n), tokens=ordinary(parts[-1].tokens),
                     forwards=torch.full((n,), st.forwards_per_image, dtype=torch.float64),
                     charge=torch.full((n,), st.nfe / n, dtype=torch.float64), stats=running))
             first += n

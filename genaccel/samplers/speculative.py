@@ -43,6 +43,8 @@ from genaccel.samplers.base import (
     SamplingOptions,
     check_batch_size,
     draw,
+    ordinary,
+    sampling_mode,
     target_probs,
 )
 from genaccel.samplers.window import (
@@ -425,7 +427,7 @@ class SpeculativeSampler(Sampler):
         self._forward_cost = dict(cost)
         self._window_policy = None
 
-    @torch.no_grad()
+    @sampling_mode
     def generate_stream(
         self, model: ARModel, labels: torch.Tensor, batch_size: int, generator: torch.Generator | None = None,
         on_complete: Callable[[CompletedImages], Any] | None = None,
@@ -532,7 +534,7 @@ class SpeculativeSampler(Sampler):
             done = state.n >= N
             if on_complete is not None and bool((done & live).any()):
                 finished = rows[done & live]
-                on_complete(CompletedImages(index=finished, tokens=buf[done & live, :N].clone(),
+                on_complete(CompletedImages(index=finished, tokens=ordinary(buf[done & live, :N]),
                                             forwards=(image_steps[finished] + 1).double().cpu(),
                                             charge=charge[finished.cpu()].clone(), stats=stats))
             if admitted < M and bool(done.any()):  # continuous batching: complete rows take the next labels

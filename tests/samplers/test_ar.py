@@ -134,3 +134,38 @@ def test_draw_from_half_precision_probs_is_unbiased_and_skips_zero_mass():
     share = draw(probs, torch.Generator().manual_seed(0)).float().mean().item()
     assert abs(share - 0.5) < 0.0075  # 3 sigma
     assert draw(torch.tensor([[0.0, 0.0, 1.0]]), None).item() == 2
+
+
+@pytest.mark.parametrize("name", ["ar", "sjd", "sd"])
+def test_sampling_runs_in_inference_mode_and_hands_back_ordinary_tensors(name):
+    """Samplers run under torch.inference_mode (issue #14: per-op cost); what they return (and stream to
+    on_complete) can be edited in place, and the model's cache made inside it is replaced, not written in
+    place, by a later setup_cache under plain no_grad (an inference tensor cannot be updated outside it)."""
+    from genaccel.models.drafter import EagleDrafter
+
+    model = tiny()
+    sampler = build_sampler(name, cfg_scale=2.0)
+    if name == "sd":
+        sampler.set_drafter(EagleDrafter.from_target(model).eval())
+    seen, modes = [], []
+    real_prefill = model.prefill
+
+    def spying_prefill(*args, **kwargs):
+        modes.append(torch.is_inference_mode_enabled())
+        return real_prefill(*args, **kwargs)
+
+    model.prefill = spying_prefill
+    out = sampler.generate(model, torch.tensor([1, 2]), torch.Generator().manual_seed(0))
+    stream = sampler.generate_stream(model, torch.tensor([1, 2, 3]), 2, torch.Generator().manual_seed(0),
+                                     on_complete=lambda done: seen.append(done.tokens))
+    assert modes and all(modes)
+    for tokens in [out.tokens, stream.tokens, *seen]:
+        assert not tokens.is_inference()
+        tokens[0, 0] = 0  # an in-place edit outside inference mode works
+    assert model.layers[0].attention.kv_cache.k_cache.is_inference()
+    with torch.no_grad():  # direct use of the model afterwards, outside inference mode
+        model.setup_cache(4, 17)
+        assert not model.layers[0].attention.kv_cache.k_cache.is_inference()
+        model.prefill(cfg_labels(torch.tensor([1, 2]), 5, True))
+    first = sampler.generate(model, torch.tensor([1, 2]), torch.Generator().manual_seed(5)).tokens
+    assert torch.equal(sampler.generate(model, torch.tensor([1, 2]), torch.Generator().manual_seed(5)).tokens, first)

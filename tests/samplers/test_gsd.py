@@ -18,6 +18,7 @@ from genaccel.samplers.acceptance import (
     codebook_close_table,
     codebook_distance,
     gsd_group,
+    gsd_group_mass,
     gsd_official_group,
 )
 from genaccel.samplers.base import SamplingOptions, target_probs
@@ -234,8 +235,35 @@ def test_gsd_tokens_are_unchanged_by_the_cheaper_group(monkeypatch):
         return sampler.generate(model, labels, torch.Generator().manual_seed(3)).tokens
 
     new = run()
-    monkeypatch.setattr(acceptance, "gsd_group", reference_gsd_group)
+    monkeypatch.setattr(acceptance, "gsd_group_mass", reference_group_mass)
     assert torch.equal(run(), new)
+
+
+def reference_group_mass(p, q, x, group_size, prob_threshold, codebook=None, embed_threshold=math.inf, close=None):
+    """GSD's ratio terms from the definition: p and q summed over the (..., V) mask of the reference group."""
+    group = reference_gsd_group(p, x, group_size, prob_threshold, codebook, embed_threshold)
+    return (p * group).sum(-1), (q * group).sum(-1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 100_000), V=st.sampled_from([2, 5, 32, 1024]), group=st.sampled_from([1, 2, 3, 25, 100]),
+       thr=st.sampled_from([0.05, 0.3, 1.0]), dthr=st.sampled_from([0.5, 2.0, math.inf]), ties=st.booleans())
+def test_group_mass_is_the_masked_sum_over_the_group(seed, V, group, thr, dthr, ties):
+    """The ratio's sums over the candidates equal summing p and q over the group's V-wide mask (float64, so
+    only summation order could differ)."""
+    gen = torch.Generator().manual_seed(seed)
+    p = (6.0 * torch.randn(3, 7, V, generator=gen, dtype=torch.float64)).softmax(-1)
+    if ties:
+        p = (p * 20).round()
+        p = p / p.sum(-1, keepdim=True)
+    q = (3.0 * torch.randn(3, 7, V, generator=gen, dtype=torch.float64)).softmax(-1)
+    x = torch.randint(V, (3, 7), generator=gen)
+    codebook = torch.nn.functional.normalize(torch.randn(V, 8, generator=gen), dim=-1)
+    want_p, want_q = reference_group_mass(p, q, x, group, thr, codebook, dthr)
+    for close in ([None, codebook_close_table(codebook, dthr)] if math.isfinite(dthr) else [None]):
+        got_p, got_q = gsd_group_mass(p, q, x, group, thr, codebook, dthr, close=close)
+        torch.testing.assert_close(got_p, want_p, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(got_q, want_q, rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize("mode", ["ours", "official"])
