@@ -307,8 +307,8 @@ def gsd_candidates(
     codebook: torch.Tensor | None = None,
     embed_threshold: float = math.inf,
     close: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x's group under ``--group-mode ours`` as (candidates (..., C), their p (..., C), member (..., C)).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x's group under ``--group-mode ours`` as (candidates (..., C), their p (..., C), member (..., C), p(x) (..., 1)).
 
     Candidates are distinct tokens other than x (a missing one, past an end of the vocabulary, stands in as
     x with ``member`` False), so x's group is {x} plus the members: :func:`gsd_group` as a mask over V, and
@@ -331,7 +331,7 @@ def gsd_candidates(
         member &= close[xs, cand]
     elif codebook is not None and math.isfinite(embed_threshold):
         member &= codebook_distance(codebook, x, cand) < embed_threshold
-    return cand, values, member
+    return cand, values, member, px
 
 
 def gsd_group(
@@ -353,7 +353,7 @@ def gsd_group(
     ``close`` is :func:`codebook_close_table` of (codebook, embed_threshold), looked up instead of computing
     the distances (same result).
     """
-    cand, _, member = gsd_candidates(p, x, group_size, prob_threshold, codebook, embed_threshold, close)
+    cand, _, member, _ = gsd_candidates(p, x, group_size, prob_threshold, codebook, embed_threshold, close)
     keep = member | (cand == x.unsqueeze(-1))  # every stand-in writes True at x, so duplicates of x agree
     return torch.zeros_like(p, dtype=torch.bool).scatter_(-1, cand, keep).scatter_(-1, x.unsqueeze(-1), True)
 
@@ -367,16 +367,15 @@ def gsd_group_mass(
     codebook: torch.Tensor | None = None,
     embed_threshold: float = math.inf,
     close: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(p(C), q(C))`` over x's group C = :func:`gsd_group` (p ranks the candidates), summed over x and the
-    group_size candidates instead of masking two (..., V) tensors: what GSD's ratio needs, in fewer and
-    smaller ops (issue #14: GSD's engine share). Equal to the masked sums up to float summation order."""
-    cand, values, member = gsd_candidates(p, x, group_size, prob_threshold, codebook, embed_threshold, close)
-    xs = x.unsqueeze(-1)
-    zero = values.new_zeros(())
-    p_mass = p.gather(-1, xs).squeeze(-1) + torch.where(member, values, zero).sum(-1)
-    q_mass = q.gather(-1, xs).squeeze(-1) + torch.where(member, q.gather(-1, cand), zero).sum(-1)
-    return p_mass, q_mass
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(p(C), q(C), p(x))`` over x's group C = :func:`gsd_group` (p ranks the candidates), summed over x and
+    the group_size candidates instead of masking two (..., V) tensors, p and q in one stacked sum: what GSD's
+    ratio needs, in fewer and smaller ops (issue #14: GSD's engine share). Equal to the masked sums up to
+    float summation order."""
+    cand, values, member, px = gsd_candidates(p, x, group_size, prob_threshold, codebook, embed_threshold, close)
+    at_x = torch.stack([px, q.gather(-1, x.unsqueeze(-1))]).squeeze(-1)
+    mass = at_x + torch.where(member, torch.stack([values, q.gather(-1, cand)]), 0.0).sum(-1)
+    return mass[0], mass[1], at_x[0]
 
 
 def gsd_official_group(
@@ -447,9 +446,10 @@ class GroupedRule:
             grouped = (target * group).sum(-1) / (q * group).sum(-1)
             ratio = torch.where(empty, gather_token(target, x) / gather_token(q, x), grouped)
         else:
-            p_mass, q_mass = gsd_group_mass(target, q, x, self.group_size, self.prob_threshold, self.codebook,
-                                            self.embed_threshold, close=self.close)
+            p_mass, q_mass, px = gsd_group_mass(target, q, x, self.group_size, self.prob_threshold, self.codebook,
+                                                self.embed_threshold, close=self.close)
             ratio = p_mass / q_mass.clamp_min(TINY)
+            return ratio.masked_fill(px <= 0, 0.0) if self.respect_truncation else ratio
         if self.respect_truncation:
             ratio = torch.where(gather_token(target, x) > 0, ratio, torch.zeros_like(ratio))
         return ratio

@@ -242,7 +242,7 @@ def test_gsd_tokens_are_unchanged_by_the_cheaper_group(monkeypatch):
 def reference_group_mass(p, q, x, group_size, prob_threshold, codebook=None, embed_threshold=math.inf, close=None):
     """GSD's ratio terms from the definition: p and q summed over the (..., V) mask of the reference group."""
     group = reference_gsd_group(p, x, group_size, prob_threshold, codebook, embed_threshold)
-    return (p * group).sum(-1), (q * group).sum(-1)
+    return (p * group).sum(-1), (q * group).sum(-1), p.gather(-1, x.unsqueeze(-1)).squeeze(-1)
 
 
 @settings(max_examples=60, deadline=None)
@@ -259,9 +259,10 @@ def test_group_mass_is_the_masked_sum_over_the_group(seed, V, group, thr, dthr, 
     q = (3.0 * torch.randn(3, 7, V, generator=gen, dtype=torch.float64)).softmax(-1)
     x = torch.randint(V, (3, 7), generator=gen)
     codebook = torch.nn.functional.normalize(torch.randn(V, 8, generator=gen), dim=-1)
-    want_p, want_q = reference_group_mass(p, q, x, group, thr, codebook, dthr)
+    want_p, want_q, want_x = reference_group_mass(p, q, x, group, thr, codebook, dthr)
     for close in ([None, codebook_close_table(codebook, dthr)] if math.isfinite(dthr) else [None]):
-        got_p, got_q = gsd_group_mass(p, q, x, group, thr, codebook, dthr, close=close)
+        got_p, got_q, got_x = gsd_group_mass(p, q, x, group, thr, codebook, dthr, close=close)
+        assert torch.equal(got_x, want_x)
         torch.testing.assert_close(got_p, want_p, rtol=1e-12, atol=1e-15)
         torch.testing.assert_close(got_q, want_q, rtol=1e-12, atol=1e-15)
 
