@@ -14,6 +14,9 @@ always receive the same image tokens (:func:`cfg_labels`, :func:`combine_cfg`).
 
 Calls.
 1. ``setup_cache(batch_size, max_seq_len=None, dtype=None, device=None)`` allocates static K/V buffers once.
+   Samplers call the contract under ``torch.inference_mode``; a cache that is reused across calls must
+   be reallocated when it was made inside inference mode and is set up outside it
+   (:func:`reusable_outside_inference`), since an inference tensor cannot be written in place there.
 2. ``prefill(labels)`` writes the class slots and returns logits/hidden for them; it resets every row's
    valid length to 0 first, so one cache serves many images.
 3. ``forward_tokens(tokens (B, L), positions (L,) or (B, L), mask=None, rope_positions=None)`` writes the

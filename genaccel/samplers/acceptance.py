@@ -310,25 +310,25 @@ def gsd_candidates(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x's group under ``--group-mode ours`` as (candidates (..., C), their p (..., C), member (..., C), p(x) (..., 1)).
 
-    Candidates are distinct tokens other than x (a missing one, past an end of the vocabulary, stands in as
-    x with ``member`` False), so x's group is {x} plus the members: :func:`gsd_group` as a mask over V, and
-    :func:`gsd_group_mass` as sums over the C candidates instead of over V.
+    Candidates are tokens other than x; a slot past an end of the vocabulary (fewer tokens above or below x
+    than asked for) holds some token with a sentinel p outside [0, 1] and ``member`` False. x's group is {x}
+    plus the members: :func:`gsd_group` as a mask over V, :func:`gsd_group_mass` as sums over the C candidates.
     """
     # The h = group_size // 2 tokens just above x in the ranking are the h least probable of those more probable
     # than x; the rest are the most probable of those less probable. Two unsorted top-k calls instead of a full
-    # sort (the set does not depend on ``sorted``: sorting only permutes the selected k).
+    # sort (the set does not depend on ``sorted``: sorting only permutes the selected k). Excluded tokens get
+    # sentinels more than prob_threshold away from any p(x) in [0, 1], so the probability filter drops them.
     above_n = min(group_size // 2, p.shape[-1] - 1)
     below_n = min(group_size - 1 - group_size // 2, p.shape[-1] - 1)
     xs = x.unsqueeze(-1)
     px = p.gather(-1, xs)
-    above = p.masked_fill(p <= px, math.inf).topk(above_n, dim=-1, largest=False, sorted=False)
-    below = p.masked_fill(p >= px, -math.inf).topk(below_n, dim=-1, largest=True, sorted=False)
-    values = torch.cat([above.values, below.values], dim=-1)  # p at the candidates; +-inf = no such token
-    real = values.isfinite()
-    cand = torch.where(real, torch.cat([above.indices, below.indices], dim=-1), xs)  # x stands in for the missing
-    member = real & ((values - px).abs() < prob_threshold)
-    if close is not None:
-        member &= close[xs, cand]
+    above = p.masked_fill(p <= px, 2.0 + prob_threshold).topk(above_n, dim=-1, largest=False, sorted=False)
+    below = p.masked_fill(p >= px, -1.0 - prob_threshold).topk(below_n, dim=-1, largest=True, sorted=False)
+    values = torch.cat([above.values, below.values], dim=-1)  # p at the candidates, or a sentinel
+    cand = torch.cat([above.indices, below.indices], dim=-1)
+    member = (values - px).abs() < prob_threshold
+    if close is not None:  # close[x, cand] as one flat take (fewer ops than 2-D indexing)
+        member &= close.reshape(-1).take(cand + xs * close.shape[-1])
     elif codebook is not None and math.isfinite(embed_threshold):
         member &= codebook_distance(codebook, x, cand) < embed_threshold
     return cand, values, member, px
@@ -353,9 +353,10 @@ def gsd_group(
     ``close`` is :func:`codebook_close_table` of (codebook, embed_threshold), looked up instead of computing
     the distances (same result).
     """
-    cand, _, member, _ = gsd_candidates(p, x, group_size, prob_threshold, codebook, embed_threshold, close)
-    keep = member | (cand == x.unsqueeze(-1))  # every stand-in writes True at x, so duplicates of x agree
-    return torch.zeros_like(p, dtype=torch.bool).scatter_(-1, cand, keep).scatter_(-1, x.unsqueeze(-1), True)
+    cand, values, member, _ = gsd_candidates(p, x, group_size, prob_threshold, codebook, embed_threshold, close)
+    xs = x.unsqueeze(-1)
+    cand = torch.where((values >= 0) & (values <= 1), cand, xs)  # sentinel slots write True at x, as x does
+    return torch.zeros_like(p, dtype=torch.bool).scatter_(-1, cand, member | (cand == xs)).scatter_(-1, xs, True)
 
 
 def gsd_group_mass(
@@ -370,12 +371,14 @@ def gsd_group_mass(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(p(C), q(C), p(x))`` over x's group C = :func:`gsd_group` (p ranks the candidates), summed over x and
     the group_size candidates instead of masking two (..., V) tensors, p and q in one stacked sum: what GSD's
-    ratio needs, in fewer and smaller ops (issue #14: GSD's engine share). Equal to the masked sums up to
-    float summation order."""
+    ratio needs, in fewer and smaller ops (issue #14: GSD's engine share; after a target forward has evicted
+    the caches each small op costs several times its warm time here). Equal to the masked sums up to float
+    summation order."""
     cand, values, member, px = gsd_candidates(p, x, group_size, prob_threshold, codebook, embed_threshold, close)
-    at_x = torch.stack([px, q.gather(-1, x.unsqueeze(-1))]).squeeze(-1)
-    mass = at_x + torch.where(member, torch.stack([values, q.gather(-1, cand)]), 0.0).sum(-1)
-    return mass[0], mass[1], at_x[0]
+    at_x = torch.cat([px, q.gather(-1, x.unsqueeze(-1))], dim=-1)  # (..., 2): p(x), q(x)
+    both = torch.stack([values, q.gather(-1, cand)], dim=-2)  # (..., 2, C)
+    mass = at_x + torch.where(member.unsqueeze(-2), both, 0.0).sum(-1)
+    return mass[..., 0], mass[..., 1], at_x[..., 0]
 
 
 def gsd_official_group(
