@@ -326,9 +326,13 @@ def verify_window(
     cap = torch.full((B,), K, dtype=torch.long, device=p.device) if limit is None else limit.clamp(0, K)
     target, run = leading_accepted(p, draft, rule, u, cap)
     run = torch.minimum(run, cap)
-    stop = run.clamp(max=target.shape[1] - 1)  # a row with run < cap stopped inside the examined positions
-    residual = rule.residual(p[rows, stop], target[rows, stop], draft.q[rows, stop], x[rows, stop])
-    last_dist = torch.where((run < cap)[:, None], residual, p[rows, run])
+    rejected = run < cap
+    if bool(rejected.any()):  # a row with run < cap stopped inside the examined positions
+        stop = run.clamp(max=target.shape[1] - 1)
+        residual = rule.residual(p[rows, stop], target[rows, stop], draft.q[rows, stop], x[rows, stop])
+        last_dist = torch.where(rejected[:, None], residual, p[rows, run])
+    else:  # every row accepted all it could: bonus tokens only, no residual to build (rules draw no coins there)
+        last_dist = p[rows, run]
     tokens = torch.cat([x, x.new_zeros(B, 1)], dim=1)
     tokens[rows, run] = draw(last_dist, generator)
     return Verification(accepted=run + 1, tokens=tokens)

@@ -388,3 +388,42 @@ def test_forwards_per_image_of_a_ragged_batch_is_each_images_own_count():
     assert batch.forwards_per_image <= batch.nfe
     ar = build_sampler("ar").generate(model, labels).stats
     assert ar.forwards_per_image == ar.nfe == model.num_image_tokens
+
+
+class CountingRule(ExactRule):
+    """The exact rule, counting how often the verify core builds a residual."""
+
+    residuals = 0
+
+    def residual(self, p, target, q, x):
+        self.residuals += 1
+        return super().residual(p, target, q, x)
+
+
+@pytest.mark.parametrize("all_accepted", [True, False])
+def test_verify_window_builds_a_residual_only_when_some_row_rejects(all_accepted):
+    """When every row accepts all drafts it may (q = p here, ratio 1), the step draws only bonus tokens from
+    p after each row's last accepted draft, with the same coins as before, and builds no residual; one
+    rejecting row (its draft outside p's support) brings the residual back for the batch."""
+    gen = torch.Generator().manual_seed(0)
+    B, K, V = 3, 4, 7
+    p = torch.softmax(torch.randn(B, K + 1, V, generator=gen), -1)
+    q = p[:, :K].clone()
+    x = torch.multinomial(q.reshape(-1, V), 1, generator=gen).view(B, K)
+    limit = torch.tensor([4, 2, 0])
+    if not all_accepted:
+        p[1, 0, x[1, 0]] = 0.0  # row 1's first draft is impossible under p: rejected, ratio 0
+        p[1, 0] /= p[1, 0].sum()
+    rule = CountingRule()
+    out = verify_window(p, Draft(tokens=x, q=q), rule, torch.Generator().manual_seed(5), limit)
+    coins = torch.Generator().manual_seed(5)
+    torch.rand(B, K, generator=coins)  # the verification coins come first
+    if all_accepted:
+        assert rule.residuals == 0
+        assert out.accepted.tolist() == [5, 3, 1]
+        bonus = draw(p[torch.arange(B), limit], coins)
+        assert torch.equal(out.tokens[torch.arange(B), limit], bonus)
+        assert all(torch.equal(out.tokens[b, : limit[b]], x[b, : limit[b]]) for b in range(B))
+    else:
+        assert rule.residuals == 1
+        assert out.accepted[1] == 1 and out.tokens[1, 0] != x[1, 0]
