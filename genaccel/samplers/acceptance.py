@@ -446,15 +446,15 @@ class GroupedRule:
     def ratio(self, target: torch.Tensor, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "official":
             group, empty = gsd_official_group(target, x, self.prob_threshold, self.codebook, self.embed_threshold)
+            px = gather_token(target, x)
             grouped = (target * group).sum(-1) / (q * group).sum(-1)
-            ratio = torch.where(empty, gather_token(target, x) / gather_token(q, x), grouped)
+            ratio = torch.where(empty, px / gather_token(q, x), grouped)
         else:
             p_mass, q_mass, px = gsd_group_mass(target, q, x, self.group_size, self.prob_threshold, self.codebook,
                                                 self.embed_threshold, close=self.close)
             ratio = p_mass / q_mass.clamp_min(TINY)
-            return ratio.masked_fill(px <= 0, 0.0) if self.respect_truncation else ratio
-        if self.respect_truncation:
-            ratio = torch.where(gather_token(target, x) > 0, ratio, torch.zeros_like(ratio))
+        if self.respect_truncation:  # a draft outside the target's support is never accepted
+            ratio = ratio.masked_fill(~(px > 0), 0.0)
         return ratio
 
     def residual(self, p: torch.Tensor, target: torch.Tensor, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
