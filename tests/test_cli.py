@@ -166,6 +166,9 @@ def test_sampler_config_names_the_sampler_and_typed_flags_win():
     opts = sampler_options(args, sampler_flag_specs(), resolve_sampler(args))
     assert opts["cfg_scale"] == 1.0 and opts["draft_len"] == 2 and opts["lantern_delta"] == 0.3
     assert file_opts["cfg_scale"] == 4.0
+    assert file_opts["drafter_precision"] == "auto"
+    args = build_sample_parser().parse_args(["--sampler", "sd", "--drafter-precision", "fp32"])
+    assert sampler_options(args, sampler_flag_specs(), resolve_sampler(args))["drafter_precision"] == "fp32"
 
 
 def test_sampler_config_end_to_end_flags_over_file(tiny_ckpts, tmp_path):

@@ -160,15 +160,19 @@ class EagleDrafter(nn.Module):
 
     # ------------------------------------------------------------------ lean decoding path (samplers)
     _decode_kv: torch.Tensor | None = None
+    decoding_precision: str | None = None  # what setup_decoding resolved ("fp32", "bf16" or "int8")
 
-    def setup_decoding(self, rows: int, max_len: int) -> None:
-        """Static buffers of :meth:`decode` for ``rows`` cache rows and slots ``0..max_len-1``.
+    def setup_decoding(self, rows: int, max_len: int, precision: str = "fp32") -> None:
+        """Static buffers of :meth:`decode` for ``rows`` cache rows and slots ``0..max_len-1``, with the derived
+        weights stored at ``precision`` (:data:`DRAFTER_PRECISIONS`, "auto" resolved by
+        :func:`resolve_drafter_precision`; see :class:`PackedLinear`).
 
         K and V share one (rows, max_len, 2, heads, head_dim) buffer so one indexed write stores both; the
         causal table row s says which slots an entry at slot s may read; the rotation table holds, per slot,
         the complex RoPE factor of q and k and an exact 1 for v, so one multiply rotates q and k only.
         """
         la, p = self.layer.attention, self.fc.weight
+        self._fold_weights(resolve_drafter_precision(precision, p.device))
         self._decode_kv = torch.zeros(rows, max_len, 2, la.n_kv_head, la.head_dim, dtype=p.dtype, device=p.device)
         self._decode_rows = torch.arange(rows, device=p.device)[:, None]
         self._causal = torch.ones(max_len, max_len, dtype=torch.bool, device=p.device).tril()
@@ -176,25 +180,32 @@ class EagleDrafter(nn.Module):
         rope = torch.view_as_complex(self.freqs_cis[cls : cls + max_len].float().contiguous()).to(p.device)
         ones = torch.ones_like(rope)
         self._rotation = torch.stack([rope, rope, ones], dim=1)[:, :, None]  # (max_len, 3 [q k v], 1, head_dim/2)
-        self._fold_weights()
 
     @torch.no_grad()
-    def _fold_weights(self) -> None:
+    def _fold_weights(self, precision: str) -> None:
         """Weights of :meth:`decode`, derived from the module's (which stay untouched), so a call runs fewer ops:
 
         * the token half of ``fc`` applied to every embedding, bias included: a (V, D) table looked up per token,
           so ``fc`` reduces to one (D, D) matmul on the hidden state;
         * the RMSNorm gains folded into the matrix that follows (``W (g * n) = (W diag g) n``): into ``wqkv``
-          and into ``w1``/``w3``, which are stacked into one matmul.
+          and into ``w1``/``w3``, which are stacked into one matmul;
+        * every matrix (LM head included) packed at ``precision``; for "bf16" and "int8" the matmul inputs are
+          cast to bfloat16, while the residual stream, RMSNorm, the rotation, attention and the KV cache stay in
+          the module's dtype (float32: bfloat16 attention is slower on a CPU, measured).
 
         Re-derived by every :meth:`setup_decoding` (each generation), so trained weights are picked up.
         """
         layer, D = self.layer, self.args.dim
         ffn = layer.feed_forward
+        self._act_dtype = self.fc.weight.dtype if precision == "fp32" else torch.bfloat16
+        self.decoding_precision = precision
         self._token_table = F.linear(self.tok_embeddings.weight, self.fc.weight[:, :D], self.fc.bias)
-        self._fc_hidden = self.fc.weight[:, D:].contiguous()
-        self._wqkv = layer.attention.wqkv.weight * layer.attention_norm.weight
-        self._w13 = torch.cat([ffn.w1.weight, ffn.w3.weight]) * layer.ffn_norm.weight
+        self._fc_hidden = PackedLinear(self.fc.weight[:, D:], precision)
+        self._wqkv = PackedLinear(layer.attention.wqkv.weight * layer.attention_norm.weight, precision)
+        self._wo = PackedLinear(layer.attention.wo.weight, precision)
+        self._w13 = PackedLinear(torch.cat([ffn.w1.weight, ffn.w3.weight]) * layer.ffn_norm.weight, precision)
+        self._w2 = PackedLinear(ffn.w2.weight, precision)
+        self._head = PackedLinear(self.output.weight, precision)
 
     def decode(self, tokens: torch.Tensor, hidden: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """Predicted hidden states (R, L, D) of entries (tokens, hidden) (R, L) written at per-row cache
@@ -208,10 +219,12 @@ class EagleDrafter(nn.Module):
         layer, attn = self.layer, self.layer.attention
         R, L = tokens.shape
         heads, head_dim = attn.n_head, attn.head_dim
-        x = self._token_table[tokens] + F.linear(hidden.to(self._fc_hidden.dtype), self._fc_hidden)
-        qkv = F.linear(unit_rms(x, layer.attention_norm.eps), self._wqkv)
+        mm = self._act_dtype  # matmul inputs; the residual stream, attention and the cache stay in x's dtype
+        # entries flattened to (R * L, D): the matmuls take 2-D inputs as they are (no reshape per matrix)
+        x = self._token_table[tokens.reshape(-1)] + self._fc_hidden(hidden.reshape(R * L, -1).to(mm))
+        qkv = self._wqkv(unit_rms(x, layer.attention_norm.eps).to(mm))
         qkv = qkv.view(R, L, 3, heads, head_dim // 2, 2)  # n_kv_head == n_head in LlamaGen drafters
-        qkv = torch.view_as_real(torch.view_as_complex(qkv.float()) * self._rotation[slots]).flatten(-2).type_as(x)
+        qkv = torch.view_as_real(torch.view_as_complex(qkv.float()) * self._rotation[slots]).flatten(-2).to(x.dtype)
         self._decode_kv.index_put_((self._decode_rows, slots), qkv[:, :, 1:])
         # On a CPU reading the highest slot is free and attention then spans only the slots in use; on an
         # accelerator the read would be a host sync per call, so attention spans the whole static cache there.
@@ -219,13 +232,89 @@ class EagleDrafter(nn.Module):
         kv = self._decode_kv[:, :span].transpose(1, 3)  # (R, heads, 2, span, head_dim)
         mask = self._causal[slots, :span][:, None]  # (R, 1, L, span)
         y = F.scaled_dot_product_attention(qkv[:, :, 0].transpose(1, 2), kv[:, :, 0], kv[:, :, 1], attn_mask=mask)
-        h = x + attn.wo(y.transpose(1, 2).reshape(R, L, -1))
-        gate, up = F.linear(unit_rms(h, layer.ffn_norm.eps), self._w13).chunk(2, dim=-1)
-        return h + layer.feed_forward.w2(F.silu(gate) * up)
+        h = x + self._wo(y.transpose(1, 2).reshape(R * L, -1).to(mm))
+        gate, up = self._w13(unit_rms(h, layer.ffn_norm.eps).to(mm)).chunk(2, dim=-1)
+        return (h + self._w2(F.silu(gate) * up)).view(R, L, -1)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Float32 draft logits of predicted hidden states (the frozen target LM head)."""
-        return self.output(hidden).float()
+        """Float32 draft logits of :meth:`decode`'s predicted hidden states (the frozen target LM head, packed
+        at the decoding precision)."""
+        return self._head(hidden.to(self._act_dtype)).float()
+
+
+DRAFTER_PRECISIONS = ("auto", "fp32", "bf16", "int8")
+
+
+def check_drafter_precision(precision: str) -> None:
+    if precision not in DRAFTER_PRECISIONS:
+        raise ValueError(f"drafter_precision must be one of {DRAFTER_PRECISIONS} (auto = int8 on a CPU with torch's "
+                         f"int8 kernel, else fp32; fp32 = the trained weights; bf16 = bfloat16 weights and matmul "
+                         f"inputs; int8 = int8 weights per output row with bfloat16 matmul inputs), got {precision!r}")
+
+
+def resolve_drafter_precision(precision: str, device: torch.device | str) -> str:
+    """The precision "auto" stands for on ``device``: "int8" on a CPU whose torch has the weight-only int8
+    kernel (measured faster there, docs/speculative.md "Drafter precision"), else "fp32" (the fallback
+    dequantizes per call, which only pays where memory traffic is the bottleneck; not measured elsewhere)."""
+    check_drafter_precision(precision)
+    if precision != "auto":
+        return precision
+    on_cpu = torch.device(device).type == "cpu"
+    return "int8" if on_cpu and hasattr(torch.ops.aten, "_weight_int8pack_mm") else "fp32"
+
+
+def int8_matmul_available(weight: torch.Tensor) -> bool:
+    """Whether torch's CPU weight-only int8 kernel (``aten._weight_int8pack_mm``, torch >= 2.3) serves this
+    weight. Its CPU kernel needs the input width K to be a multiple of 16 (measured on torch 2.14: other widths
+    give wrong sums or crash), so other widths take the dequantizing fallback."""
+    return (weight.device.type == "cpu" and weight.shape[1] % 16 == 0
+            and hasattr(torch.ops.aten, "_weight_int8pack_mm"))
+
+
+class PackedLinear:
+    """``x @ W.T`` for one derived weight of :meth:`EagleDrafter.decode`, stored at a precision.
+
+    * "fp32": the weight as trained, in the module's dtype;
+    * "bf16": the weight in bfloat16 (bfloat16 inputs);
+    * "int8": symmetric int8 per output row, ``W ~= s[:, None] * Q`` with ``s = max|W_row| / 127`` rounded to
+      bfloat16 first (so Q is rounded against the scale actually used); bfloat16 inputs.
+
+    Why: a one-entry drafter call on a CPU is bound by reading its weights, which each target forward evicts
+    from the caches; int8 reads a quarter of float32's bytes (docs/speculative.md, "Drafter precision"). Only
+    the drafts' q depend on it: exact acceptance (``sd``) stays exact, since each draft is tested against the q
+    it was drawn from.
+    """
+
+    def __init__(self, weight: torch.Tensor, precision: str):
+        if precision not in ("fp32", "bf16", "int8"):
+            raise ValueError(f"PackedLinear precision must be fp32, bf16 or int8 (resolve 'auto' first), got {precision!r}")
+        self.precision, self.out_features = precision, weight.shape[0]
+        weight = weight.detach()
+        if precision == "fp32":
+            self.weight = weight.contiguous()
+        elif precision == "bf16":
+            self.weight = weight.to(torch.bfloat16).contiguous()
+        else:
+            w = weight.float()
+            self.scale = (w.abs().amax(dim=1) / 127.0).clamp(min=torch.finfo(torch.float32).tiny).to(torch.bfloat16)
+            self.weight = (w / self.scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
+            self.fused = int8_matmul_available(self.weight)
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight this layer multiplies by, in float32 (the reference of the tests)."""
+        if self.precision == "int8":
+            return self.weight.float() * self.scale.float()[:, None]
+        return self.weight.float()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.precision != "int8":
+            return F.linear(x, self.weight)
+        if not self.fused:
+            return F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+        if x.dim() == 2 and x.dtype == torch.bfloat16:
+            return torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scale)
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.scale.to(x.dtype))
+        return y.view(*x.shape[:-1], self.out_features)
 
 
 def unit_rms(x: torch.Tensor, eps: float) -> torch.Tensor:

@@ -246,18 +246,25 @@ class DrafterHeadSource(GuidedRows):
     The drafter keeps its own KV cache of committed entries (H_i, t_i); every proposal appends each row's
     newly committed entries at that row's slots (overwriting its discarded draft entries), then drafts
     ``num`` tokens on its own predicted hidden states. Runs on both CFG halves with q = CFG-combined,
-    processed drafter logits (LANTERN), or on the conditional half alone (``guidance`` "cond").
+    processed drafter logits (LANTERN), or on the conditional half alone (``guidance`` "cond"). ``precision``
+    is the drafter's decoding precision (``EagleDrafter.setup_decoding``: auto, fp32, bf16 or int8 weights).
     """
 
-    def __init__(self, drafter, draft_len: int | str = 4, draft_stop: float = 0.0, guidance: str = "cfg"):
+    def __init__(self, drafter, draft_len: int | str = 4, draft_stop: float = 0.0, guidance: str = "cfg",
+                 precision: str = "auto"):
+        from genaccel.models.drafter import check_drafter_precision
+
         self.drafter = drafter
         draft_len, self.auto = resolve_window(draft_len, AUTO_DRAFT_LEN)
         self.window, self.draft_stop = draft_len + 1, draft_stop
         self.set_guidance(guidance)
+        check_drafter_precision(precision)
+        self.precision = precision
 
     def start(self, state: DecodeState, hidden: torch.Tensor) -> None:
         self.drafter.check_target(state.model)
-        self.drafter.setup_decoding(self.choose_rows(state), state.num_tokens)
+        self.drafter.setup_decoding(self.choose_rows(state), state.num_tokens, self.precision)
+        state.stats.extra["drafter_precision"] = self.drafter.decoding_precision  # "auto" resolved
         self.fed = torch.zeros_like(state.committed)
         self.pending_hidden = self.own(hidden)  # H_0 from the class slot
 

@@ -100,7 +100,7 @@ class LanternSampler(DrafterMixin, CodebookMixin, SpeculativeSampler):
                       "`python -m genaccel.train drafter`)", file=sys.stderr)
             return jacobi_source(self.options)
         return DrafterHeadSource(drafter, self.options.draft_len, self.options.draft_stop,
-                                 self.options.draft_guidance)
+                                 self.options.draft_guidance, self.options.drafter_precision)
 
     def acceptance_rule(self, model) -> ExactRule:
         o = self.options

@@ -43,4 +43,4 @@ class SDSampler(DrafterMixin, SpeculativeSampler):
                                     "class-conditional GPT; pass --drafter PATH, --draft-model PATH, or train one "
                                     "with `python -m genaccel.train drafter`")
         return DrafterHeadSource(drafter, self.options.draft_len, self.options.draft_stop,
-                                 self.options.draft_guidance)
+                                 self.options.draft_guidance, self.options.drafter_precision)

@@ -92,6 +92,7 @@ class DrafterOptions(SamplingOptions):
     draft_len: int | str = 4  # or 'auto': chosen per step from the cost curve and the acceptance (window.py)
     draft_stop: float = 0.0  # stop a row's chain once the product of its drafts' q falls below this (0 = never)
     draft_guidance: str = "cfg"  # 'cfg': the drafter runs both CFG halves (LANTERN); 'cond': the conditional half only
+    drafter_precision: str = "auto"  # the drafter head's weights when decoding: auto (int8 on CPU), fp32, bf16, int8
 
     def validate(self) -> None:
         super().validate()
@@ -100,6 +101,9 @@ class DrafterOptions(SamplingOptions):
         if not 0.0 <= self.draft_stop < 1.0:
             raise ValueError(f"draft_stop must lie in [0, 1) (0 = always draft draft_len tokens), got {self.draft_stop}")
         check_draft_guidance(self.draft_guidance)
+        from genaccel.models.drafter import check_drafter_precision
+
+        check_drafter_precision(self.drafter_precision)
 
 
 def check_draft_guidance(guidance: str) -> None:
@@ -162,6 +166,10 @@ def sampler_cli_options() -> list[tuple[str, dict]]:
         opt("--draft-guidance", str, "lantern/sd: the drafter runs both CFG halves with q CFG-combined (cfg, LANTERN's) or "
             "the conditional half only with q its unguided distribution (cond: half the drafter rows; lossless for sd)",
             choices=DRAFT_GUIDANCE),
+        opt("--drafter-precision", str, "lantern/sd: the drafter head's weights when drafting: auto (default: int8 on a "
+            "CPU, fp32 elsewhere), fp32 (as trained; official LANTERN), bf16, or int8 per output row (bf16 matmul "
+            "inputs; a quarter of fp32's bytes per call; lossless for sd, changes lantern's q slightly)",
+            choices=("auto", "fp32", "bf16", "int8")),
     ]
 
 

@@ -75,6 +75,8 @@ EXACT_CASES = [
     ("sd-model", {"draft_len": 3, "draft_stop": 0.3, "top_k": 3}),
     ("sd-head", {"draft_len": 3, "draft_guidance": "cond", "top_p": 0.9}),  # q from the conditional half only
     ("sd-model", {"draft_len": 2, "draft_guidance": "cond", "cfg_interval": 1}),
+    ("sd-head", {"draft_len": 3, "drafter_precision": "fp32", "top_k": 3}),  # the other sd-head cases: auto = int8
+    ("sd-head", {"draft_len": 2, "drafter_precision": "bf16", "draft_guidance": "cond"}),
 ]
 
 
@@ -97,6 +99,7 @@ RAGGED_CASES = [
     ("sd-head", {"draft_len": 3, "draft_stop": 0.4}),  # rows of a batch stop their chains at different drafts
     ("sd-head", {"draft_len": 3, "draft_guidance": "cond", "draft_stop": 0.4}),
     ("sd-model", {"draft_len": 2, "draft_guidance": "cond"}),
+    ("sd-head", {"draft_len": 3, "drafter_precision": "fp32", "draft_stop": 0.4}),  # the others: auto = int8
 ]
 
 
@@ -343,6 +346,8 @@ def test_stats_report_nfe_compression_and_histograms():
     ("lantern", {"lantern_delta": -1.0}, "lantern_delta"),
     ("lantern", {"drafter": "/nonexistent.safetensors"}, "drafter file not found"),
     ("sd", {"draft_len": 0}, "draft_len"),
+    ("sd", {"drafter_precision": "fp16"}, "drafter_precision must be one of"),
+    ("lantern", {"drafter_precision": "int4"}, "drafter_precision must be one of"),
 ])
 def test_bad_options_give_one_clear_error(name, options, needle):
     with pytest.raises(ValueError, match=needle):
