@@ -18,7 +18,7 @@ from transformers.masking_utils import create_causal_mask
 
 # The releases `.ci/run` runs the pruning tests on (the lowest in its second venv, the newest in the main one).
 # Keep in step with pyproject.toml's lower bound and docs/pruning.md.
-TESTED_TRANSFORMERS = ("5.17.0", "5.24.0")
+TESTED_TRANSFORMERS = ("5.17.0", "5.25.0")
 
 # Names of a forward's KV-cache keyword argument, current first.
 CACHE_ARGUMENTS = ("cache", "past_key_values")

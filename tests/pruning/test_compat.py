@@ -21,7 +21,7 @@ def test_cache_argument_reads_both_spellings():
 
 @pytest.mark.parametrize(
     "installed,outside",
-    [("5.17.0", False), ("5.24.0", False), ("5.24.1", False), ("5.16.0", True), ("5.25.0.dev0", True), ("6.0.0", True)],
+    [("5.17.0", False), ("5.24.0", False), ("5.25.0", False), ("5.25.1", False), ("5.16.0", True), ("5.26.0.dev0", True), ("6.0.0", True)],
 )
 def test_untested_release_message(installed, outside):
     message = compat.untested_version_message(installed)
