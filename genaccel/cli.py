@@ -278,6 +278,10 @@ def check_out(out: Path, overwrite: bool) -> None:
         raise UsageError(f"cannot write to --out {out}: {base} is not writable ({e.strerror or e})") from None
 
 
+# Options whose 'auto' value a sampler resolves at run time and reports in its stats' extra (stats.json).
+RESOLVED_OPTIONS = ("drafter_precision",)
+
+
 def environment() -> dict[str, Any]:
     return {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
             "machine": platform.machine()}
@@ -357,7 +361,7 @@ def run_sample(argv: list[str] | None = None, prog: str = "genaccel sample") -> 
     else:
         num_images = args.num_images or (len(args.classes) if args.classes else pipe.num_classes)
         labels = labels_for(pipe.num_classes, args.classes, num_images)
-    all_images, totals = [], {"nfe": 0, "image_nfe": 0.0, "wall_time_s": 0.0, "tokens": 0}
+    all_images, totals, resolved = [], {"nfe": 0, "image_nfe": 0.0, "wall_time_s": 0.0, "tokens": 0}, {}
     start = time.perf_counter()
     try:
         for chunk, images, st in pipe.generate_batches(labels, sampler, args.batch_size, args.seed,
@@ -367,6 +371,7 @@ def run_sample(argv: list[str] | None = None, prog: str = "genaccel sample") -> 
             totals["image_nfe"] += st.forwards_per_image * len(chunk)  # ragged batches: images leave early
             totals["tokens"] += st.tokens * len(chunk)
             totals["wall_time_s"] += st.wall_time_s
+            resolved.update({k: st.extra[k] for k in RESOLVED_OPTIONS if k in st.extra})
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted after {sum(len(i) for i in all_images)} of {len(labels)} images; "
                           f"nothing was written to {out}") from None
@@ -384,6 +389,8 @@ def run_sample(argv: list[str] | None = None, prog: str = "genaccel sample") -> 
         "images_per_s": len(images) / elapsed, "device": args.device, "dtype": args.dtype,
         "environment": environment(),
     }
+    if resolved:  # what an 'auto' option became on this machine (e.g. drafter_precision auto -> int8)
+        stats["resolved_options"] = resolved
     if prompts:
         stats["prompts"] = prompts
     try:

@@ -171,6 +171,23 @@ def test_sampler_config_names_the_sampler_and_typed_flags_win():
     assert sampler_options(args, sampler_flag_specs(), resolve_sampler(args))["drafter_precision"] == "fp32"
 
 
+@pytest.mark.parametrize("precision,expect", [("auto", "int8"), ("fp32", "fp32")])
+def test_stats_json_reports_what_drafter_precision_auto_became(tiny_ckpts, tmp_path, precision, expect):
+    from genaccel.models.drafter import EagleDrafter, drafter_metadata
+    from genaccel.models.loading import read_state_dict
+
+    gpt = build_gpt(None, dim=64, n_layer=2, n_head=4, vocab_size=32, num_classes=3, block_size=16, multiple_of=32)
+    gpt.load_state_dict(read_state_dict(tiny_ckpts / "gpt.safetensors")[0])
+    drafter = EagleDrafter.from_target(gpt)
+    save_safetensors(drafter.state_dict(), tmp_path / "drafter.safetensors", metadata=drafter_metadata(drafter.args))
+    out = tmp_path / "o"
+    assert cli_main(["sample", *tiny_args(tiny_ckpts), "--sampler", "sd", "--drafter", str(tmp_path / "drafter.safetensors"),
+                     "--drafter-precision", precision, "--classes", "0", "1", "--out", str(out)]) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["options"]["drafter_precision"] == precision
+    assert stats["resolved_options"] == {"drafter_precision": expect}
+
+
 def test_sampler_config_end_to_end_flags_over_file(tiny_ckpts, tmp_path):
     cfg = tmp_path / "sjd.yaml"
     cfg.write_text("sampler: sjd\ncfg_scale: 3.0\ntop_k: 5\nwindow: 4\n")
