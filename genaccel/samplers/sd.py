@@ -18,6 +18,9 @@ class SDOptions(DrafterOptions):
     def validate(self) -> None:
         super().validate()
         check_path_option("draft_model", self.draft_model)
+        if self.draft_model and self.drafter_precision not in ("auto", "fp32"):
+            raise ValueError(f"drafter_precision {self.drafter_precision!r} applies to the drafter head; a --draft-model "
+                             f"runs in the target's dtype (--dtype): drop --drafter-precision or --draft-model")
 
 
 class SDSampler(DrafterMixin, SpeculativeSampler):

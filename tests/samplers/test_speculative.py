@@ -348,6 +348,7 @@ def test_stats_report_nfe_compression_and_histograms():
     ("sd", {"draft_len": 0}, "draft_len"),
     ("sd", {"drafter_precision": "fp16"}, "drafter_precision must be one of"),
     ("lantern", {"drafter_precision": "int4"}, "drafter_precision must be one of"),
+    ("sd", {"drafter_precision": "int8", "draft_model": __file__}, "applies to the drafter head"),
 ])
 def test_bad_options_give_one_clear_error(name, options, needle):
     with pytest.raises(ValueError, match=needle):
