@@ -167,7 +167,8 @@ def sampler_cli_options() -> list[tuple[str, dict]]:
             "the conditional half only with q its unguided distribution (cond: half the drafter rows; lossless for sd)",
             choices=DRAFT_GUIDANCE),
         opt("--drafter-precision", str, "lantern/sd: the drafter head's weights when drafting: auto (default: int8 on a "
-            "CPU, fp32 elsewhere), fp32 (as trained; official LANTERN), bf16, or int8 per output row (bf16 matmul "
+            "CPU, fp32 elsewhere), fp32 (the weights as loaded: float32, or bfloat16 under --dtype bf16; official LANTERN), "
+            "bf16, or int8 per output row (bf16 matmul "
             "inputs; a quarter of fp32's bytes per call; lossless for sd, changes lantern's q slightly)",
             choices=("auto", "fp32", "bf16", "int8")),
     ]
