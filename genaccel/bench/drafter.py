@@ -29,82 +29,84 @@ def target_forward(gpt, labels: torch.Tensor, tokens: torch.Tensor) -> None:
     gpt.teacher_forced(labels, tokens)
 
 
-def time_step(drafter, gpt, labels, tokens, feed, hidden, start: int, chain: int, repeats: int) -> dict:
-    """Median seconds of one drafting step after a target forward: the catch-up feed of ``entries`` at slots
-    start.., then ``chain - 1`` single-entry extensions; the LM head after each call."""
+def drafting_step(drafter, feed: torch.Tensor, hidden: torch.Tensor, start: int, chain: int) -> tuple[float, float]:
+    """(catch-up seconds, seconds per extension) of one drafting step: the catch-up feed of ``feed``'s entries
+    at slots start.., then ``chain - 1`` single-entry extensions; the LM head after each call."""
     (R, entries), D = feed.shape, hidden.shape[-1]
-    feed_slots = (start + torch.arange(entries)).expand(R, -1)
-    catch, extend, total = [], [], []
-    for i in range(WARMUP + repeats):
-        target_forward(gpt, labels, tokens)
-        t0 = time.perf_counter()
-        out = drafter.decode(feed, hidden[:, :entries], feed_slots)
-        h = out[:, -1:]
+    t0 = time.perf_counter()
+    h = drafter.decode(feed, hidden[:, :entries], (start + torch.arange(entries)).expand(R, -1))[:, -1:]
+    drafter.logits(h)
+    t1 = time.perf_counter()
+    for k in range(chain - 1):
+        h = drafter.decode(feed[:, :1], h.reshape(R, 1, D), torch.full((R, 1), start + entries + k))
         drafter.logits(h)
-        t1 = time.perf_counter()
-        for k in range(chain - 1):
-            h = drafter.decode(feed[:, :1], h.reshape(R, 1, D), torch.full((R, 1), start + entries + k))
-            drafter.logits(h)
-        t2 = time.perf_counter()
-        if i >= WARMUP:  # the first calls of a precision pay one-time kernel set-up (oneDNN bf16)
-            catch.append(t1 - t0)
-            extend.append((t2 - t1) / max(chain - 1, 1))
-            total.append(t2 - t0)
-    return {"step_s": statistics.median(total), "catch_up_s": statistics.median(catch),
-            "extend_s": statistics.median(extend)}
+    return t1 - t0, (time.perf_counter() - t1) / max(chain - 1, 1)
 
 
-def time_matrix(layer, x: torch.Tensor, gpt, labels, tokens, repeats: int) -> float:
-    times = []
-    for i in range(WARMUP + repeats):
-        target_forward(gpt, labels, tokens)
-        t0 = time.perf_counter()
-        layer(x)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[WARMUP:])
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
-def time_int8_kernel_fp32_input(layer, rows: int, gpt, labels, tokens, repeats: int) -> float | None:
-    """The int8 kernel fed float32 inputs and scales (the path PackedLinear avoids by casting to bfloat16)."""
+def int8_fp32_input(layer, rows: int):
+    """The int8 kernel fed float32 inputs and scales (the path PackedLinear avoids by casting to bfloat16), or
+    None where the layer does not use the kernel."""
     if layer.precision != "int8" or not layer.fused:
         return None
     x, scale = torch.randn(rows, layer.weight.shape[1]), layer.scale.float()
-    times = []
-    for i in range(WARMUP + repeats):
-        target_forward(gpt, labels, tokens)
-        t0 = time.perf_counter()
-        torch.ops.aten._weight_int8pack_mm(x, layer.weight, scale)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[WARMUP:])
+    return lambda: torch.ops.aten._weight_int8pack_mm(x, layer.weight, scale)
 
 
 @torch.inference_mode()
 def run(precisions: list[str], repeats: int, threads: int, entries: int, chain: int, context: int) -> dict:
+    """Precisions take turns repeat by repeat (one drafter each), so load from other jobs hits all alike;
+    every timed call follows a target forward."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     gpt = load_model("llamagen").gpt
-    drafter = load_drafter()
     R, D = 2, gpt.hidden_dim  # one image with CFG
-    labels = torch.tensor([0, gpt.null_class])
     if context + entries + chain > gpt.num_image_tokens:
         raise SystemExit(f"error: --context + --entries + --chain must fit the image's {gpt.num_image_tokens} tokens")
-    tokens = torch.randint(gpt.vocab_size, (R, 16))
-    feed = torch.randint(min(gpt.vocab_size, drafter.args.vocab_size), (R, entries))
-    hidden = torch.randn(R, max(entries, context), D)
-    results = {}
-    for precision in precisions:
-        resolved = resolve_drafter_precision(precision, "cpu")
-        drafter.setup_decoding(R, gpt.num_image_tokens, resolved)
-        history = torch.randint(gpt.vocab_size, (R, context)) % drafter.args.vocab_size
-        drafter.decode(history, hidden[:, :context], torch.arange(context).expand(R, -1))  # a filled cache
-        step = time_step(drafter, gpt, labels, tokens, feed, hidden, context, chain, repeats)
-        matrices = {}
+    labels, tokens = torch.tensor([0, gpt.null_class]), torch.randint(gpt.vocab_size, (R, 16))
+    drafters = {p: load_drafter() for p in precisions}
+    vocab = min(gpt.vocab_size, next(iter(drafters.values())).args.vocab_size)
+    feed, hidden = torch.randint(vocab, (R, entries)), torch.randn(R, max(entries, context), D)
+    calls = {}  # (precision, what) -> a timed callable
+    for p, d in drafters.items():
+        d.setup_decoding(R, gpt.num_image_tokens, resolve_drafter_precision(p, "cpu"))
+        d.decode(torch.randint(vocab, (R, context)), hidden[:, :context], torch.arange(context).expand(R, -1))
         for name in MATRICES:
-            layer = getattr(drafter, name)
-            x = torch.randn(R, layer.weight.shape[1]).to(drafter._act_dtype)
-            matrices[name] = {"shape": list(layer.weight.shape), "s": time_matrix(layer, x, gpt, labels, tokens, repeats),
-                              "int8_kernel_fp32_input_s": time_int8_kernel_fp32_input(layer, R, gpt, labels, tokens, repeats)}
-        results[precision] = {"resolved": resolved, **step, "matrices": matrices}
+            layer = getattr(d, name)
+            x = torch.randn(R, layer.weight.shape[1]).to(d._act_dtype)
+            calls[p, name] = (lambda layer=layer, x=x: layer(x))
+            slow = int8_fp32_input(layer, R)
+            if slow is not None:
+                calls[p, name + ":fp32-input"] = slow
+    steps = {p: [] for p in precisions}
+    times = {key: [] for key in calls}
+    for i in range(WARMUP + repeats):
+        for p, d in drafters.items():
+            target_forward(gpt, labels, tokens)
+            step = drafting_step(d, feed, hidden, context, chain)
+            if i >= WARMUP:  # the first calls of a precision pay one-time kernel set-up (oneDNN bf16)
+                steps[p].append(step)
+        for key, fn in calls.items():
+            target_forward(gpt, labels, tokens)
+            t = timed(fn)
+            if i >= WARMUP:
+                times[key].append(t)
+    results = {}
+    for p, d in drafters.items():
+        catch = statistics.median(c for c, _ in steps[p])
+        ext = statistics.median(e for _, e in steps[p])
+        total = statistics.median(c + (chain - 1) * e for c, e in steps[p])
+        matrices = {name: {"shape": list(getattr(d, name).weight.shape), "s": statistics.median(times[p, name]),
+                           "int8_kernel_fp32_input_s": (statistics.median(times[p, name + ":fp32-input"])
+                                                        if (p, name + ":fp32-input") in times else None)}
+                    for name in MATRICES}
+        results[p] = {"resolved": d.decoding_precision, "step_s": total, "catch_up_s": catch, "extend_s": ext,
+                      "matrices": matrices}
     return {"results": results, "env": environment(threads, "fp32"), "entries": entries, "chain": chain,
             "context": context, "repeats": repeats}
 
@@ -124,7 +126,8 @@ def markdown(r: dict, command: str) -> str:
         "",
         f"A step = a catch-up feed of {r['entries']} entries at slot {r['context']} of a filled cache, then "
         f"{r['chain'] - 1} single-entry extensions, with the LM head after each call; 2 rows (one image with CFG); "
-        f"each repeat follows a target forward. Medians of {r['repeats']} repeats after {WARMUP} untimed ones.",
+        f"every timed call follows a target forward; precisions take turns. Medians of {r['repeats']} repeats after "
+        f"{WARMUP} untimed ones.",
         "",
         "| precision | step (ms) | vs fp32 | catch-up (us) | one extension (us) |",
         "|---|---|---|---|---|",
