@@ -242,7 +242,8 @@ class EagleDrafter(nn.Module):
         return self._head(hidden.to(self._act_dtype)).float()
 
 
-DRAFTER_PRECISIONS = ("auto", "fp32", "bf16", "int8")
+PACKED_PRECISIONS = ("fp32", "bf16", "int8")  # what PackedLinear stores
+DRAFTER_PRECISIONS = ("auto", *PACKED_PRECISIONS)
 
 
 def check_drafter_precision(precision: str) -> None:
@@ -260,15 +261,19 @@ def resolve_drafter_precision(precision: str, device: torch.device | str) -> str
     if precision != "auto":
         return precision
     on_cpu = torch.device(device).type == "cpu"
-    return "int8" if on_cpu and hasattr(torch.ops.aten, "_weight_int8pack_mm") else "fp32"
+    return "int8" if on_cpu and int8_kernel_exists() else "fp32"
+
+
+def int8_kernel_exists() -> bool:
+    """Whether this torch has the weight-only int8 matmul ``aten._weight_int8pack_mm`` (torch >= 2.3)."""
+    return hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
 
 def int8_matmul_available(weight: torch.Tensor) -> bool:
     """Whether torch's CPU weight-only int8 kernel (``aten._weight_int8pack_mm``, torch >= 2.3) serves this
     weight. Its CPU kernel needs the input width K to be a multiple of 16 (measured on torch 2.14: other widths
     give wrong sums or crash), so other widths take the dequantizing fallback."""
-    return (weight.device.type == "cpu" and weight.shape[1] % 16 == 0
-            and hasattr(torch.ops.aten, "_weight_int8pack_mm"))
+    return weight.device.type == "cpu" and weight.shape[1] % 16 == 0 and int8_kernel_exists()
 
 
 class PackedLinear:
@@ -286,8 +291,9 @@ class PackedLinear:
     """
 
     def __init__(self, weight: torch.Tensor, precision: str):
-        if precision not in ("fp32", "bf16", "int8"):
-            raise ValueError(f"PackedLinear precision must be fp32, bf16 or int8 (resolve 'auto' first), got {precision!r}")
+        if precision not in PACKED_PRECISIONS:
+            raise ValueError(f"PackedLinear precision must be one of {PACKED_PRECISIONS} (resolve 'auto' first), "
+                             f"got {precision!r}")
         self.precision, self.out_features = precision, weight.shape[0]
         weight = weight.detach()
         if precision == "fp32":

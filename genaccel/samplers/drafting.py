@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import torch
 
+from genaccel.models.drafter import check_drafter_precision
 from genaccel.samplers.acceptance import gather_token, residual_distribution
 from genaccel.samplers.base import draw, logits_to_probs, target_probs
 from genaccel.samplers.speculative import (
@@ -252,8 +253,6 @@ class DrafterHeadSource(GuidedRows):
 
     def __init__(self, drafter, draft_len: int | str = 4, draft_stop: float = 0.0, guidance: str = "cfg",
                  precision: str = "auto"):
-        from genaccel.models.drafter import check_drafter_precision
-
         self.drafter = drafter
         draft_len, self.auto = resolve_window(draft_len, AUTO_DRAFT_LEN)
         self.window, self.draft_stop = draft_len + 1, draft_stop

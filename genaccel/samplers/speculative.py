@@ -34,6 +34,7 @@ from typing import Any, Protocol
 import torch
 
 from genaccel.models.contract import ARModel
+from genaccel.models.drafter import DRAFTER_PRECISIONS, check_drafter_precision
 from genaccel.samplers.acceptance import AcceptanceRule, ExactRule
 from genaccel.samplers.base import (
     CompletedImages,
@@ -101,8 +102,6 @@ class DrafterOptions(SamplingOptions):
         if not 0.0 <= self.draft_stop < 1.0:
             raise ValueError(f"draft_stop must lie in [0, 1) (0 = always draft draft_len tokens), got {self.draft_stop}")
         check_draft_guidance(self.draft_guidance)
-        from genaccel.models.drafter import check_drafter_precision
-
         check_drafter_precision(self.drafter_precision)
 
 
@@ -170,7 +169,7 @@ def sampler_cli_options() -> list[tuple[str, dict]]:
             "CPU, fp32 elsewhere), fp32 (the weights as loaded: float32, or bfloat16 under --dtype bf16; official LANTERN), "
             "bf16, or int8 per output row (bf16 matmul "
             "inputs; a quarter of fp32's bytes per call; lossless for sd, changes lantern's q slightly)",
-            choices=("auto", "fp32", "bf16", "int8")),
+            choices=DRAFTER_PRECISIONS),
     ]
 
 
